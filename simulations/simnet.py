@@ -1,0 +1,332 @@
+"""A deterministic pair of vipd nodes on a simulated network, driven by the real core.
+
+Each `SimNode` runs the real `Election` and `Session` (the same code as the daemon) under a
+virtual clock; the `SimNet` delivers sealed datagrams with per-direction loss, delay,
+jitter, reordering, duplication and partitions; an attacker can replay captured datagrams
+and inject forged ones. `Checker` evaluates the invariants after every event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vipd.core import election as el
+from vipd.core.protocol import (
+    Flag,
+    KeyRing,
+    Rejected,
+    Session,
+    State,
+    settings_digest,
+)
+
+WALL_EPOCH_NS = 1_800_000_000 * 10**9
+CLUSTER = "web"
+
+
+@dataclass
+class LinkSpec:
+    loss: float = 0.0
+    delay: float = 0.0005
+    jitter: float = 0.0002
+    dup: float = 0.0
+    reorder: float = 0.0  # probability of an extra delay of up to 2 intervals
+    blocked: bool = False
+
+
+@dataclass
+class Attack:
+    """Injected datagram whose fate the checker verifies."""
+
+    kind: str  # "replay" | "forged"
+    data: bytes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._n = 0
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        self._n += 1
+        heapq.heappush(self._queue, (max(when, self.now), self._n, fn))
+
+    def run_until(self, end: float, after_step: Callable[[], None]) -> None:
+        while self._queue and self._queue[0][0] <= end:
+            self.now, _, fn = heapq.heappop(self._queue)
+            fn()
+            after_step()
+        self.now = max(self.now, end)
+
+
+@dataclass
+class SimNode:
+    name: str
+    cfg: el.ElectionConfig
+    sim: Sim
+    skew_ns: int = 0
+    up: bool = False
+    held: bool = False
+    health: bool = True
+    persisted_term: int = 0
+    persisted_maintenance: bool = False
+    election: el.Election | None = None
+    session: Session | None = None
+    timer_gen: int = 0
+    boots: int = 0
+    eligible_since: float | None = None
+    rejects: Counter[str] = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
+    results: list[el.CommandResult] = field(default_factory=list)
+
+    @property
+    def state(self) -> State | None:
+        return self.election.state if self.up and self.election else None
+
+    def wall_ns(self, now: float) -> int:
+        return WALL_EPOCH_NS + int(now * 1e9) + self.skew_ns
+
+    def start(self) -> None:
+        self.up, self.boots = True, self.boots + 1
+        self.held = False  # the daemon removes stale VIPs of a previous run at start
+        self.sim.checker.on_start(self)
+        self.election = el.Election(self.cfg, term=self.persisted_term,
+                                    maintenance=self.persisted_maintenance)
+        self.session = Session(cluster=CLUSTER, node=self.name, keys=self.sim.keys,
+                               boot_id=self.sim.rng.getrandbits(64), digest=self.cfg.digest)
+        self.handle(el.Start())
+        self.handle(el.HealthChanged(self.health, "" if self.health else "sim: down"))
+
+    def crash(self) -> None:
+        """Process dies: no more sends or receipts. Its VIPs stay until the lease."""
+        self.up = False
+        self.timer_gen += 1
+
+    def handle(self, event: el.Event) -> None:
+        if not self.up or self.election is None:
+            return
+        now = self.sim.clock.now
+        for action in self.election.handle(event, now):
+            self.apply(action, now)
+        self.rearm()
+        if self.election.finished:
+            assert not self.held, f"{self.name} stopped while holding VIPs"
+            self.up = False
+
+    def rearm(self) -> None:
+        assert self.election is not None
+        self.timer_gen += 1
+        deadline = self.election.next_deadline()
+        if deadline is not None:
+            gen = self.timer_gen
+            self.sim.clock.at(deadline, lambda: self._fire(gen))
+
+    def _fire(self, gen: int) -> None:
+        if gen == self.timer_gen:
+            self.handle(el.Tick())
+
+    def apply(self, action: el.Action, now: float) -> None:
+        match action:
+            case el.SendHeartbeat(advert=advert):
+                assert self.session is not None
+                data = self.session.seal(advert, now, self.wall_ns(now))
+                self.sim.transmit(self.name, data)
+            case el.AcquireVips(term=term):
+                self.held = True
+                self.persisted_term = term
+            case el.ReleaseVips():
+                self.held = False
+            case el.Transition():
+                self.sim.checker.on_transition(self, action, now)
+            case el.CommandResult():
+                self.results.append(action)
+            case el.Warn(message=message):
+                self.warnings.append(message)
+            case el.Announce() | el.RunHook():
+                pass
+
+    def deliver(self, data: bytes, attack: Attack | None = None) -> None:
+        if not self.up or self.session is None or self.election is None:
+            return
+        now = self.sim.clock.now
+        try:
+            rx = self.session.open(data, now, self.wall_ns(now))
+        except Rejected as exc:
+            self.rejects[exc.reason.value] += 1
+            return
+        self.sim.checker.on_accept(self, rx, data, attack, now)
+        before = self.election.state
+        self.handle(el.HeartbeatReceived(rx))
+        if attack is not None and self.election is not None and self.election.state != before:
+            self.sim.checker.violation(f"{attack.kind} datagram changed {self.name}'s state")
+
+
+class Sim:
+    """Two nodes, two directed links, a virtual clock, a checker."""
+
+    def __init__(self, seed: int, cfgs: list[el.ElectionConfig], vips: list[str]) -> None:
+        self.rng = random.Random(seed)
+        self.clock = Clock()
+        self.keys = KeyRing({7: self.rng.randbytes(32)})
+        self.nodes: dict[str, SimNode] = {}
+        for cfg in cfgs:
+            digest = settings_digest(CLUSTER, vips, cfg.interval, cfg.dead_after)
+            node = SimNode(cfg.node, dataclasses.replace(cfg, digest=digest), self)
+            self.nodes[cfg.node] = node
+        a, b = self.nodes
+        self.links = {(a, b): LinkSpec(), (b, a): LinkSpec()}
+        self.captured: list[bytes] = []
+        self.checker = Checker(self)
+
+    def peer_of(self, name: str) -> SimNode:
+        return next(n for n in self.nodes.values() if n.name != name)
+
+    def transmit(self, src: str, data: bytes) -> None:
+        dst = self.peer_of(src)
+        link = self.links[(src, dst.name)]
+        self.captured.append(data)
+        if len(self.captured) > 4000:
+            del self.captured[:2000]
+        if link.blocked or self.rng.random() < link.loss:
+            return
+        copies = 2 if self.rng.random() < link.dup else 1
+        for _ in range(copies):
+            delay = link.delay + self.rng.uniform(0, link.jitter)
+            if self.rng.random() < link.reorder:
+                delay += self.rng.uniform(0, 2 * dst.cfg.interval)
+            self.clock.at(self.clock.now + delay, lambda d=data: dst.deliver(d))
+
+    def inject(self, dst: str, attack: Attack) -> None:
+        self.nodes[dst].deliver(attack.data, attack)
+
+    def run_until(self, end: float) -> None:
+        self.clock.run_until(end, self.checker.after_step)
+
+    def call(self, when: float, fn: Callable[..., Any], *args: Any) -> None:
+        self.clock.at(when, lambda: fn(*args))
+
+
+@dataclass
+class Checker:
+    """Invariants, checked after every event; measurements for the report."""
+
+    sim: Sim
+    violations: list[str] = field(default_factory=list)
+    last_disturbance: float = 0.0
+    no_preempt_survivor: str | None = None
+    takeovers: list[tuple[float, str, str]] = field(default_factory=list)
+    accepts: dict[str, list[float]] = field(default_factory=dict)
+    streak_start: dict[str, float] = field(default_factory=dict)
+    dual_since: float | None = None
+    seen: dict[str, set[bytes]] = field(default_factory=dict)
+    newest: dict[str, tuple[int, int]] = field(default_factory=dict)
+    terms: dict[str, int] = field(default_factory=dict)
+    no_holder_since: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+    def violation(self, text: str) -> None:
+        self.violations.append(f"t={self.sim.clock.now:.4f}s: {text}")
+
+    def disturb(self) -> None:
+        self.last_disturbance = self.sim.clock.now
+
+    def on_start(self, node: SimNode) -> None:
+        """A restarted receiver has forgotten what it accepted (by design, see protocol)."""
+        self.seen.pop(node.name, None)
+        self.newest.pop(node.name, None)
+
+    def on_transition(self, node: SimNode, tr: el.Transition, now: float) -> None:
+        if tr.term < self.terms.get(node.name, 0):
+            self.violation(f"{node.name} term went back from {self.terms[node.name]} to {tr.term}")
+        self.terms[node.name] = tr.term
+        if tr.new is State.ACTIVE:
+            self.takeovers.append((now, node.name, tr.reason))
+
+    def on_accept(self, node: SimNode, rx: Any, data: bytes, attack: Attack | None,
+                  now: float) -> None:
+        hb = rx.heartbeat
+        seen = self.seen.setdefault(node.name, set())
+        if data in seen:
+            self.violation(f"{node.name} accepted the same datagram twice")
+        seen.add(data)
+        if len(seen) > 5000:
+            seen.clear()
+        key = (hb.send_time_ns, hb.seq)
+        if node.name in self.newest and key <= self.newest[node.name]:
+            self.violation(f"{node.name} accepted an older heartbeat (seq {hb.seq})")
+        self.newest[node.name] = key
+        if attack is not None and attack.kind == "forged":
+            self.violation(f"{node.name} accepted a forged datagram")
+        interval = node.cfg.interval
+        last = self.accepts.get(node.name)
+        if not last or now - last[-1] > interval + 0.003:
+            self.streak_start[node.name] = now
+        self.accepts[node.name] = [now]
+
+    def after_step(self) -> None:
+        now = self.sim.clock.now
+        nodes = list(self.sim.nodes.values())
+        for n in nodes:
+            if n.up and n.election is not None:
+                if n.held != (n.state is State.ACTIVE):
+                    self.violation(f"{n.name} is {n.state.name} but holds VIPs={n.held}")
+                ok = (n.health and not n.election.maintenance and not n.election.stopping)
+                if ok and n.eligible_since is None:
+                    n.eligible_since = now
+                elif not ok:
+                    n.eligible_since = None
+            else:
+                n.eligible_since = None
+        claiming = [n for n in nodes if n.state is State.ACTIVE and n.election is not None
+                    and n.election.handover is None]
+        if len(claiming) == 2:
+            self.dual_since = now if self.dual_since is None else self.dual_since
+            self._check_dual(nodes, now)
+        else:
+            self.dual_since = None
+        holders = [n for n in nodes if n.state is State.ACTIVE]
+        if holders:
+            if self.no_holder_since is not None:
+                self.gaps.append(now - self.no_holder_since)
+                self.no_holder_since = None
+            return
+        self.no_holder_since = now if self.no_holder_since is None else self.no_holder_since
+        cfg = nodes[0].cfg
+        bound = cfg.dead_interval + 2 * cfg.interval
+        for n in nodes:
+            if n.eligible_since is not None:
+                since = max(n.eligible_since, self.last_disturbance, self.no_holder_since)
+                if now - since > bound + 1e-9:
+                    self.violation(f"no node ACTIVE for {1000 * (now - since):.0f} ms although "
+                                   f"{n.name} is eligible (bound {1000 * bound:.0f} ms)")
+                    self.last_disturbance = now  # report once per episode
+
+    def _check_dual(self, nodes: list[SimNode], now: float) -> None:
+        assert self.dual_since is not None
+        cfg = nodes[0].cfg
+        slack = max(link.delay + link.jitter for link in self.sim.links.values()) + 0.001
+        ages = []
+        for n in nodes:
+            last = self.accepts.get(n.name)
+            if last and now - last[-1] <= cfg.interval + 0.003:
+                ages.append(now - max(self.streak_start[n.name], self.dual_since))
+        if len(ages) == 2 and min(ages) > cfg.interval + slack:
+            self.violation("both nodes ACTIVE although they have heard each other for more "
+                           "than one interval")
+            self.dual_since = now
+        elif len(ages) == 1 and ages[0] > 2 * cfg.dead_interval + slack:
+            # One-way link: the node that hears must concede, the other never learns.
+            self.violation("both nodes ACTIVE over a one-way link for more than two dead "
+                           "intervals")
+            self.dual_since = now
+
+    def peer_flags(self, node: SimNode) -> Flag:
+        e = node.election
+        return e.peer.heartbeat.flags if e is not None and e.peer is not None else Flag.NONE

@@ -1,0 +1,141 @@
+"""The ``vipd`` command: one subcommand per entry in COMMANDS.
+
+Exit codes: 0 ok, 1 a runtime failure (VipdError), 2 bad usage or a bad config/key file.
+Errors are printed as ``FILE: key.path: message`` lines, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from vipd import __version__
+from vipd.config import (
+    MAX_KEY_ID,
+    Config,
+    format_duration,
+    generate_key_line,
+    load_config,
+    load_keys,
+)
+from vipd.errors import ConfigError, VipdError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+# --- check-config -------------------------------------------------------------------
+
+def _add_check_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="the pair's YAML config")
+
+
+def check_config(args: argparse.Namespace) -> int:
+    file: str = args.file
+    config = load_config(file)
+    keys = load_keys(config.auth.key_file)
+    if config.api.tokens_file is not None:
+        _check_readable(config.api.tokens_file, "tokens file")
+    print(f"{file}: ok: {summary(config, len(keys))}")
+    return EXIT_OK
+
+
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(str(path), [("", f"cannot read {what}: {exc.strerror or exc}")]) \
+            from exc
+
+
+def summary(config: Config, key_count: int) -> str:
+    """The one-line description check-config prints for a valid config."""
+    hb = config.heartbeat
+    return ", ".join([
+        f"node {config.node} in cluster {config.cluster}",
+        f"{_count(len(config.vips), 'VIP')} on {config.interface}",
+        f"{'peer' if len(hb.peers) == 1 else 'peers'} {','.join(map(str, hb.peers))}",
+        f"heartbeat {format_duration(hb.interval)} x {hb.dead_after} "
+        f"(dead after {format_duration(hb.dead_interval)})",
+        _count(len(config.health), "check"),
+        _count(key_count, "key"),
+    ])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# --- keygen -------------------------------------------------------------------------
+
+def _key_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_KEY_ID:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_KEY_ID}, got {value}")
+    return value
+
+
+def _add_keygen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", type=_key_id, default=None, metavar="N",
+                        help="key id (default: the current Unix time, so newer keys "
+                             "get higher ids)")
+
+
+def keygen(args: argparse.Namespace) -> int:
+    print(generate_key_line(args.id))
+    return EXIT_OK
+
+
+# --- wiring -------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "check-config": Command("validate a config file and the key file it names",
+                            _add_check_config, check_config),
+    "keygen": Command("print a new heartbeat key line 'ID SECRET'; append it with "
+                      "(umask 077; vipd keygen >> /etc/vipd/NAME.key)",
+                      _add_keygen, keygen),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vipd", description="Keep virtual IP addresses on one healthy node of a pair.")
+    parser.add_argument("--version", action="version", version=f"vipd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        cmd_parser = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(cmd_parser)
+        cmd_parser.set_defaults(handler=command.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except VipdError as exc:
+        print(f"vipd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

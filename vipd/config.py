@@ -1,0 +1,655 @@
+"""The YAML config of one pair, validated into frozen pydantic models, and the key file.
+
+Unknown keys are errors because in an HA config a misspelt key silently falls back to a
+default (say, ``preempt``) and is only noticed during the outage. Every problem is
+reported at once, as ``(key.path, message)`` pairs inside one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import math
+import os
+import re
+import secrets
+import stat
+import time
+import typing
+from collections.abc import Hashable
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv6Address,
+    IPv6Interface,
+    ip_address,
+    ip_interface,
+)
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
+
+from vipd.errors import ConfigError
+
+# Heartbeat defaults chosen with the simulator (see simulations/).
+DEFAULT_INTERVAL = 0.04
+DEFAULT_DEAD_AFTER = 8
+MIN_KEY_BYTES = 32
+MAX_KEY_ID = 0xFFFFFFFF  # the key id is a uint32 in the heartbeat
+DEFAULT_STATE_ROOT = Path("/var/lib/vipd")
+
+# A relative path is relative to the directory of the config file (set by load_config).
+_BASE_DIR = "base_dir"
+
+
+class _Problems(ValueError):
+    """Raised by cross-field checks to report problems at key paths below the model."""
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{key_path(loc) or '.'}: {msg}" for loc, msg in problems))
+
+
+def key_path(loc: tuple[str | int, ...]) -> str:
+    """Render a pydantic location as the key path an operator sees: ``heartbeat.peers[0]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --- scalar types -------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)?")
+_SCALE = {None: 1.0, "s": 1.0, "m": 60.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "150ms", "2s", "1.5s", "1m"."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip())):
+        number, unit = match.groups()
+        # Divide rather than multiply by 0.001 so that "150ms" is exactly 150 / 1000.
+        seconds = float(number) / 1000 if unit == "ms" else float(number) * _SCALE[unit]
+    else:
+        raise ValueError(
+            f"expected a duration like 150ms, 2s or a number of seconds, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected a duration of 0 seconds or more, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The short form used in messages: 40ms, 320ms, 2s, 1.5s."""
+    if 0 < seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    return f"{round(seconds, 3):g}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+StrictBool = Annotated[bool, Strict()]
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+
+
+class Endpoint(NamedTuple):
+    """An IP address and UDP/TCP port, written "192.0.2.1:5405" or "[2001:db8::1]:5405"."""
+
+    host: IPv4Address | IPv6Address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.host.version == 6 else \
+            f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        expected = f"expected host:port with an IP address, like 192.0.2.1:5405, got {text!r}"
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not port.isascii() or not port.isdigit():
+            raise ValueError(expected)
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets, like [2001:db8::1]:5405, "
+                             f"got {text!r}")
+        try:
+            addr = ip_address(host)
+        except ValueError:
+            raise ValueError(expected) from None
+        if bracketed and addr.version == 4:
+            raise ValueError(f"brackets are only for IPv6 addresses, got {text!r}")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port must be 1..65535, got {text!r}")
+        return cls(addr, int(port))
+
+    @classmethod
+    def _from_config(cls, value: object) -> Endpoint:
+        if isinstance(value, Endpoint):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"expected host:port as a string, like 192.0.2.1:5405, "
+                             f"got {value!r}")
+        return cls.parse(value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._from_config,
+            serialization=core_schema.plain_serializer_function_ser_schema(str))
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(f"expected 1..64 characters of A-Z a-z 0-9 . _ -, got {value!r}")
+    return value
+
+
+def _check_ifname(value: str) -> str:
+    # The kernel's dev_valid_name(), plus ASCII so that 15 characters are 15 bytes.
+    if (not 1 <= len(value) <= 15 or value in (".", "..") or not value.isascii()
+            or any(c in "/:" or c.isspace() for c in value)):
+        raise ValueError(f"expected a Linux interface name (1..15 characters, no '/', ':' "
+                         f"or spaces), got {value!r}")
+    return value
+
+
+_BAD_VIP = (("is_unspecified", "the unspecified"), ("is_loopback", "a loopback"),
+            ("is_multicast", "a multicast"), ("is_link_local", "a link-local"))
+
+
+def _parse_vip(value: object) -> IPv4Interface | IPv6Interface:
+    if isinstance(value, IPv4Interface | IPv6Interface):
+        iface = value
+    elif isinstance(value, str):
+        try:
+            iface = ip_interface(value.strip())
+        except ValueError:
+            raise ValueError(f"expected an IP address or address/prefix, like "
+                             f"192.168.1.10/32, got {value!r}") from None
+    else:
+        raise ValueError(f"expected an IP address or address/prefix as a string, "
+                         f"got {value!r}")
+    for attr, what in _BAD_VIP:
+        if getattr(iface.ip, attr):
+            raise ValueError(f"{iface.ip} is {what} address; a VIP must be a unicast address")
+    return iface
+
+
+def _check_argv(argv: list[str]) -> list[str]:
+    # Hooks and exec probes run without a shell and without PATH lookup.
+    if argv and not argv[0].startswith("/"):
+        raise _Problems([((0,), f"expected an absolute path to the program, "
+                                f"got {argv[0]!r}")])
+    return argv
+
+
+def _check_command(argv: list[str]) -> list[str]:
+    if not argv:
+        raise ValueError('expected a non-empty argv list, like ["/usr/local/bin/check"]')
+    return argv
+
+
+def _nonempty_path(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("expected a file path, got an empty string")
+    return value
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get(_BASE_DIR)
+    return Path(base) / value if base is not None and not value.is_absolute() else value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+Vip = Annotated[IPv4Interface | IPv6Interface, PlainValidator(_parse_vip)]
+Argv = Annotated[list[str], AfterValidator(_check_argv)]
+ConfigPath = Annotated[Path, BeforeValidator(_nonempty_path), AfterValidator(_resolve_path)]
+
+
+# --- models -------------------------------------------------------------------------
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeartbeatConfig(_Model):
+    bind: Endpoint
+    peers: list[Endpoint]
+    interval: PositiveDuration = DEFAULT_INTERVAL
+    dead_after: Annotated[int, Strict(), Field(ge=2)] = DEFAULT_DEAD_AFTER
+
+    @property
+    def dead_interval(self) -> float:
+        """Seconds without a valid heartbeat after which the peer counts as dead."""
+        return self.interval * self.dead_after
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, peers: list[Endpoint], info: ValidationInfo) -> list[Endpoint]:
+        # A field validator (not a model one) so that peer mistakes are reported even
+        # when interval or dead_after is wrong too; bind is validated before peers.
+        if not peers:
+            raise ValueError("expected at least one peer, like [192.0.2.2:5405]")
+        bind: Endpoint | None = info.data.get("bind")
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first: dict[Endpoint, int] = {}
+        for i, peer in enumerate(peers):
+            if peer == bind:
+                msg = f"{peer} is this node's own bind address; list the other node"
+            elif bind is not None and peer.host.version != bind.host.version:
+                msg = (f"{peer} is IPv{peer.host.version} but bind {bind} is "
+                       f"IPv{bind.host.version}; one socket speaks one family")
+            elif peer.host.is_unspecified or peer.host.is_multicast:
+                msg = f"{peer} is not a unicast address of the other node"
+            elif peer in first:
+                msg = f"{peer} is listed twice (also peers[{first[peer]}])"
+            else:
+                first[peer] = i
+                continue
+            problems.append(((i,), msg))
+        if problems:
+            raise _Problems(problems)
+        return peers
+
+
+class AuthConfig(_Model):
+    key_file: ConfigPath
+
+
+class HttpProbe(_Model):
+    url: str
+    status: Annotated[int, Strict(), Field(ge=100, le=599)] = 200
+    body: str | None = None  # a substring the response body must contain
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # raises ValueError for a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+
+class TcpProbe(_Model):
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+
+
+class ExecProbe(_Model):
+    command: Annotated[Argv, AfterValidator(_check_command)]
+
+
+PROBE_KINDS = ("http", "tcp", "exec")
+
+
+class HealthCheck(_Model):
+    name: Name
+    http: HttpProbe | None = None
+    tcp: TcpProbe | None = None
+    exec: ExecProbe | None = None  # the YAML key; shadowing the builtin is harmless here
+    interval: PositiveDuration = 0.2
+    timeout: PositiveDuration = 0.15
+    rise: Annotated[int, Strict(), Field(ge=1)] = 2
+    fall: Annotated[int, Strict(), Field(ge=1)] = 2
+
+    @property
+    def kind(self) -> str:
+        """Which probe this check runs: "http", "tcp" or "exec"."""
+        return next(kind for kind in PROBE_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def probe(self) -> HttpProbe | TcpProbe | ExecProbe:
+        probe: HttpProbe | TcpProbe | ExecProbe = getattr(self, self.kind)
+        return probe
+
+    @model_validator(mode="after")
+    def _check_probe_and_timeout(self) -> HealthCheck:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        kinds = [kind for kind in PROBE_KINDS if getattr(self, kind) is not None]
+        if len(kinds) != 1:
+            problems.append(((), f"expected exactly one of http, tcp, exec; "
+                                 f"got {' and '.join(kinds) or 'none'}"))
+        if self.timeout >= self.interval:
+            problems.append((("timeout",), f"timeout {format_duration(self.timeout)} must be "
+                                           f"shorter than interval "
+                                           f"{format_duration(self.interval)}"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class AnnounceConfig(_Model):
+    count: Annotated[int, Strict(), Field(ge=0, le=100)] = 3
+    interval: PositiveDuration = 0.1
+    refresh: Duration = 10.0  # 0 = no periodic re-announce
+
+
+class ApiConfig(_Model):
+    listen: Endpoint = Endpoint.parse("127.0.0.1:9440")
+    tokens_file: ConfigPath | None = None
+
+
+class AuditConfig(_Model):
+    file: ConfigPath | None = None  # None: Config.effective_audit_file
+
+
+class MetricsConfig(_Model):
+    listen: Endpoint | None = Endpoint.parse("127.0.0.1:9441")  # None: no metrics endpoint
+
+
+class HooksConfig(_Model):
+    on_active: Argv = Field(default_factory=list)
+    on_standby: Argv = Field(default_factory=list)
+    on_fault: Argv = Field(default_factory=list)
+    timeout: PositiveDuration = 10.0
+
+
+class Config(_Model):
+    node: Name
+    cluster: Name
+    interface: Annotated[str, AfterValidator(_check_ifname)]
+    vips: list[Vip]
+    priority: Annotated[int, Strict(), Field(ge=1, le=254)] = 100
+    preempt: StrictBool = True
+    preempt_delay: Duration = 0.0
+    heartbeat: HeartbeatConfig
+    auth: AuthConfig
+    health: list[HealthCheck] = Field(default_factory=list)
+    announce: AnnounceConfig = Field(default_factory=AnnounceConfig)
+    vip_lease: Duration = 3.0  # 0 = permanent addresses
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    hooks: HooksConfig = Field(default_factory=HooksConfig)
+    state_dir: ConfigPath | None = None
+
+    @property
+    def effective_state_dir(self) -> Path:
+        """Where the persisted term and maintenance flag live: /var/lib/vipd/<cluster>."""
+        return self.state_dir if self.state_dir is not None else \
+            DEFAULT_STATE_ROOT / self.cluster
+
+    @property
+    def effective_audit_file(self) -> Path:
+        """The audit log; by default inside the state directory."""
+        return self.audit.file if self.audit.file is not None else \
+            self.effective_state_dir / "audit.jsonl"
+
+    @field_validator("vips")
+    @classmethod
+    def _unique_vips(cls, vips: list[IPv4Interface | IPv6Interface]) -> list[
+            IPv4Interface | IPv6Interface]:
+        if not vips:
+            raise ValueError("expected at least one VIP, like [192.168.1.10/32]")
+        first: dict[IPv4Address | IPv6Address, int] = {}
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for i, vip in enumerate(vips):
+            if vip.ip in first:
+                problems.append(((i,), f"{vip.ip} is listed twice (also vips[{first[vip.ip]}])"))
+            first.setdefault(vip.ip, i)
+        if problems:
+            raise _Problems(problems)
+        return vips
+
+    @field_validator("health")
+    @classmethod
+    def _unique_check_names(cls, checks: list[HealthCheck]) -> list[HealthCheck]:
+        first: dict[str, int] = {}
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for i, check in enumerate(checks):
+            if check.name in first:
+                problems.append(((i, "name"), f"check name {check.name!r} is used twice "
+                                              f"(also health[{first[check.name]}])"))
+            first.setdefault(check.name, i)
+        if problems:
+            raise _Problems(problems)
+        return checks
+
+    @model_validator(mode="after")
+    def _lease_outlives_dead_interval(self) -> Config:
+        # A lease shorter than the dead interval would drop the VIP from a healthy active
+        # whose heartbeats merely got delayed.
+        dead = self.heartbeat.dead_interval
+        if self.vip_lease and self.vip_lease <= dead:
+            raise _Problems([(("vip_lease",), (
+                f"vip_lease {format_duration(self.vip_lease)} must be longer than the "
+                f"heartbeat dead interval {format_duration(dead)} (interval "
+                f"{format_duration(self.heartbeat.interval)} x dead_after "
+                f"{self.heartbeat.dead_after}), or 0 for permanent addresses"))])
+        return self
+
+
+# --- loading ------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file; relative paths in it are resolved against
+    the file's directory. Raises ConfigError listing every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, [("", f"cannot read config file: {exc.strerror or exc}")]) \
+            from exc
+    except UnicodeDecodeError:
+        raise ConfigError(file, [("", "cannot read config file: not UTF-8 text")]) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, [("", _yaml_message(exc))]) from exc
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(file, [("", f"expected a mapping of keys at the top level, "
+                                      f"got {got}")])
+    try:
+        return Config.model_validate(
+            data, context={_BASE_DIR: Path(path).absolute().parent})
+    except ValidationError as exc:
+        raise ConfigError(file, validation_problems(exc)) from exc
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """One (key.path, message) per pydantic error, in words an operator understands."""
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, _Problems):
+            problems.extend((key_path(loc + rel), msg) for rel, msg in cause.problems)
+        elif isinstance(cause, ValueError):
+            problems.append((key_path(loc), str(cause)))
+        elif err["type"] == "extra_forbidden":
+            problems.append((key_path(loc), _unknown_key(loc)))
+        elif err["type"] == "missing":
+            problems.append((key_path(loc), "missing required key"))
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            problems.append((key_path(loc), f"expected a mapping of keys, got "
+                                            f"{_describe(err['input'])}"))
+        else:
+            msg = err["msg"].replace("Input should be", "must be", 1)
+            problems.append((key_path(loc), f"{msg}, got {_describe(err['input'])}"))
+    return problems
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unknown_key(loc: tuple[str | int, ...]) -> str:
+    known = _keys_at(loc[:-1])
+    if not known:
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; expected one of: {', '.join(known)}"
+
+
+def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the model at this location accepts (list indexes need no step)."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, str) and model is not None:
+            field = model.model_fields.get(part)
+            model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+# --- keys ---------------------------------------------------------------------------
+
+_HEX_RE = re.compile(r"[0-9a-fA-F]+")
+
+
+def load_keys(path: str | Path) -> dict[int, bytes]:
+    """Heartbeat keys from a file of "ID SECRET" lines; secrets never appear in errors."""
+    file = str(path)
+    try:
+        # O_NONBLOCK so that a FIFO in place of the key file cannot hang the daemon.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(file, [("", "key file is not a regular file")])
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                raise ConfigError(file, [("", f"mode {mode:04o} gives access to "
+                                              f"group/others; run chmod 600 {file}")])
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(file, [("", f"cannot read key file: {exc.strerror or exc}")]) \
+            from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(file, [("", "key file is not UTF-8 text")]) from None
+    keys, problems = _parse_keys(text)
+    if not keys and not problems:
+        problems.append(("", "no keys found; expected lines 'ID SECRET' "
+                             "(make one with: vipd keygen)"))
+    if problems:
+        raise ConfigError(file, problems)
+    return keys
+
+
+def _parse_keys(text: str) -> tuple[dict[int, bytes], list[tuple[str, str]]]:
+    keys: dict[int, bytes] = {}
+    first_line: dict[int, int] = {}
+    problems: list[tuple[str, str]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()  # '#' never occurs in hex or base64
+        if not fields:
+            continue
+        # Never echo a field: a line with the fields swapped would print the secret.
+        if len(fields) != 2:
+            problems.append(("", f"line {lineno}: expected 'ID SECRET', "
+                                 f"got {len(fields)} fields"))
+            continue
+        id_text, secret_text = fields
+        key_id = int(id_text) if id_text.isascii() and id_text.isdigit() else 0
+        if not 1 <= key_id <= MAX_KEY_ID:
+            problems.append(("", f"line {lineno}: key id must be an integer in "
+                                 f"1..{MAX_KEY_ID}"))
+            continue
+        if key_id in first_line:
+            problems.append(("", f"line {lineno}: duplicate key id {key_id} "
+                                 f"(also on line {first_line[key_id]})"))
+            continue
+        first_line[key_id] = lineno
+        secret = _decode_secret(secret_text)
+        if secret is None:
+            problems.append(("", f"line {lineno}: secret of key {key_id} is neither hex "
+                                 f"nor base64"))
+        elif len(secret) < MIN_KEY_BYTES:
+            problems.append(("", f"line {lineno}: secret of key {key_id} is {len(secret)} "
+                                 f"bytes; at least {MIN_KEY_BYTES} are needed "
+                                 f"(make one with: vipd keygen)"))
+        else:
+            keys[key_id] = secret
+    return keys, problems
+
+
+def _decode_secret(text: str) -> bytes | None:
+    # Hex wins when a secret could be both; keygen's base64 always ends in "=".
+    if _HEX_RE.fullmatch(text) and len(text) % 2 == 0:
+        return bytes.fromhex(text)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def generate_key_line(key_id: int | None = None) -> str:
+    """A fresh "ID SECRET" line; the default id is the current Unix time so that a newer
+    key gets a higher id (the protocol signs with the highest id both nodes know)."""
+    if key_id is None:
+        key_id = int(time.time())
+    if not 1 <= key_id <= MAX_KEY_ID:
+        raise ValueError(f"key id must be in 1..{MAX_KEY_ID}, got {key_id}")
+    secret = base64.b64encode(secrets.token_bytes(MIN_KEY_BYTES)).decode("ascii")
+    return f"{key_id} {secret}"

@@ -1,0 +1,617 @@
+"""The election state machine: who holds the VIPs. Pure: events and `now` in, actions out.
+
+Rule 1: everything that decides a state or a transition lives in this file.
+
+               Start                 peer dead / resigning / ineligible,
+    INIT ---------------> STANDBY ---- or we win the election --------> ACTIVE
+                           ^  ^  <---- handover done / split brain lost ---  |
+           health back     |  |                                            |
+    FAULT -----------------+  +--------- maintenance off ---- MAINTENANCE  |
+      ^  health fails (any state; ACTIVE releases first)           ^       |
+      +------------------------------------------------------------+-------+
+    every state --Shutdown--> STOPPED   (ACTIVE hands over first when it can)
+
+Theory of operation
+-------------------
+Both nodes evaluate the same rule on the same facts (their own state and the peer's last
+authenticated heartbeat), so they agree without a third party:
+
+* A standby takes over when the peer is dead (no valid heartbeat for `dead_after`
+  intervals), resigning, or ineligible (FAULT, MAINTENANCE, STOPPED, health unknown); and
+  when both are healthy standbys, the higher effective priority (then the smaller node
+  name) takes over. A freshly started node first waits one dead interval or until it
+  hears the peer, so a restart never grabs the VIPs from a live active.
+* Handover is make-before-break: the active sets RESIGNING; the peer takes over with a
+  higher term and announces; the old active releases when it sees that. Switchover,
+  promote, maintenance, preemption and graceful stop all use it, so none of them leaves
+  a gap. Preemption is a request (WANT_ACTIVE) the active grants unless an operator
+  chose it (PREFERRED); a switchover makes the new active PREFERRED.
+* Terms are fencing tokens: every takeover uses max(own, peer) + 1. When both are
+  ACTIVE and hear each other, the lower term (the incumbent) wins and the newcomer yields,
+  so a false suspicion costs one brief double announcement, never a move. A node that
+  hears an active peer which does not hear it (the peer's echo is stale: a one-way link)
+  yields after one dead interval, because the peer can never learn it should yield.
+* FAULT and MAINTENANCE never hold VIPs: leaving ACTIVE always releases first.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State
+
+ELIGIBLE_STATES = (State.STANDBY, State.ACTIVE)
+
+
+# --- events ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    received: Received
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    healthy: bool | None
+    detail: str = ""
+
+
+class CommandKind(enum.StrEnum):
+    SWITCHOVER = "switchover"
+    MAINTENANCE_ON = "maintenance_on"
+    MAINTENANCE_OFF = "maintenance_off"
+    PROMOTE = "promote"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    kind: CommandKind
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class VipFailed:
+    detail: str
+
+
+Event = Start | Tick | HeartbeatReceived | HealthChanged | Command | Shutdown | VipFailed
+
+
+# --- actions -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    old: State
+    new: State
+    reason: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireVips:
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseVips:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendHeartbeat:
+    advert: Advert
+
+
+@dataclass(frozen=True, slots=True)
+class RunHook:
+    hook: str  # "on_active" | "on_standby" | "on_fault"
+    state: State
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    kind: CommandKind
+    accepted: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Warn:
+    message: str
+
+
+Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | RunHook
+          | CommandResult | Warn)
+
+S = State
+# Side effects of each allowed transition, in order (a Transition action always comes
+# first). A transition missing here is a bug and raises.
+TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
+    (S.INIT, S.STANDBY): ("heartbeat",),
+    (S.INIT, S.FAULT): ("heartbeat", "on_fault"),
+    (S.INIT, S.MAINTENANCE): ("heartbeat",),
+    (S.INIT, S.STOPPED): (),
+    (S.STANDBY, S.ACTIVE): ("acquire", "announce", "heartbeat", "on_active"),
+    (S.STANDBY, S.FAULT): ("heartbeat", "on_fault"),
+    (S.STANDBY, S.MAINTENANCE): ("heartbeat",),
+    (S.STANDBY, S.STOPPED): ("heartbeat",),
+    (S.ACTIVE, S.STANDBY): ("release", "heartbeat", "on_standby"),
+    (S.ACTIVE, S.FAULT): ("release", "heartbeat", "on_fault"),
+    (S.ACTIVE, S.MAINTENANCE): ("release", "heartbeat", "on_standby"),
+    (S.ACTIVE, S.STOPPED): ("release", "heartbeat", "on_standby"),
+    (S.FAULT, S.STANDBY): ("heartbeat", "on_standby"),
+    (S.FAULT, S.MAINTENANCE): ("heartbeat",),
+    (S.FAULT, S.STOPPED): ("heartbeat",),
+    (S.MAINTENANCE, S.STANDBY): ("heartbeat", "on_standby"),
+    (S.MAINTENANCE, S.FAULT): ("heartbeat", "on_fault"),
+    (S.MAINTENANCE, S.STOPPED): ("heartbeat",),
+}
+
+BURST = 2  # extra copies of a changed heartbeat, at interval / 8 spacing
+
+
+@dataclass(frozen=True, slots=True)
+class ElectionConfig:
+    node: str
+    priority: int = 100
+    preempt: bool = True
+    preempt_delay: float = 0.0
+    interval: float = 0.04
+    dead_after: int = 8
+    digest: bytes = b""
+    vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
+
+    @property
+    def dead_interval(self) -> float:
+        return self.interval * self.dead_after
+
+
+@dataclass(slots=True)
+class PeerView:
+    heartbeat: Heartbeat
+    received_at: float
+    echo_sent_at: float | None
+
+
+@dataclass(slots=True)
+class Handover:
+    target: State
+    deadline: float
+    switchover: bool
+
+
+@dataclass(slots=True)
+class _Timers:
+    holddown_until: float = 0.0
+    preempt_since: float | None = None
+    concede_at: float | None = None
+    promote_until: float | None = None
+    vip_fault_until: float | None = None
+    winner_idle_since: float | None = None
+
+
+@dataclass(slots=True)
+class Election:
+    """One node's view. Drive it with `handle(event, now)`; call again at `next_deadline()`."""
+
+    cfg: ElectionConfig
+    term: int = 0
+    maintenance: bool = False
+    state: State = State.INIT
+    health: bool | None = None
+    health_detail: str = ""
+    preferred: bool = False
+    stopping: bool = False
+    want_active: bool = False
+    peer: PeerView | None = None
+    peer_term_seen: int = 0
+    handover: Handover | None = None
+    timers: _Timers = field(default_factory=_Timers)
+    _heard_peer: bool = False
+    _dual_announced: bool = False
+    _fault_detail: str = ""
+    _next_send: float | None = None
+    _burst_left: int = 0
+    _digest_warned: bytes | None = None
+    _promote_now: bool = False
+    _now: float = float("-inf")
+
+    # --- public interface ----------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        self._now = max(self._now, now)
+        actions: list[Action] = []
+        match event:
+            case Start():
+                if self.state is State.INIT:
+                    self.timers.holddown_until = now + self.cfg.dead_interval
+                    self._next_send = now
+                    target = State.MAINTENANCE if self.maintenance else State.STANDBY
+                    actions += self._transition(target, "started", now)
+            case Tick():
+                pass
+            case HeartbeatReceived(received=rx):
+                actions += self._on_heartbeat(rx)
+            case HealthChanged(healthy=healthy, detail=detail):
+                self.health, self.health_detail = healthy, detail
+            case Command():
+                actions += self._on_command(event, now)
+            case Shutdown():
+                self.stopping = True
+            case VipFailed(detail=detail):
+                self._fault_detail = f"VIP operation failed: {detail}"
+                self.timers.vip_fault_until = now + self.cfg.vip_retry
+        if self.state is not State.INIT:
+            actions += self._evaluate(now)
+            actions += self._maybe_send(now)
+        return actions
+
+    def next_deadline(self) -> float | None:
+        if self.state is State.INIT or self.finished:
+            return None
+        t, dead = self.timers, self.cfg.dead_interval
+        candidates = [self._next_send]
+        if self.state is not State.STOPPED:
+            if self.peer is not None:
+                candidates.append(self.peer.received_at + dead)
+            if not self._heard_peer:
+                candidates.append(t.holddown_until)
+            if t.preempt_since is not None and not self.want_active:
+                candidates.append(t.preempt_since + self.cfg.preempt_delay)
+            if t.winner_idle_since is not None:
+                candidates.append(t.winner_idle_since + dead)
+            if self.handover is not None:
+                candidates.append(self.handover.deadline)
+            candidates += [t.concede_at, t.promote_until, t.vip_fault_until]
+        # Everything at or before the last handled time has been acted on already.
+        return min((c for c in candidates if c is not None and c > self._now), default=None)
+
+    @property
+    def finished(self) -> bool:
+        """Stopped and the final heartbeats are out: the runtime may exit."""
+        return self.state is State.STOPPED and self._burst_left == 0
+
+    def peer_alive(self, now: float) -> bool:
+        return self.peer is not None and now < self.peer.received_at + self.cfg.dead_interval
+
+    def peer_hears_us(self, now: float) -> bool:
+        """The peer's last heartbeat echoes one of ours sent within the dead interval."""
+        sent = self.peer.echo_sent_at if self.peer is not None else None
+        return sent is not None and now <= sent + self.cfg.dead_interval
+
+    def peer_eligible(self, now: float) -> bool:
+        if not self.peer_alive(now):
+            return False
+        assert self.peer is not None
+        hb = self.peer.heartbeat
+        return (hb.state in ELIGIBLE_STATES and Flag.HEALTHY in hb.flags
+                and Flag.RESIGNING not in hb.flags)
+
+    def advert(self) -> Advert:
+        flags = Flag.NONE
+        if self.health:
+            flags |= Flag.HEALTHY
+        if self.cfg.preempt:
+            flags |= Flag.PREEMPT
+        if self.handover is not None:
+            flags |= Flag.RESIGNING
+            if self.handover.switchover:
+                flags |= Flag.SWITCHOVER
+        if self.preferred and self.state is State.ACTIVE:
+            flags |= Flag.PREFERRED
+        if self.want_active:
+            flags |= Flag.WANT_ACTIVE
+        if self.timers.promote_until is not None:
+            flags |= Flag.PROMOTE
+        return Advert(state=self.state, flags=flags, term=self.term,
+                      priority=self.cfg.priority, effective_priority=self.cfg.priority)
+
+    # --- events --------------------------------------------------------------------------
+
+    def _on_heartbeat(self, rx: Received) -> list[Action]:
+        hb = rx.heartbeat
+        self.peer = PeerView(hb, rx.received_at, rx.echo_sent_at)
+        # Only a heartbeat that echoes our own boot ends the start-up hold-down: a
+        # datagram replayed from before we started cannot.
+        self._heard_peer = self._heard_peer or rx.confirmed
+        self.peer_term_seen = max(self.peer_term_seen, hb.term)
+        if self.cfg.digest and hb.settings_digest != self.cfg.digest:
+            if self._digest_warned != hb.settings_digest:
+                self._digest_warned = hb.settings_digest
+                return [Warn(f"peer {hb.node} has different pair settings (cluster, VIPs, "
+                             f"interval, dead_after): digest {hb.settings_digest.hex()} vs "
+                             f"ours {self.cfg.digest.hex()}")]
+        elif self._digest_warned is not None:
+            self._digest_warned = None
+            return [Warn(f"peer {hb.node} pair settings match again")]
+        return []
+
+    def _on_command(self, cmd: Command, now: float) -> list[Action]:
+        kind = cmd.kind
+        if kind is CommandKind.MAINTENANCE_ON:
+            self.maintenance = True
+            return [CommandResult(kind, True, "maintenance on")]
+        if kind is CommandKind.MAINTENANCE_OFF:
+            self.maintenance = False
+            return [CommandResult(kind, True, "maintenance off")]
+        if self.stopping:
+            return [CommandResult(kind, False, "node is shutting down")]
+        if kind is CommandKind.SWITCHOVER:
+            if self.state is not State.ACTIVE:
+                return [CommandResult(kind, False, f"this node is {self.state.name}, not ACTIVE")]
+            if self.handover is not None:
+                return [CommandResult(kind, False, "a handover is already in progress")]
+            if not cmd.force and not (self.peer_eligible(now) and self.peer_hears_us(now)):
+                return [CommandResult(kind, False, self._peer_problem(now))]
+            self._start_handover(State.STANDBY, now, switchover=True)
+            return [CommandResult(kind, True, "handover to peer started")]
+        # PROMOTE
+        if self.state is State.ACTIVE:
+            self.preferred = True
+            return [CommandResult(kind, True, "already ACTIVE")]
+        if self.maintenance or self.health is not True:
+            return [CommandResult(kind, False, f"this node is not eligible: {self._why_not(now)}")]
+        peer_active = self.peer_alive(now) and self.peer is not None and (
+            self.peer.heartbeat.state is State.ACTIVE)
+        if peer_active and self.peer_hears_us(now):
+            self.timers.promote_until = now + 2 * self.cfg.dead_interval
+            self._send_now(now)
+            return [CommandResult(kind, True, "asked the active peer to hand over")]
+        if peer_active and not cmd.force:
+            return [CommandResult(kind, False, "the active peer does not hear us; use force")]
+        self._promote_now = True
+        return [CommandResult(kind, True, "taking over")]
+
+    # --- the rule ------------------------------------------------------------------------
+
+    def _evaluate(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for _ in range(3):  # at most e.g. FAULT -> STANDBY -> ACTIVE in one step
+            target, reason, extra = self._decide(now)
+            actions += extra
+            if target is self.state:
+                break
+            if self.state is not State.STANDBY and target is State.ACTIVE:
+                target, reason = State.STANDBY, "eligible again"
+            actions += self._transition(target, reason, now)
+        return actions
+
+    def _decide(self, now: float) -> tuple[State, str, list[Action]]:
+        if self.state in (State.INIT, State.STOPPED):
+            return self.state, "", []
+        if self.state is State.ACTIVE:
+            return self._decide_active(now)
+        if self.stopping:
+            return State.STOPPED, "shutdown", []
+        if self.maintenance:
+            return State.MAINTENANCE, "maintenance on", []
+        if self.timers.vip_fault_until is not None:
+            if now < self.timers.vip_fault_until:
+                return State.FAULT, self._fault_detail, []
+            self.timers.vip_fault_until = None
+        if self.health is False:
+            return State.FAULT, f"health check failing: {self.health_detail}", []
+        if self.state is not State.STANDBY:
+            why = "maintenance off" if self.state is State.MAINTENANCE else "healthy again"
+            return State.STANDBY, why, []
+        if self.health is None:
+            return State.STANDBY, "", []
+        reason, extra = self._standby_rule(now)
+        return (State.ACTIVE if reason else State.STANDBY), reason, extra
+
+    def _standby_rule(self, now: float) -> tuple[str, list[Action]]:
+        """Why a healthy standby should take over now ("" = it should not)."""
+        t, dead_ms = self.timers, round(self.cfg.dead_interval * 1000)
+        winner_idle, preempting, extra = False, False, []
+        try:
+            if self._promote_now:
+                return "operator promote", extra
+            if not self._heard_peer and now < t.holddown_until:
+                return "", extra
+            if self.peer is None:
+                return f"no peer heard within {dead_ms} ms of start", extra
+            hb = self.peer.heartbeat
+            if not self.peer_alive(now):
+                silent = round((now - self.peer.received_at) * 1000)
+                return f"peer {hb.node} silent for {silent} ms", extra
+            if hb.state is State.ACTIVE:
+                if Flag.RESIGNING in hb.flags:
+                    return f"peer {hb.node} hands over", extra
+                if Flag.HEALTHY not in hb.flags:
+                    return f"peer {hb.node} active but unhealthy", extra
+                preempting = (self.cfg.preempt and Flag.PREFERRED not in hb.flags
+                              and self.cfg.priority > hb.effective_priority
+                              and self.peer_hears_us(now))
+                if preempting:
+                    t.preempt_since = now if t.preempt_since is None else t.preempt_since
+                    if now >= t.preempt_since + self.cfg.preempt_delay and not self.want_active:
+                        self.want_active = True
+                        self._send_now(now)
+                return "", extra
+            if not self.peer_eligible(now):
+                return f"peer {hb.node} is {hb.state.name}", extra
+            if self._wins_fresh(hb):
+                return "election: we have priority over the standby peer", extra
+            winner_idle = True
+            t.winner_idle_since = now if t.winner_idle_since is None else t.winner_idle_since
+            if now >= t.winner_idle_since + self.cfg.dead_interval:
+                return f"peer {hb.node} won the election but did not take over", extra
+            return "", extra
+        finally:
+            if not winner_idle:
+                t.winner_idle_since = None
+            if not preempting:
+                t.preempt_since = None
+                self.want_active = False
+
+    def _decide_active(self, now: float) -> tuple[State, str, list[Action]]:
+        t, extra = self.timers, []
+        if self.health is False:
+            return State.FAULT, f"health check failing: {self.health_detail}", extra
+        if t.vip_fault_until is not None and now < t.vip_fault_until:
+            return State.FAULT, self._fault_detail, extra
+        peer_alive = self.peer_alive(now)
+        hb = self.peer.heartbeat if self.peer is not None else None
+        if self.handover is not None:
+            h = self.handover
+            if peer_alive and hb is not None and hb.state is State.ACTIVE and hb.term > self.term:
+                return h.target, f"handed over to {hb.node} (term {hb.term})", extra
+            if now >= h.deadline:
+                self.handover = None
+                if h.target is State.STANDBY:
+                    extra.append(Warn("handover aborted: the peer did not take over within "
+                                      f"{round(self.cfg.dead_interval * 1000)} ms"))
+                    self._send_now(now)
+                    return State.ACTIVE, "", extra
+                return h.target, "handover timed out, releasing anyway", extra
+            return State.ACTIVE, "", extra
+        leaving = State.STOPPED if self.stopping else (
+            State.MAINTENANCE if self.maintenance else None)
+        if leaving is not None:
+            if self.peer_eligible(now):
+                self._start_handover(leaving, now, switchover=False)
+                return State.ACTIVE, "", extra
+            return leaving, f"{leaving.name.lower()} and no eligible peer to hand over to", extra
+        if not (peer_alive and hb is not None):
+            t.concede_at = None
+            return State.ACTIVE, "", extra
+        if hb.state is State.ACTIVE and Flag.RESIGNING not in hb.flags:
+            if not self.peer_hears_us(now):
+                if t.concede_at is None:
+                    t.concede_at = now + self.cfg.dead_interval
+                if now >= t.concede_at:
+                    return State.STANDBY, (f"peer {hb.node} is active and has not heard us for "
+                                           f"{round(self.cfg.dead_interval * 1000)} ms"), extra
+                return State.ACTIVE, "", extra
+            t.concede_at = None
+            if not self._wins_dual(hb):
+                why = f"split brain: {hb.node} keeps the VIPs (term {hb.term})"
+                return State.STANDBY, why, extra
+            if not self._dual_announced:
+                self._dual_announced = True
+                extra.append(Announce(f"split brain with {hb.node} healed, we keep the VIPs"))
+                self._send_now(now)
+            return State.ACTIVE, "", extra
+        t.concede_at, self._dual_announced = None, False
+        if self.peer_eligible(now) and self.peer_hears_us(now):
+            if Flag.PROMOTE in hb.flags:
+                self._start_handover(State.STANDBY, now, switchover=True)
+            elif Flag.WANT_ACTIVE in hb.flags and not self.preferred:
+                self._start_handover(State.STANDBY, now, switchover=False)
+        return State.ACTIVE, "", extra
+
+    def _wins_fresh(self, hb: Heartbeat) -> bool:
+        """Both healthy standbys: higher effective priority, then the smaller name."""
+        return (self.cfg.priority, _name_key(self.cfg.node)) > (
+            hb.effective_priority, _name_key(hb.node))
+
+    def _wins_dual(self, hb: Heartbeat) -> bool:
+        """Both active and in contact: the lower term (incumbent) wins, then priority, name."""
+        return (-self.term, self.cfg.priority, _name_key(self.cfg.node)) > (
+            -hb.term, hb.effective_priority, _name_key(hb.node))
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _transition(self, new: State, reason: str, now: float) -> list[Action]:
+        old = self.state
+        effects = TRANSITIONS[(old, new)]
+        if new is State.ACTIVE:
+            peer_resign = self.peer is not None and self.peer_alive(now) and (
+                Flag.RESIGNING | Flag.SWITCHOVER) in self.peer.heartbeat.flags
+            self.preferred = peer_resign or self._promote_now
+            self.term = max(self.term, self.peer_term_seen) + 1
+            self.timers.promote_until = None
+            self._promote_now = self.want_active = False
+            self._dual_announced = False
+        if old is State.STANDBY:
+            self.want_active = False
+            self.timers.preempt_since = self.timers.winner_idle_since = None
+        if old is State.ACTIVE:
+            self.preferred = False
+            self.handover = None
+            self.timers.concede_at = None
+        self.state = new
+        actions: list[Action] = [Transition(old, new, reason, self.term)]
+        for effect in effects:
+            if effect == "acquire":
+                actions.append(AcquireVips(self.term))
+            elif effect == "release":
+                actions.append(ReleaseVips())
+            elif effect == "announce":
+                actions.append(Announce("takeover"))
+            elif effect == "heartbeat":
+                self._send_now(now)
+            else:
+                actions.append(RunHook(effect, new, self.term))
+        return actions
+
+    def _start_handover(self, target: State, now: float, *, switchover: bool) -> None:
+        self.handover = Handover(target, now + self.cfg.dead_interval, switchover)
+        self._send_now(now)
+
+    def _send_now(self, now: float) -> None:
+        self._next_send = now
+        self._burst_left = BURST + 1
+
+    def _maybe_send(self, now: float) -> list[Action]:
+        t = self.timers
+        if t.promote_until is not None and now >= t.promote_until:
+            t.promote_until = None
+        if self._next_send is None or now < self._next_send:
+            return []
+        if self._burst_left > 0:
+            self._burst_left -= 1
+        if self._burst_left > 0:
+            self._next_send = now + self.cfg.interval / 8
+        elif self.state is State.STOPPED:
+            self._next_send = None
+        else:
+            self._next_send = max(self._next_send + self.cfg.interval, now)
+            if self._next_send - now > self.cfg.interval:
+                self._next_send = now + self.cfg.interval
+        return [SendHeartbeat(self.advert())]
+
+    def _peer_problem(self, now: float) -> str:
+        if self.peer is None:
+            return "no peer heard since start"
+        hb = self.peer.heartbeat
+        if not self.peer_alive(now):
+            return f"peer {hb.node} not heard for {round((now - self.peer.received_at) * 1000)} ms"
+        if not self.peer_eligible(now):
+            return f"peer {hb.node} is {hb.state.name}" + (
+                "" if Flag.HEALTHY in hb.flags else " and unhealthy")
+        return f"peer {hb.node} does not hear us (one-way link)"
+
+    def _why_not(self, now: float) -> str:
+        if self.maintenance:
+            return "in maintenance"
+        if self.health is None:
+            return "health not yet known"
+        return f"health check failing: {self.health_detail}"
+
+
+def _name_key(name: str) -> tuple[int, ...]:
+    """Smaller names win ties; negate so that 'larger key' means 'smaller name'."""
+    return (*(-b for b in name.encode()), 0)

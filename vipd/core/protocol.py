@@ -1,0 +1,363 @@
+"""Heartbeat wire format: authenticated, versioned, replay-protected. Bytes in, bytes out.
+
+Theory of operation
+-------------------
+Every heartbeat is one UDP datagram: a fixed 80-byte header, the cluster and node names
+(length-prefixed ASCII), and an HMAC-SHA256 over everything before it. The byte layout is
+documented in docs/protocol.md and pinned by fixed vectors in tests/unit/test_protocol.py.
+
+`Session` is the stateful, still pure, endpoint of one node: `seal()` turns an `Advert`
+(what the election wants to say) into bytes; `open()` turns bytes into a `Received` or
+raises `Rejected` with a `Reject` reason that becomes a metric label. Nothing here reads a
+clock: the caller passes `now` (monotonic seconds) and `wall_ns` (epoch nanoseconds).
+
+Replay protection: a receiver remembers the peer's boot id, last sequence number and
+last send time. Within one boot id the sequence must strictly increase; a new boot id is
+accepted only with a send time newer than anything accepted before, and every datagram
+must carry a send time within `max_skew` of the receiver's clock. A captured datagram can
+therefore neither be replayed to a running receiver nor, after the window, to a fresh one.
+
+Echo: each heartbeat carries the (boot id, sequence) of the newest heartbeat accepted from
+the peer and how long ago that was. The sender of the echoed heartbeat looks up when it
+sent it, which gives a round-trip time and, more important, tells it whether the peer
+hears it at all (one-way partitions).
+
+Keys rotate without downtime: heartbeats say which key signed them and the newest key id
+their sender holds; a node signs with its newest key that the peer also holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+
+from vipd.errors import VipdError
+
+MAGIC = b"VIPD"
+VERSION = 1
+MAC_SIZE = 32
+MAX_NAME = 64
+MAX_DATAGRAM = 512
+MIN_KEY_BYTES = 32
+MAX_KEY_ID = 0xFFFF_FFFF
+DEFAULT_MAX_SKEW = 1.0
+_SENT_MEMORY = 512  # own recent sequence numbers remembered for echo lookups
+
+# magic, version, state, flags, key_id, newest_key_id, boot_id, seq, send_time_ns, term,
+# priority, effective_priority, reserved, settings_digest, echo_boot, echo_seq, echo_hold_us
+_HEADER = struct.Struct("!4sBBHIIQQQQBBH8sQQI")
+HEADER_SIZE = _HEADER.size  # 80
+MIN_DATAGRAM = HEADER_SIZE + 1 + 1 + 1 + 1 + MAC_SIZE
+
+
+class State(enum.IntEnum):
+    """Node states, with their wire values (never renumber)."""
+
+    INIT = 0
+    STANDBY = 1
+    ACTIVE = 2
+    FAULT = 3
+    MAINTENANCE = 4
+    STOPPED = 5
+
+
+class Flag(enum.IntFlag):
+    """Heartbeat flags (u16 on the wire). Unknown bits are ignored for forward compatibility."""
+
+    NONE = 0
+    HEALTHY = 1 << 0  # local health checks pass
+    PREEMPT = 1 << 1  # informational: this node is configured to preempt
+    RESIGNING = 1 << 2  # active asks the peer to take over now (handover)
+    SWITCHOVER = 1 << 3  # with RESIGNING: an operator move, the taker becomes PREFERRED
+    PREFERRED = 1 << 4  # active chosen by an operator: not preempted
+    WANT_ACTIVE = 1 << 5  # preemption request to the active peer
+    PROMOTE = 1 << 6  # operator promote request to the active peer
+
+
+class Reject(enum.StrEnum):
+    """Why a datagram was dropped; the value is the metric label."""
+
+    OVERSIZE = "oversize"
+    MALFORMED = "malformed"
+    BAD_VERSION = "bad_version"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_MAC = "bad_mac"
+    WRONG_CLUSTER = "wrong_cluster"
+    OWN_NODE = "own_node"
+    UNKNOWN_PEER = "unknown_peer"
+    STALE = "stale"
+    REPLAY = "replay"
+    DUPLICATE = "duplicate"  # a redundant copy of the last accepted datagram: benign
+
+
+class Rejected(VipdError):
+    """A datagram was not accepted. The only exception `Session.open` ever raises."""
+
+    def __init__(self, reason: Reject, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"heartbeat rejected ({reason}): {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """What the election wants to tell the peer; the session adds identity and crypto."""
+
+    state: State
+    flags: Flag
+    term: int
+    priority: int
+    effective_priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One decoded, authenticated heartbeat."""
+
+    state: State
+    flags: Flag
+    key_id: int
+    newest_key_id: int
+    boot_id: int
+    seq: int
+    send_time_ns: int
+    term: int
+    priority: int
+    effective_priority: int
+    settings_digest: bytes
+    echo_boot: int
+    echo_seq: int
+    echo_hold_us: int
+    cluster: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An accepted heartbeat plus what the echo told us."""
+
+    heartbeat: Heartbeat
+    received_at: float
+    echo_sent_at: float | None  # when we sent the heartbeat the peer last accepted
+    rtt: float | None
+
+    @property
+    def confirmed(self) -> bool:
+        """The peer echoes our current boot: this datagram was made after we started.
+
+        A replay captured before our start cannot echo a boot id we chose at random.
+        """
+        return self.echo_sent_at is not None
+
+
+class KeyRing:
+    """Heartbeat keys by id. Signs with the newest key the peer also holds."""
+
+    def __init__(self, keys: Mapping[int, bytes]) -> None:
+        if not keys:
+            raise ValueError("a key ring needs at least one key")
+        for key_id, secret in keys.items():
+            if not 1 <= key_id <= MAX_KEY_ID:
+                raise ValueError(f"key id {key_id} is outside 1..{MAX_KEY_ID}")
+            if len(secret) < MIN_KEY_BYTES:
+                raise ValueError(f"key {key_id} has {len(secret)} bytes, expected >= 32")
+        self._keys = dict(keys)
+
+    @property
+    def newest_id(self) -> int:
+        return max(self._keys)
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted(self._keys)
+
+    def get(self, key_id: int) -> bytes | None:
+        return self._keys.get(key_id)
+
+    def signing_id(self, peer_newest: int | None) -> int:
+        """Newest own key not newer than the peer's newest, so a half-done rotation works."""
+        if peer_newest is None:
+            return self.newest_id
+        usable = [k for k in self._keys if k <= peer_newest]
+        return max(usable) if usable else self.newest_id
+
+
+def settings_digest(cluster: str, vips: Iterable[str], interval: float, dead_after: int) -> bytes:
+    """8-byte digest of the settings both nodes of a pair must agree on."""
+    canonical = "|".join([
+        cluster,
+        ",".join(sorted(str(v) for v in vips)),
+        f"{round(interval * 1_000_000)}us",
+        str(dead_after),
+    ])
+    return hashlib.sha256(canonical.encode()).digest()[:8]
+
+
+def _check_name(name: str, what: str) -> bytes:
+    raw = name.encode("ascii")
+    if not 1 <= len(raw) <= MAX_NAME:
+        raise ValueError(f"{what} {name!r} must be 1..{MAX_NAME} ASCII characters")
+    return raw
+
+
+def encode(hb: Heartbeat, secret: bytes) -> bytes:
+    """Serialise and sign. Raises ValueError (a programming error) for out-of-range fields."""
+    cluster = _check_name(hb.cluster, "cluster")
+    node = _check_name(hb.node, "node")
+    body = _HEADER.pack(
+        MAGIC, VERSION, int(hb.state), int(hb.flags), hb.key_id, hb.newest_key_id,
+        hb.boot_id, hb.seq, hb.send_time_ns, hb.term, hb.priority, hb.effective_priority,
+        0, hb.settings_digest, hb.echo_boot, hb.echo_seq, hb.echo_hold_us,
+    ) + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
+    return body + hmac.new(secret, body, hashlib.sha256).digest()
+
+
+def decode(data: bytes, keys: KeyRing) -> Heartbeat:
+    """Parse and authenticate one datagram. Raises only `Rejected`.
+
+    Structure is checked before the MAC (we must find the key id) but no field is trusted
+    or interpreted before the MAC has been verified.
+    """
+    size = len(data)
+    if size > MAX_DATAGRAM:
+        raise Rejected(Reject.OVERSIZE, f"{size} bytes, at most {MAX_DATAGRAM} expected")
+    if size < MIN_DATAGRAM:
+        raise Rejected(Reject.MALFORMED, f"truncated: {size} bytes, at least {MIN_DATAGRAM}")
+    if data[:4] != MAGIC:
+        raise Rejected(Reject.MALFORMED, "not a vipd heartbeat (bad magic)")
+    if data[4] != VERSION:
+        raise Rejected(Reject.BAD_VERSION, f"version {data[4]}, expected {VERSION}")
+    fields = _HEADER.unpack_from(data)
+    pos = HEADER_SIZE
+    names: list[str] = []
+    for what in ("cluster", "node"):
+        length = data[pos]
+        end = pos + 1 + length
+        if not 1 <= length <= MAX_NAME or end > size - MAC_SIZE:
+            raise Rejected(Reject.MALFORMED, f"{what} length {length} does not fit")
+        try:
+            names.append(data[pos + 1:end].decode("ascii"))
+        except UnicodeDecodeError:
+            raise Rejected(Reject.MALFORMED, f"{what} is not ASCII") from None
+        pos = end
+    if pos != size - MAC_SIZE:
+        raise Rejected(Reject.MALFORMED, f"{size - MAC_SIZE - pos} trailing bytes before MAC")
+    key_id = fields[4]
+    secret = keys.get(key_id)
+    if secret is None:
+        raise Rejected(Reject.UNKNOWN_KEY, f"key id {key_id} not loaded (have {keys.ids})")
+    expected = hmac.new(secret, data[:pos], hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, data[pos:]):
+        raise Rejected(Reject.BAD_MAC, f"MAC does not verify with key id {key_id}")
+    (_, _, state, flags, _, newest, boot, seq, send_ns, term, prio, eprio,
+     reserved, digest, echo_boot, echo_seq, echo_hold) = fields
+    if state not in State._value2member_map_:
+        raise Rejected(Reject.MALFORMED, f"unknown state {state}")
+    if reserved != 0:
+        raise Rejected(Reject.MALFORMED, "reserved field is not zero")
+    return Heartbeat(
+        state=State(state), flags=Flag(flags), key_id=key_id, newest_key_id=newest,
+        boot_id=boot, seq=seq, send_time_ns=send_ns, term=term, priority=prio,
+        effective_priority=eprio, settings_digest=digest, echo_boot=echo_boot,
+        echo_seq=echo_seq, echo_hold_us=echo_hold, cluster=names[0], node=names[1],
+    )
+
+
+class Session:
+    """One node's end of the heartbeat channel: signs what it sends, filters what it gets."""
+
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        node: str,
+        keys: KeyRing,
+        boot_id: int,
+        digest: bytes,
+        peer_sources: Iterable[Hashable] | None = None,
+        max_skew: float = DEFAULT_MAX_SKEW,
+    ) -> None:
+        _check_name(cluster, "cluster")
+        _check_name(node, "node")
+        self.cluster = cluster
+        self.node = node
+        self.keys = keys
+        self.boot_id = boot_id
+        self.digest = digest
+        self._peer_sources = frozenset(peer_sources) if peer_sources is not None else None
+        self._max_skew_ns = int(max_skew * 1e9)
+        self._seq = 0
+        self._sent: OrderedDict[int, float] = OrderedDict()
+        self.peer_node: str | None = None
+        self.peer_newest_key: int | None = None
+        self._peer_boot: int | None = None
+        self._peer_seq = 0
+        self._peer_send_ns = 0
+        self._peer_mac = b""
+        self._peer_rx_at: float | None = None
+
+    def seal(self, advert: Advert, now: float, wall_ns: int) -> bytes:
+        self._seq += 1
+        self._sent[self._seq] = now
+        while len(self._sent) > _SENT_MEMORY:
+            self._sent.popitem(last=False)
+        hold_us = 0
+        if self._peer_rx_at is not None:
+            hold_us = min(max(int((now - self._peer_rx_at) * 1e6), 0), 0xFFFF_FFFF)
+        key_id = self.keys.signing_id(self.peer_newest_key)
+        hb = Heartbeat(
+            state=advert.state, flags=advert.flags, key_id=key_id,
+            newest_key_id=self.keys.newest_id, boot_id=self.boot_id, seq=self._seq,
+            send_time_ns=wall_ns, term=advert.term, priority=advert.priority,
+            effective_priority=advert.effective_priority, settings_digest=self.digest,
+            echo_boot=self._peer_boot or 0, echo_seq=self._peer_seq, echo_hold_us=hold_us,
+            cluster=self.cluster, node=self.node,
+        )
+        secret = self.keys.get(key_id)
+        assert secret is not None
+        return encode(hb, secret)
+
+    def open(
+        self, data: bytes, now: float, wall_ns: int, source: Hashable | None = None
+    ) -> Received:
+        """Authenticate and filter one datagram. Raises only `Rejected`."""
+        if self._peer_sources is not None and source not in self._peer_sources:
+            raise Rejected(Reject.UNKNOWN_PEER, f"datagram from {source}, not a configured peer")
+        hb = decode(data, self.keys)
+        if hb.cluster != self.cluster:
+            raise Rejected(Reject.WRONG_CLUSTER,
+                           f"cluster {hb.cluster!r}, expected {self.cluster!r}")
+        if hb.node == self.node:
+            raise Rejected(Reject.OWN_NODE, f"sender claims our own node name {hb.node!r}")
+        if self.peer_node is not None and hb.node != self.peer_node:
+            raise Rejected(Reject.UNKNOWN_PEER, f"node {hb.node!r}, the peer is {self.peer_node!r}")
+        skew_ns = hb.send_time_ns - wall_ns
+        if abs(skew_ns) > self._max_skew_ns:
+            raise Rejected(Reject.STALE, f"send time {skew_ns / 1e9:+.3f}s from our clock, "
+                           f"at most {self._max_skew_ns / 1e9:g}s allowed")
+        self._check_replay(hb, data[-MAC_SIZE:])
+        self.peer_node = hb.node
+        self.peer_newest_key = hb.newest_key_id
+        self._peer_boot, self._peer_seq = hb.boot_id, hb.seq
+        self._peer_send_ns, self._peer_mac = hb.send_time_ns, data[-MAC_SIZE:]
+        self._peer_rx_at = now
+        sent_at = self._sent.get(hb.echo_seq) if hb.echo_boot == self.boot_id else None
+        rtt = None
+        if sent_at is not None:
+            rtt = max(now - sent_at - hb.echo_hold_us / 1e6, 0.0)
+        return Received(heartbeat=hb, received_at=now, echo_sent_at=sent_at, rtt=rtt)
+
+    def _check_replay(self, hb: Heartbeat, mac: bytes) -> None:
+        if hb.boot_id == self._peer_boot:
+            if hb.seq == self._peer_seq and hmac.compare_digest(mac, self._peer_mac):
+                raise Rejected(Reject.DUPLICATE, f"copy of sequence {hb.seq}")
+            if hb.seq <= self._peer_seq:
+                raise Rejected(Reject.REPLAY, f"sequence {hb.seq} not newer than {self._peer_seq}")
+        elif self._peer_boot is not None and hb.send_time_ns <= self._peer_send_ns:
+            raise Rejected(Reject.REPLAY, f"boot {hb.boot_id:#x} is older than the current "
+                           f"boot {self._peer_boot:#x} of {hb.node!r}")
