@@ -1,0 +1,400 @@
+"""Putting VIPs on an interface, taking them off, and telling the LAN where they went.
+
+Theory of operation
+-------------------
+A mover is the only part of vipd that changes the kernel's addresses. It knows one
+interface and the VIP list of one config, and offers four idempotent operations
+(`VipMover`): acquire (add or renew), release (remove), held (what the kernel has now)
+and announce (one round of gratuitous ARP / unsolicited neighbour advertisement). The
+daemon reconciles "should hold" against `held()` instead of trusting its own memory.
+
+How vipd recognises its own addresses: by exact match of (address, prefix length)
+against the configured VIP list, nothing else. That works on every kernel and for VIPs
+left behind by a previous run. For the operator's eyes vipd also marks what it adds:
+IPv4 VIPs get the label ``<ifname>:vipd`` when that fits in IFNAMSIZ (15 characters;
+otherwise the kernel's default label, the interface name), and every VIP carries
+``IFA_PROTO`` = `VIPD_ADDR_PROTO` (kernels >= 5.18 store it, older ones ignore it).
+
+Lease: each VIP carries a kernel valid and preferred lifetime of ``ceil(lease)``
+seconds (the kernel counts whole seconds; 0 means permanent). `acquire` re-sends the
+address with NLM_F_REPLACE, which renews the lifetime in place, so a daemon that dies
+or hangs loses its VIPs by the kernel's own hand. IPv6 VIPs are added with IFA_F_NODAD
+so they are usable at once instead of "tentative" for about a second.
+
+Caveat for IPv4 VIPs with a prefix shorter than /32: if such a VIP ever became the
+*primary* address of its subnet, the kernel removes the subnet's secondaries with it on
+release (unless ``promote_secondaries`` is set). Host-sized VIPs (/32, /128), the
+normal case, are unaffected.
+
+Threads: pyroute2's netlink calls are synchronous and fast, so each operation runs as a
+whole in `asyncio.to_thread` with a fresh `IPRoute` that is closed at once. The loop
+never waits on the kernel, no socket is shared between threads, and nothing needs a
+close() at shutdown. The worker thread inherits the network namespace of the thread
+that created it, which is what the namespace tests rely on.
+
+Announcing: one AF_PACKET socket per round, bound to the interface, which also tells
+us the interface's MAC. Gratuitous ARP is a broadcast ARP request with sender IP =
+target IP = VIP (a Linux receiver updates an existing neighbour entry from it even with
+``arp_accept=0``). IPv6 uses an unsolicited neighbour advertisement to ff02::1 with the
+override flag set (without it a receiver keeps a REACHABLE entry), source address =
+the VIP (as the kernel itself does), hop limit 255, and our own ICMPv6 checksum. The
+frame builders are pure functions so tests pin them byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from typing import Any, Protocol, runtime_checkable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
+from vipd.errors import VipError
+
+log = logging.getLogger(__name__)
+
+VipInterface = IPv4Interface | IPv6Interface
+
+VIPD_ADDR_PROTO = 0x76
+"""IFA_PROTO value marking addresses added by vipd ('v'); kernel-owned values are 0..3."""
+
+INFINITY_LIFE_TIME = 0xFFFFFFFF
+IFNAMSIZ = 16
+LABEL_SUFFIX = ":vipd"
+
+ETH_P_ARP = 0x0806
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ARPHRD_ETHER = 1
+ARPOP_REQUEST = 1
+IPPROTO_ICMPV6 = 58
+ND_NEIGHBOR_ADVERT = 136
+ND_OPT_TARGET_LINKADDR = 2
+ND_NA_FLAG_OVERRIDE = 0x20000000
+
+BROADCAST_MAC = b"\xff" * 6
+ALL_NODES = IPv6Address("ff02::1")
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
+
+SEND_TIMEOUT = 1.0
+"""A packet socket send only waits when the device queue is full; never wait long."""
+
+
+@runtime_checkable
+class VipMover(Protocol):
+    """Adds, removes, reports and announces the VIPs of one config on one interface."""
+
+    async def acquire(self, lease: float) -> None:
+        """Add the VIPs, or renew their lifetime to ``lease`` seconds (0 = permanent)."""
+        ...
+
+    async def release(self) -> None:
+        """Remove this config's VIPs; ones already absent count as removed."""
+        ...
+
+    async def held(self) -> set[VipInterface]:
+        """The configured VIPs the kernel has on the interface right now."""
+        ...
+
+    async def announce(self) -> None:
+        """One round of gratuitous ARP (IPv4) and unsolicited NA (IPv6)."""
+        ...
+
+
+async def announce_burst(mover: VipMover, count: int, interval: float) -> None:
+    """Announce ``count`` times, ``interval`` seconds apart (no sleep after the last).
+
+    A single announcement can be lost (a switch still learning the port, a busy
+    receiver), so takeovers send a burst, like keepalived's five. A failed round does
+    not stop the burst, since the next one may get through; the first error is raised
+    at the end, with a note of how many rounds failed.
+    """
+    if count < 0 or interval < 0:
+        raise ValueError(f"announce burst needs count >= 0 and interval >= 0, "
+                         f"got count={count} interval={interval}")
+    errors: list[VipError] = []
+    for i in range(count):
+        if i:
+            await asyncio.sleep(interval)
+        try:
+            await mover.announce()
+        except VipError as exc:
+            errors.append(exc)
+    if errors:
+        first = errors[0]
+        first.add_note(f"{len(errors)} of {count} announcement rounds failed")
+        raise first
+
+
+def lifetime_seconds(lease: float) -> int:
+    """Kernel lifetime for a lease: whole seconds rounded up, 0 -> infinite."""
+    if not math.isfinite(lease) or lease < 0:
+        raise ValueError(f"VIP lease must be a finite number of seconds >= 0, got {lease!r}")
+    if lease == 0:
+        return INFINITY_LIFE_TIME
+    return min(max(math.ceil(lease), 1), INFINITY_LIFE_TIME - 1)
+
+
+def vipd_label(ifname: str) -> str | None:
+    """The IPv4 label vipd puts on its addresses, or None when it would not fit."""
+    label = ifname + LABEL_SUFFIX
+    return label if len(label) < IFNAMSIZ else None
+
+
+# --- frames -------------------------------------------------------------------------
+
+
+def _check_mac(mac: bytes) -> None:
+    if len(mac) != 6:
+        raise ValueError(f"expected a 6-byte Ethernet address, got {mac!r}")
+
+
+def build_garp(mac: bytes, ip: IPv4Address) -> bytes:
+    """Ethernet frame of a gratuitous ARP request announcing ``ip`` at ``mac``.
+
+    A request rather than a reply: Linux treats both as gratuitous, but a reply also
+    needs target MAC = sender MAC, and some stacks only look at requests. The target
+    MAC is zero, as RFC 5227 recommends for announcements.
+    """
+    _check_mac(mac)
+    arp = struct.pack("!HHBBH6s4s6s4s", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REQUEST,
+                      mac, ip.packed, b"\x00" * 6, ip.packed)
+    return BROADCAST_MAC + mac + struct.pack("!H", ETH_P_ARP) + arp
+
+
+def icmpv6_checksum(src: IPv6Address, dst: IPv6Address, message: bytes) -> int:
+    """RFC 4443 checksum of ``message`` (checksum field zeroed) with the pseudo-header."""
+    data = src.packed + dst.packed + struct.pack("!I3xB", len(message), IPPROTO_ICMPV6)
+    data += message
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_unsolicited_na(mac: bytes, ip: IPv6Address, *, override: bool = True) -> bytes:
+    """Ethernet frame of an unsolicited neighbour advertisement of ``ip`` at ``mac``.
+
+    Sent from the VIP itself to all nodes (ff02::1) with hop limit 255 (receivers drop
+    anything else), solicited flag clear (required for a multicast destination) and
+    override set so that receivers replace an entry pointing at the old node.
+    ``override=False`` exists for tests that show why the flag matters.
+    """
+    _check_mac(mac)
+    flags = ND_NA_FLAG_OVERRIDE if override else 0
+    option = struct.pack("!BB6s", ND_OPT_TARGET_LINKADDR, 1, mac)
+    message = struct.pack("!BBHI16s", ND_NEIGHBOR_ADVERT, 0, 0, flags, ip.packed) + option
+    checksum = icmpv6_checksum(ip, ALL_NODES, message)
+    message = message[:2] + struct.pack("!H", checksum) + message[4:]
+    ipv6 = struct.pack("!IHBB16s16s", 6 << 28, len(message), IPPROTO_ICMPV6, 255,
+                       ip.packed, ALL_NODES.packed)
+    return ALL_NODES_MAC + mac + struct.pack("!H", ETH_P_IPV6) + ipv6 + message
+
+
+def announcement(mac: bytes, vip: VipInterface) -> tuple[bytes, int]:
+    """The frame announcing ``vip`` and its EtherType."""
+    if isinstance(vip, IPv4Interface):
+        return build_garp(mac, vip.ip), ETH_P_ARP
+    return build_unsolicited_na(mac, vip.ip), ETH_P_IPV6
+
+
+# --- the netlink mover --------------------------------------------------------------
+
+
+def _reason(exc: BaseException) -> str:
+    code = getattr(exc, "code", None) if isinstance(exc, NetlinkError) else None
+    if code is None and isinstance(exc, OSError):
+        code = exc.errno
+    if code in (errno.EPERM, errno.EACCES):
+        return ("permission denied (vipd needs CAP_NET_ADMIN to change addresses and "
+                "CAP_NET_RAW to announce them)")
+    if code == errno.ENODEV:
+        return "no such interface"
+    if code == errno.ENETDOWN:
+        return "the interface is down"
+    if isinstance(code, int):
+        return f"{os.strerror(code)} (errno {code})"
+    return str(exc)
+
+
+def _raise_failures(what: str, ifname: str,
+                    failures: Sequence[tuple[VipInterface, Exception]]) -> None:
+    if not failures:
+        return
+    detail = "; ".join(f"{vip}: {_reason(exc)}" for vip, exc in failures)
+    raise VipError(f"cannot {what} on interface {ifname}: {detail}") from failures[0][1]
+
+
+class NetlinkMover:
+    """`VipMover` on the local kernel through rtnetlink (pyroute2) and packet sockets.
+
+    It acts in the network namespace of the thread that calls it. A missing interface
+    makes acquire, held and announce raise `VipError`, but release succeeds: addresses
+    die with their interface, so none of ours can be left (that is the safe direction).
+    """
+
+    def __init__(self, ifname: str, vips: Iterable[VipInterface]) -> None:
+        self.ifname = ifname
+        self.vips: tuple[VipInterface, ...] = tuple(dict.fromkeys(vips))
+        self.label = vipd_label(ifname)
+
+    def __repr__(self) -> str:
+        return f"NetlinkMover({self.ifname!r}, {[str(v) for v in self.vips]})"
+
+    async def acquire(self, lease: float) -> None:
+        lifetime = lifetime_seconds(lease)
+        await asyncio.to_thread(self._acquire, lifetime)
+
+    async def release(self) -> None:
+        await asyncio.to_thread(self._release)
+
+    async def held(self) -> set[VipInterface]:
+        return await asyncio.to_thread(self._held)
+
+    async def announce(self) -> None:
+        await asyncio.to_thread(self._announce)
+
+    # The blocking halves below run in a worker thread, one fresh netlink socket each.
+
+    @contextmanager
+    def _netlink(self, what: str) -> Iterator[IPRoute]:
+        try:
+            ipr = IPRoute()
+        except OSError as exc:
+            raise VipError(f"cannot open a netlink socket to {what} on interface "
+                           f"{self.ifname}: {_reason(exc)}") from exc
+        with ipr:
+            yield ipr
+
+    def _index(self, ipr: IPRoute) -> int | None:
+        found = ipr.link_lookup(ifname=self.ifname)
+        return found[0] if found else None
+
+    def _require_index(self, ipr: IPRoute, what: str) -> int:
+        index = self._index(ipr)
+        if index is None:
+            raise VipError(f"cannot {what}: interface {self.ifname} does not exist "
+                           f"(expected the configured interface to be present)")
+        return index
+
+    def _add_request(self, index: int, vip: VipInterface, lifetime: int) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "index": index,
+            "address": str(vip.ip),
+            "prefixlen": vip.network.prefixlen,
+            "valid_lft": lifetime,
+            "preferred_lft": lifetime,
+            "proto": VIPD_ADDR_PROTO,
+        }
+        if isinstance(vip, IPv6Interface):
+            request["flags"] = IFA_F_NODAD
+        elif self.label is not None:
+            request["label"] = self.label
+        return request
+
+    def _acquire(self, lifetime: int) -> None:
+        with self._netlink("add VIPs") as ipr:
+            index = self._require_index(ipr, "add VIPs")
+            failures: list[tuple[VipInterface, Exception]] = []
+            for vip in self.vips:
+                try:
+                    ipr.addr("replace", **self._add_request(index, vip, lifetime))
+                except (NetlinkError, OSError) as exc:
+                    failures.append((vip, exc))
+            _raise_failures("add VIPs (expected the kernel to accept them)",
+                            self.ifname, failures)
+        log.debug("VIPs %s on %s with lifetime %s s", self.vips, self.ifname, lifetime)
+
+    def _release(self) -> None:
+        with self._netlink("remove VIPs") as ipr:
+            index = self._index(ipr)
+            if index is None:
+                # Addresses die with their interface: nothing of ours can be left.
+                log.info("interface %s does not exist, so it holds none of %s",
+                         self.ifname, self.vips)
+                return
+            failures: list[tuple[VipInterface, Exception]] = []
+            for vip in self.vips:
+                try:
+                    ipr.addr("del", index=index, address=str(vip.ip),
+                             prefixlen=vip.network.prefixlen)
+                except NetlinkError as exc:
+                    if exc.code in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                        continue  # absent already: the goal is reached
+                    failures.append((vip, exc))
+                except OSError as exc:
+                    failures.append((vip, exc))
+            _raise_failures("remove VIPs", self.ifname, failures)
+        log.debug("VIPs %s released from %s", self.vips, self.ifname)
+
+    def _held(self) -> set[VipInterface]:
+        wanted = set(self.vips)
+        present: set[VipInterface] = set()
+        with self._netlink("list addresses") as ipr:
+            index = self._require_index(ipr, "list VIPs")
+            try:
+                messages = ipr.addr("dump", index=index)
+            except (NetlinkError, OSError) as exc:
+                raise VipError(f"cannot list the addresses of interface {self.ifname}: "
+                               f"{_reason(exc)}") from exc
+            for msg in messages:
+                if msg["index"] != index:
+                    continue
+                # For IPv4 IFA_ADDRESS is the peer on point-to-point links; the
+                # address that is ours is IFA_LOCAL.
+                key = "local" if msg["family"] == socket.AF_INET else "address"
+                address = msg.get(key)
+                if address is None:
+                    continue
+                vip = _interface(f"{address}/{msg['prefixlen']}")
+                if vip in wanted:
+                    present.add(vip)
+        return present
+
+    def _announce(self) -> None:
+        if not self.vips:
+            return
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except OSError as exc:
+            raise VipError(f"cannot open a packet socket to announce VIPs on interface "
+                           f"{self.ifname}: {_reason(exc)}") from exc
+        with sock:
+            sock.settimeout(SEND_TIMEOUT)
+            try:
+                sock.bind((self.ifname, 0))
+            except OSError as exc:
+                raise VipError(f"cannot announce VIPs on interface {self.ifname}: "
+                               f"{_reason(exc)} (expected the configured interface to "
+                               f"exist)") from exc
+            _, _, _, hatype, mac = sock.getsockname()
+            if hatype != ARPHRD_ETHER or len(mac) != 6:
+                raise VipError(f"cannot announce VIPs on interface {self.ifname}: it is "
+                               f"not Ethernet (hardware type {hatype}); gratuitous ARP "
+                               f"and neighbour advertisements need an Ethernet interface")
+            failures: list[tuple[VipInterface, Exception]] = []
+            for vip in self.vips:
+                frame, ethertype = announcement(mac, vip)
+                try:
+                    sock.sendto(frame, (self.ifname, ethertype))
+                except OSError as exc:
+                    failures.append((vip, exc))
+            _raise_failures("announce VIPs", self.ifname, failures)
+
+
+def _interface(text: str) -> VipInterface:
+    if ":" in text:
+        return IPv6Interface(text)
+    return IPv4Interface(text)
