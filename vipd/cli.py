@@ -100,6 +100,56 @@ def keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- run / release ------------------------------------------------------------------
+
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, metavar="FILE",
+                        help="the pair's YAML config")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vipd import logs
+    from vipd.daemon import Daemon
+
+    config = load_config(args.config)
+    logs.setup(config.node, args.log_format)
+    daemon = Daemon(config, config_path=Path(args.config))
+    return asyncio.run(daemon.run())
+
+
+def _add_release(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, metavar="FILE",
+                        help="the pair's YAML config")
+
+
+def release(args: argparse.Namespace) -> int:
+    """Remove this config's VIPs (systemd ExecStopPost): a killed daemon leaves none."""
+    import asyncio
+
+    from vipd.vip import NetlinkMover
+
+    config = load_config(args.config)
+    mover = NetlinkMover(config.interface, config.vips)
+    asyncio.run(mover.release())
+    print(f"{args.config}: released {', '.join(map(str, config.vips))} on {config.interface}")
+    return EXIT_OK
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    from vipd.demo import add_arguments
+
+    add_arguments(parser)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from vipd.demo import main as demo_main
+
+    return demo_main(args)
+
+
 # --- wiring -------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
@@ -108,6 +158,11 @@ COMMANDS: dict[str, Command] = {
     "keygen": Command("print a new heartbeat key line 'ID SECRET'; append it with "
                       "(umask 077; vipd keygen >> /etc/vipd/NAME.key)",
                       _add_keygen, keygen),
+    "run": Command("run the daemon for one pair config", _add_run, run),
+    "release": Command("remove this config's VIPs from the interface (ExecStopPost)",
+                       _add_release, release),
+    "demo": Command("build a throwaway namespace lab, fail over, print the timeline (root)",
+                    _add_demo, demo),
 }
 
 

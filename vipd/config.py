@@ -46,11 +46,10 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from vipd.core.election import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL
 from vipd.errors import ConfigError
 
 # Heartbeat defaults chosen with the simulator (see simulations/).
-DEFAULT_INTERVAL = 0.04
-DEFAULT_DEAD_AFTER = 8
 MIN_KEY_BYTES = 32
 MAX_KEY_ID = 0xFFFFFFFF  # the key id is a uint32 in the heartbeat
 DEFAULT_STATE_ROOT = Path("/var/lib/vipd")
@@ -240,6 +239,9 @@ class HeartbeatConfig(_Model):
     peers: list[Endpoint]
     interval: PositiveDuration = DEFAULT_INTERVAL
     dead_after: Annotated[int, Strict(), Field(ge=2)] = DEFAULT_DEAD_AFTER
+    # Heartbeats whose send time differs more from our clock are rejected as stale; keep
+    # the nodes' clocks NTP-synced. See docs/protocol.md.
+    max_clock_skew: PositiveDuration = 1.0
 
     @property
     def dead_interval(self) -> float:

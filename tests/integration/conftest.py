@@ -36,7 +36,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from netns import Lab, new_prefix, sweep, unavailable_reason
+from vipd.lab import Lab, new_prefix, sweep, unavailable_reason
 
 _lab_numbers = itertools.count(1)
 

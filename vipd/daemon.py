@@ -1,0 +1,384 @@
+"""The daemon: wires the pure election to the clock, the UDP socket, the VIP mover,
+the health monitor, hooks and signals. The only module that reads the clock.
+
+One timer is armed at a time (the election's next deadline). Actions that touch the
+kernel or run programs go to tasks, so a slow netlink call, probe or hook never delays a
+heartbeat; VIP add/remove run one at a time in the order the election decided them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from vipd import __version__
+from vipd.config import Config, load_config, load_keys
+from vipd.core import election as el
+from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
+from vipd.errors import VipdError, VipError
+from vipd.health import HealthMonitor, ProbeResult
+from vipd.transport import HeartbeatTransport
+from vipd.vip import NetlinkMover, VipMover, announce_burst
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 0.8  # SIGTERM must end the process within a second
+
+
+def election_config(cfg: Config) -> el.ElectionConfig:
+    hb = cfg.heartbeat
+    return el.ElectionConfig(
+        node=cfg.node, priority=cfg.priority, preempt=cfg.preempt,
+        preempt_delay=cfg.preempt_delay, interval=hb.interval, dead_after=hb.dead_after,
+        digest=settings_digest(cfg.cluster, [str(v) for v in cfg.vips], hb.interval,
+                               hb.dead_after))
+
+
+class StateFile:
+    """Term and maintenance flag survive restarts (term: fencing; maintenance: drain)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "state.json"
+        self._warned = False
+
+    def load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable state file %s: %s", self.path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self, **values: Any) -> None:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(values))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("cannot write state file %s: %s (term and maintenance will not "
+                            "survive a restart)", self.path, exc)
+                self._warned = True
+
+
+class Daemon:
+    def __init__(self, config: Config, *, config_path: Path | None = None,
+                 mover: VipMover | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.mover: VipMover = mover or NetlinkMover(config.interface, config.vips)
+        self.keys = KeyRing(load_keys(config.auth.key_file))
+        self.state_file = StateFile(config.effective_state_dir)
+        self.boot_id = secrets.randbits(64)
+        self.started = time.monotonic()
+        self.rejects: dict[str, int] = {}
+        self.last_rtt: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._vip_queue: asyncio.Queue[el.AcquireVips | el.ReleaseVips] = asyncio.Queue()
+        self._should_hold = False
+        self._announcer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._done = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._took_over_at: float | None = None
+        saved = self.state_file.load()
+        self.election = el.Election(election_config(config), term=int(saved.get("term", 0)),
+                                    maintenance=bool(saved.get("maintenance", False)))
+        self.session = self._new_session()
+        self.health = HealthMonitor(config.health, self._on_health)
+        self.transport: HeartbeatTransport | None = None
+
+    def _new_session(self) -> Session:
+        hb = self.config.heartbeat
+        return Session(cluster=self.config.cluster, node=self.config.node, keys=self.keys,
+                       boot_id=self.boot_id, digest=self.election.cfg.digest,
+                       peer_sources={str(p.host) for p in hb.peers},
+                       max_skew=hb.max_clock_skew)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or a fatal error (raised after releasing)."""
+        self._loop = loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_exception)
+        log.info("vipd %s starting: node %s, cluster %s, VIPs %s on %s, priority %d",
+                 __version__, self.config.node, self.config.cluster,
+                 ", ".join(map(str, self.config.vips)), self.config.interface,
+                 self.config.priority)
+        try:
+            await self.mover.release()  # stale VIPs of a crashed previous run
+        except VipError as exc:
+            log.error("cannot remove stale VIPs: %s", exc)
+        self.transport = await HeartbeatTransport.open(self.config.heartbeat.bind,
+                                                       self._on_datagram)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        try:
+            self._spawn(self._vip_worker(), "vip worker")
+            self._spawn(self._holder_loop(), "lease renewal")
+            self._spawn(self.health.run(), "health monitor")
+            self._handle(el.Start())
+            await self._done.wait()
+        finally:
+            await self._shutdown()
+        if self._fatal is not None:
+            raise self._fatal
+        return 0
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.close()
+        try:
+            await asyncio.wait_for(self.mover.release(), 1.0)
+        except (VipError, TimeoutError) as exc:
+            log.error("releasing VIPs at exit failed: %s", exc)
+        if self.transport is not None:
+            self.transport.close()
+        log.info("stopped")
+
+    def _on_stop_signal(self) -> None:
+        if self.election.stopping:
+            log.warning("second stop signal: exiting now")
+            self._done.set()
+            return
+        log.info("stop requested: handing over and releasing VIPs")
+        self._handle(el.Shutdown())
+        assert self._loop is not None
+        self._loop.call_later(SHUTDOWN_GRACE, self._done.set)
+
+    def _on_reload_signal(self) -> None:
+        self._spawn(self._reload(), "reload")
+
+    async def _reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+            keys = KeyRing(load_keys(new.auth.key_file))
+        except (VipdError, ValueError) as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        fixed = ("cluster", "node", "interface", "vips", "heartbeat")
+        changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        if changed:
+            log.error("reload refused: %s cannot change while running; restart vipd",
+                      ", ".join(changed))
+            return
+        self.config, self.keys = new, keys
+        self.session.keys = keys
+        self.election.cfg = election_config(new)
+        log.info("config reloaded: priority %d, preempt %s, keys %s", new.priority,
+                 new.preempt, keys.ids)
+        self._handle(el.Tick())
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop,
+                           context: dict[str, Any]) -> None:
+        """A crash in a callback (datagram, timer, signal) must not be swallowed."""
+        exc = context.get("exception")
+        log.critical("unexpected error: %s; releasing VIPs and exiting", context.get("message"),
+                     exc_info=exc)
+        self._fatal = exc if isinstance(exc, BaseException) else RuntimeError(
+            str(context.get("message")))
+        self._done.set()
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("task %s crashed: %r; releasing VIPs and exiting", task.get_name(), exc,
+                         exc_info=exc)
+            self._fatal = exc
+            self._done.set()
+
+    # --- the core loop -------------------------------------------------------------------
+
+    def _handle(self, event: el.Event) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        for action in self.election.handle(event, now):
+            self._apply(action, now)
+        self._rearm()
+        if self.election.finished:
+            self._done.set()
+
+    def _rearm(self) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.election.next_deadline()
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._handle, el.Tick())
+
+    def _on_datagram(self, data: bytes, source: str) -> None:
+        assert self._loop is not None
+        try:
+            rx = self.session.open(data, self._loop.time(), time.time_ns(), source)
+        except Rejected as exc:
+            count = self.rejects.get(exc.reason.value, 0) + 1
+            self.rejects[exc.reason.value] = count
+            if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
+                log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
+            return
+        if rx.rtt is not None:
+            self.last_rtt = rx.rtt
+        self._handle(el.HeartbeatReceived(rx))
+
+    def _on_health(self, healthy: bool, check: str, result: ProbeResult) -> None:
+        detail = f"{check}: {result.detail}" if check else result.detail
+        self._handle(el.HealthChanged(healthy, detail))
+
+    def _apply(self, action: el.Action, now: float) -> None:
+        match action:
+            case el.SendHeartbeat(advert=advert):
+                assert self.transport is not None
+                data = self.session.seal(advert, now, time.time_ns())
+                self.transport.send(data, self.config.heartbeat.peers)
+            case el.Transition(old=old, new=new, reason=reason, term=term):
+                self._log_transition(old, new, reason, term, now)
+                self.state_file.save(term=term, maintenance=self.election.maintenance)
+            case el.AcquireVips():
+                self._should_hold = True
+                self._took_over_at = now
+                self._vip_queue.put_nowait(action)
+            case el.ReleaseVips():
+                self._should_hold = False
+                if self._announcer is not None:
+                    self._announcer.cancel()
+                self._vip_queue.put_nowait(action)
+            case el.Announce(reason=reason):
+                if action.reason != "takeover":  # the takeover burst follows the acquire
+                    log.info("re-announcing VIPs: %s", reason)
+                    self._start_announcer()
+            case el.RunHook():
+                self._spawn(self._run_hook(action), f"hook {action.hook}")
+            case el.CommandResult(kind=kind, accepted=ok, message=message):
+                log.info("command %s %s: %s", kind, "accepted" if ok else "refused", message)
+                self.state_file.save(term=self.election.term,
+                                     maintenance=self.election.maintenance)
+            case el.Warn(message=message):
+                log.warning("%s", message)
+
+    def _log_transition(self, old: State, new: State, reason: str, term: int,
+                        now: float) -> None:
+        detail = ""
+        peer = self.election.peer
+        if new is State.ACTIVE and peer is not None:
+            detail = f", peer last heard {1000 * (now - peer.received_at):.0f} ms ago"
+        log.info("%s -> %s (%s), term %d%s", old.name, new.name, reason or "-", term, detail)
+
+    # --- VIPs ----------------------------------------------------------------------------
+
+    async def _vip_worker(self) -> None:
+        """Applies acquire/release strictly in order; a failure turns into FAULT."""
+        while True:
+            op = await self._vip_queue.get()
+            started = time.monotonic()
+            try:
+                if isinstance(op, el.AcquireVips):
+                    await self.mover.acquire(self.config.vip_lease)
+                    took = 1000 * (time.monotonic() - started)
+                    log.info("VIPs added on %s in %.1f ms: %s", self.config.interface, took,
+                             ", ".join(map(str, self.config.vips)))
+                    self._start_announcer()
+                else:
+                    await self.mover.release()
+                    log.info("VIPs removed from %s", self.config.interface)
+            except VipError as exc:
+                log.error("%s", exc)
+                self._handle(el.VipFailed(str(exc)))
+
+    def _start_announcer(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+        ann = self.config.announce
+        self._announcer = self._spawn(self._announce(ann.count, ann.interval), "announce")
+
+    async def _announce(self, count: int, interval: float) -> None:
+        try:
+            await announce_burst(self.mover, count, interval)
+        except VipError as exc:
+            log.error("announcing VIPs failed: %s", exc)
+
+    async def _holder_loop(self) -> None:
+        """While active: renew the lease every interval, re-announce every `refresh`.
+        Also reconcile: a standby that finds its VIPs on the interface removes them."""
+        interval = self.config.heartbeat.interval
+        last_announce = last_reconcile = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            try:
+                if self._should_hold and self._vip_queue.empty():
+                    if self.config.vip_lease:
+                        await self.mover.acquire(self.config.vip_lease)
+                    refresh = self.config.announce.refresh
+                    if refresh and now - last_announce >= refresh:
+                        last_announce = now
+                        self._start_announcer()
+                elif not self._should_hold and now - last_reconcile >= 2.0:
+                    last_reconcile = now
+                    if self._vip_queue.empty() and await self.mover.held():
+                        log.warning("found VIPs on %s while not active: removing them",
+                                    self.config.interface)
+                        await self.mover.release()
+            except VipError as exc:
+                log.error("%s", exc)
+                self._handle(el.VipFailed(str(exc)))
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    async def _run_hook(self, hook: el.RunHook) -> None:
+        argv = list(getattr(self.config.hooks, hook.hook))
+        if not argv:
+            return
+        env = {**os.environ, "VIPD_STATE": hook.state.name, "VIPD_TERM": str(hook.term),
+               "VIPD_NODE": self.config.node, "VIPD_CLUSTER": self.config.cluster,
+               "VIPD_VIPS": " ".join(map(str, self.config.vips))}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True)
+        except OSError as exc:
+            log.error("hook %s %s could not start: %s", hook.hook, argv[0], exc)
+            return
+        try:
+            code = await asyncio.wait_for(proc.wait(), self.config.hooks.timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            log.error("hook %s %s killed after %.1fs", hook.hook, argv[0],
+                      self.config.hooks.timeout)
+            return
+        level = logging.INFO if code == 0 else logging.ERROR
+        log.log(level, "hook %s %s exited %d", hook.hook, argv[0], code)
