@@ -1,0 +1,266 @@
+"""A vipd pair in a namespace lab: two daemons, a responder per node, a client probe.
+
+Shared by `vipd demo`, the integration tests and simulations/bench_failover.py, so all
+three measure the same thing. Addresses are documentation ranges inside namespaces this
+module creates (see DESIGN.md, network rule).
+
+The responder answers UDP requests to the VIP with its node name (bound with
+IP_FREEBIND, so it runs on both nodes and answers wherever the VIP is). The probe sends a
+request every few ms from the client namespace and records (send time, answering node),
+which gives the client-visible outage and who answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vipd.config import generate_key_line
+from vipd.lab import Lab, new_prefix
+
+VIP4 = "198.51.100.100"
+VIP6 = "2001:db8:1::100"
+PORT = 5405
+ECHO_PORT = 7000
+IP_FREEBIND = 15
+
+
+@dataclass
+class Node:
+    name: str
+    index: int
+    priority: int
+    config: Path
+    log: Path
+    health_file: Path
+    daemon: subprocess.Popen[str] | None = None
+    responder: subprocess.Popen[str] | None = None
+
+
+@dataclass
+class PairLab:
+    """Build with `PairLab.create(workdir)`, always `destroy()` (use as a context manager)."""
+
+    workdir: Path
+    lab: Lab
+    nodes: dict[str, Node] = field(default_factory=dict)
+    probe: subprocess.Popen[str] | None = None
+    probe_out: Path | None = None
+
+    @classmethod
+    def create(cls, workdir: Path, *, preempt: bool = False, preempt_delay: float = 0.0,
+               ipv6: bool = True, extra: str = "") -> PairLab:
+        workdir.mkdir(parents=True, exist_ok=True)
+        key = workdir / "pair.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_key_line(1) + "\n")
+        lab = Lab.create(new_prefix())
+        pair = cls(workdir, lab)
+        vips = f'[{VIP4}/32, "{VIP6}/128"]' if ipv6 else f"[{VIP4}/32]"
+        for index, prio in ((1, 150), (2, 100)):
+            name, other = f"node{index}", 3 - index
+            health = workdir / f"{name}.healthy"
+            health.touch()
+            cfg = workdir / f"{name}.yaml"
+            cfg.write_text(
+                f"node: {name}\ncluster: lab\ninterface: eth0\nvips: {vips}\n"
+                f"priority: {prio}\npreempt: {str(preempt).lower()}\n"
+                f"preempt_delay: {preempt_delay}\n"
+                f'heartbeat: {{bind: "198.51.100.{index}:{PORT}", '
+                f'peers: ["198.51.100.{other}:{PORT}"]}}\n'
+                f"auth: {{key_file: {key}}}\n"
+                f"health:\n  - {{name: service, exec: {{command: [/usr/bin/test, -e, "
+                f"{health}]}}, interval: 100ms, timeout: 80ms, rise: 2, fall: 2}}\n"
+                f"state_dir: {workdir / ('state-' + name)}\n{extra}")
+            pair.nodes[name] = Node(name, index, prio, cfg, workdir / f"{name}.log", health)
+        return pair
+
+    def __enter__(self) -> PairLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def host(self, name: str) -> Any:
+        return self.lab[name]
+
+    # --- processes -----------------------------------------------------------------------
+
+    def start(self, name: str, *, responder: bool = True) -> None:
+        node = self.nodes[name]
+        log = node.log.open("a")
+        node.daemon = self.lab[name].spawn(
+            sys.executable, "-m", "vipd.cli", "run", "-c", str(node.config), stderr=log)
+        if responder and node.responder is None:
+            node.responder = self.lab[name].spawn(
+                sys.executable, "-m", "vipd.pairlab", "responder", name, stderr=log)
+
+    def kill(self, name: str, *, with_service: bool = True) -> None:
+        """A crash: SIGKILL to the daemon's whole process group (and the service)."""
+        node = self.nodes[name]
+        procs = [node.daemon] + ([node.responder] if with_service else [])
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if with_service:
+            node.responder = None
+
+    def stop(self, name: str, timeout: float = 5.0) -> int:
+        node = self.nodes[name]
+        assert node.daemon is not None
+        node.daemon.send_signal(signal.SIGTERM)
+        return node.daemon.wait(timeout)
+
+    def link(self, name: str, up: bool) -> None:
+        self.lab[name].ip("link", "set", "eth0", "up" if up else "down")
+
+    def set_health(self, name: str, healthy: bool) -> None:
+        path = self.nodes[name].health_file
+        if healthy:
+            path.touch()
+        else:
+            path.unlink(missing_ok=True)
+
+    def holders(self, vip: str = VIP4) -> list[str]:
+        return [n for n in self.nodes if self.lab[n].address(vip) is not None]
+
+    def log_lines(self, name: str) -> list[str]:
+        return self.nodes[name].log.read_text().splitlines()
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0, step: float = 0.02) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(step)
+        return bool(predicate())
+
+    def wait_single_holder(self, timeout: float = 10.0) -> str | None:
+        ok = self.wait_for(lambda: len(self.holders()) == 1, timeout)
+        return self.holders()[0] if ok else None
+
+    # --- client probe --------------------------------------------------------------------
+
+    def start_probe(self, every: float = 0.005, target: str = VIP4) -> None:
+        self.probe_out = self.workdir / f"probe-{time.monotonic_ns()}.jsonl"
+        self.probe = self.lab["client"].spawn(
+            sys.executable, "-m", "vipd.pairlab", "probe", target, str(every),
+            str(self.probe_out))
+
+    def stop_probe(self) -> list[tuple[float, str | None]]:
+        """Returns (wall time sent, answering node or None) for every request."""
+        assert self.probe is not None and self.probe_out is not None
+        self.probe.send_signal(signal.SIGTERM)
+        self.probe.wait(5)
+        self.probe = None
+        rows = [json.loads(line) for line in self.probe_out.read_text().splitlines()]
+        return [(r[0], r[1]) for r in rows]
+
+    def destroy(self) -> None:
+        for node in self.nodes.values():
+            for proc in (node.daemon, node.responder):
+                if proc is not None and proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+        if self.probe is not None and self.probe.poll() is None:
+            self.probe.kill()
+            self.probe.wait()
+        self.lab.destroy()
+
+
+def outage(samples: list[tuple[float, str | None]], after: float) -> tuple[float, str | None]:
+    """Client-visible outage: from the first unanswered request at or after `after` to
+    the next answered one (0 if none failed). Returns (seconds, who answers at the end)."""
+    answered_last = next((who for _, who in reversed(samples) if who), None)
+    first_fail = None
+    for sent, who in samples:
+        if sent < after:
+            continue
+        if who is None and first_fail is None:
+            first_fail = sent
+        elif who is not None and first_fail is not None:
+            return sent - first_fail, answered_last
+    return (0.0 if first_fail is None else float("inf")), answered_last
+
+
+# --- the two tiny programs run inside the lab -----------------------------------------------
+
+def _responder(name: str) -> None:
+    socks = []
+    for family, vip in ((socket.AF_INET, VIP4), (socket.AF_INET6, VIP6)):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        s.bind((vip, ECHO_PORT))
+        socks.append(s)
+    import selectors
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            data, addr = sock.recvfrom(64)
+            sock.sendto(data[:8] + name.encode(), addr)
+
+
+def _probe(target: str, every: float, out: str) -> None:
+    """Request every `every` s; a request counts as answered if its reply comes within 50 ms."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    sent: dict[int, float] = {}
+    who: dict[int, str] = {}
+    seq = 0
+    next_send = time.monotonic()
+    while not stop:
+        now = time.monotonic()
+        if now >= next_send:
+            seq += 1
+            sent[seq] = time.time()
+            try:
+                s.sendto(struct.pack("!Q", seq), (target, ECHO_PORT))
+            except OSError:
+                pass
+            next_send += every
+        try:
+            data, _ = s.recvfrom(64)
+            got = struct.unpack("!Q", data[:8])[0]
+            if got in sent and time.time() - sent[got] < 0.05:
+                who[got] = data[8:].decode()
+        except BlockingIOError:
+            time.sleep(0.0005)
+        except OSError:
+            time.sleep(0.0005)
+    time.sleep(0.06)
+    with open(out, "w") as f:
+        for n in sorted(sent):
+            f.write(json.dumps([sent[n], who.get(n)]) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "responder":
+        _responder(sys.argv[2])
+    elif sys.argv[1] == "probe":
+        _probe(sys.argv[2], float(sys.argv[3]), sys.argv[4])
