@@ -229,7 +229,8 @@ class Checker:
     newest: dict[str, tuple[int, int]] = field(default_factory=dict)
     terms: dict[str, int] = field(default_factory=dict)
     no_holder_since: float | None = None
-    gaps: list[float] = field(default_factory=list)
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (start, length)
+    releases: list[tuple[float, str, str]] = field(default_factory=list)
 
     def violation(self, text: str) -> None:
         self.violations.append(f"t={self.sim.clock.now:.4f}s: {text}")
@@ -248,6 +249,8 @@ class Checker:
         self.terms[node.name] = tr.term
         if tr.new is State.ACTIVE:
             self.takeovers.append((now, node.name, tr.reason))
+        if tr.old is State.ACTIVE:
+            self.releases.append((now, node.name, tr.reason))
 
     def on_accept(self, node: SimNode, rx: Any, data: bytes, attack: Attack | None,
                   now: float) -> None:
@@ -294,7 +297,7 @@ class Checker:
         holders = [n for n in nodes if n.state is State.ACTIVE]
         if holders:
             if self.no_holder_since is not None:
-                self.gaps.append(now - self.no_holder_since)
+                self.gaps.append((self.no_holder_since, now - self.no_holder_since))
                 self.no_holder_since = None
             return
         self.no_holder_since = now if self.no_holder_since is None else self.no_holder_since

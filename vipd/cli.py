@@ -13,15 +13,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from vipd import __version__
-from vipd.config import (
-    MAX_KEY_ID,
-    Config,
-    format_duration,
-    generate_key_line,
-    load_config,
-    load_keys,
-)
+from vipd.config import Config, format_duration, load_config
 from vipd.errors import ConfigError, VipdError
+from vipd.keys import MAX_KEY_ID, generate_key_line, load_keys
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from vipd import __version__
-from vipd.config import Config, load_config, load_keys
+from vipd.config import Config, load_config
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
 from vipd.health import HealthMonitor, ProbeResult
+from vipd.keys import load_keys
 from vipd.transport import HeartbeatTransport
 from vipd.vip import NetlinkMover, VipMover, announce_burst
 

@@ -12,6 +12,7 @@ which gives the client-visible outage and who answers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vipd.config import generate_key_line
+from vipd.keys import generate_key_line
 from vipd.lab import Lab, new_prefix
 
 VIP4 = "198.51.100.100"
@@ -171,10 +172,8 @@ class PairLab:
         for node in self.nodes.values():
             for proc in (node.daemon, node.responder):
                 if proc is not None and proc.poll() is None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     proc.wait()
         if self.probe is not None and self.probe.poll() is None:
             self.probe.kill()
@@ -239,10 +238,8 @@ def _probe(target: str, every: float, out: str) -> None:
         if now >= next_send:
             seq += 1
             sent[seq] = time.time()
-            try:
+            with contextlib.suppress(OSError):
                 s.sendto(struct.pack("!Q", seq), (target, ECHO_PORT))
-            except OSError:
-                pass
             next_send += every
         try:
             data, _ = s.recvfrom(64)

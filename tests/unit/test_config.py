@@ -22,12 +22,11 @@ from vipd.config import (
     Config,
     Endpoint,
     format_duration,
-    generate_key_line,
     load_config,
-    load_keys,
     parse_duration,
 )
 from vipd.errors import ConfigError
+from vipd.keys import generate_key_line, load_keys
 
 DELETE = object()
 

@@ -226,6 +226,7 @@ class Election:
     state: State = State.INIT
     health: bool | None = None
     health_detail: str = ""
+    health_override: bool = False  # forced promote: act as healthy until the checks recover
     preferred: bool = False
     stopping: bool = False
     want_active: bool = False
@@ -260,6 +261,8 @@ class Election:
                 actions += self._on_heartbeat(rx)
             case HealthChanged(healthy=healthy, detail=detail):
                 self.health, self.health_detail = healthy, detail
+                if healthy:
+                    self.health_override = False
             case Command():
                 actions += self._on_command(event, now)
             case Shutdown():
@@ -297,6 +300,13 @@ class Election:
         """Stopped and the final heartbeats are out: the runtime may exit."""
         return self.state is State.STOPPED and self._burst_left == 0
 
+    def ready(self, now: float) -> bool:
+        """The first election decision is made (systemd READY=1, /readyz)."""
+        if self.state in (State.INIT, State.STOPPED):
+            return False
+        known = self.health is not None or self.health_override or self.maintenance
+        return known and (self._heard_peer or now >= self.timers.holddown_until)
+
     def peer_alive(self, now: float) -> bool:
         return self.peer is not None and now < self.peer.received_at + self.cfg.dead_interval
 
@@ -315,7 +325,7 @@ class Election:
 
     def advert(self) -> Advert:
         flags = Flag.NONE
-        if self.health:
+        if self.health or self.health_override:
             flags |= Flag.HEALTHY
         if self.cfg.preempt:
             flags |= Flag.PREEMPT
@@ -375,18 +385,28 @@ class Election:
         if self.state is State.ACTIVE:
             self.preferred = True
             return [CommandResult(kind, True, "already ACTIVE")]
-        if self.maintenance or self.health is not True:
-            return [CommandResult(kind, False, f"this node is not eligible: {self._why_not(now)}")]
+        if self.maintenance:
+            return [CommandResult(kind, False, "this node is in maintenance")]
+        if self.health is not True and not self.health_override:
+            if not cmd.force:
+                return [CommandResult(kind, False, f"this node is not eligible: "
+                                                   f"{self._why_not(now)}; use force")]
+            self.health_override = True
+            extra: list[Action] = [Warn(f"health override by forced promote: acting as "
+                                        f"healthy until the checks recover ({self._why_not(now)})")]
+        else:
+            extra = []
         peer_active = self.peer_alive(now) and self.peer is not None and (
             self.peer.heartbeat.state is State.ACTIVE)
         if peer_active and self.peer_hears_us(now):
             self.timers.promote_until = now + 2 * self.cfg.dead_interval
             self._send_now(now)
-            return [CommandResult(kind, True, "asked the active peer to hand over")]
+            return [*extra, CommandResult(kind, True, "asked the active peer to hand over")]
         if peer_active and not cmd.force:
+            self.health_override = False
             return [CommandResult(kind, False, "the active peer does not hear us; use force")]
         self._promote_now = True
-        return [CommandResult(kind, True, "taking over")]
+        return [*extra, CommandResult(kind, True, "taking over")]
 
     # --- the rule ------------------------------------------------------------------------
 
@@ -415,12 +435,12 @@ class Election:
             if now < self.timers.vip_fault_until:
                 return State.FAULT, self._fault_detail, []
             self.timers.vip_fault_until = None
-        if self.health is False:
+        if self.health is False and not self.health_override:
             return State.FAULT, f"health check failing: {self.health_detail}", []
         if self.state is not State.STANDBY:
             why = "maintenance off" if self.state is State.MAINTENANCE else "healthy again"
             return State.STANDBY, why, []
-        if self.health is None:
+        if self.health is None and not self.health_override:
             return State.STANDBY, "", []
         reason, extra = self._standby_rule(now)
         return (State.ACTIVE if reason else State.STANDBY), reason, extra
@@ -472,7 +492,7 @@ class Election:
 
     def _decide_active(self, now: float) -> tuple[State, str, list[Action]]:
         t, extra = self.timers, []
-        if self.health is False:
+        if self.health is False and not self.health_override:
             return State.FAULT, f"health check failing: {self.health_detail}", extra
         if t.vip_fault_until is not None and now < t.vip_fault_until:
             return State.FAULT, self._fault_detail, extra
@@ -553,7 +573,7 @@ class Election:
             self.want_active = False
             self.timers.preempt_since = self.timers.winner_idle_since = None
         if old is State.ACTIVE:
-            self.preferred = False
+            self.preferred = self.health_override = False
             self.handover = None
             self.timers.concede_at = None
         self.state = new

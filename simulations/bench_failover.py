@@ -1,0 +1,488 @@
+"""Failover benchmark on a real namespace lab: client-visible outage per fault kind.
+
+    python -m simulations.bench_failover --trials 20 --faults kill,stop,health,link-down --json
+
+Not part of the test suite; needs root (it builds network namespaces with documentation
+addresses through `vipd.pairlab.PairLab` and deletes them on exit, error or Ctrl-C).
+
+Per fault kind one PairLab is reused; before every trial both daemons are stopped and
+restarted (node1 first, then node2) until node1 alone holds the VIP, node2 has been a
+standby for longer than the dead interval and the client gets answers from node1. Then
+the probe starts (a request every 5 ms from the client namespace), after a random
+0.5 .. 0.5 + heartbeat interval s the fault hits node1, and the trial ends when node2 holds
+the VIP and answers the client (10 s timeout = a failed trial). The outage is
+`vipd.pairlab.outage(samples, fault_time)`: from the first unanswered request at or after
+the fault to the next answered one.
+
+Idle resources: with a stable pair and no probe, each daemon's CPU % over 10 s (utime +
+stime from /proc/PID/stat) and its VmRSS.
+
+Progress and per-trial lines go to stderr; stdout gets the table, or the JSON object with
+--json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vipd.config import load_config
+from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, outage
+
+FAULTS = {
+    "kill": "SIGKILL of the daemon and its service (node crash)",
+    "stop": "SIGTERM to the daemon (graceful stop)",
+    "health": "the health check starts failing",
+    "link-down": "the node's link goes down",
+}
+ACTIVE, OTHER = "node1", "node2"
+PROBE_EVERY = 0.005
+PHASE_BASE = 0.5
+FAILOVER_TIMEOUT = 10.0
+AFTER_RECOVERY = 0.15  # answered samples after the takeover before stopping the probe
+RESET_ATTEMPTS = 3
+START_LEAD = 0.3  # node1 starts this much before node2
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- talking to the VIP from the client namespace ------------------------------------------
+
+class Asker:
+    """A UDP socket created inside the client namespace, used from this thread: asks the
+    responder on the VIP who answers (the same request format as the probe)."""
+
+    def __init__(self, pair: PairLab) -> None:
+        self.sock: socket.socket = pair.lab["client"].run(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        self.sock.setblocking(False)
+        self.seq = 1 << 62  # far from the probe's numbers, for readability in captures
+
+    def who(self, timeout: float = 0.05) -> str | None:
+        self.seq += 1
+        try:
+            self.sock.sendto(struct.pack("!Q", self.seq), (VIP4, ECHO_PORT))
+        except OSError:
+            time.sleep(timeout)
+            return None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                data, _ = self.sock.recvfrom(64)
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            except OSError:
+                return None
+            if struct.unpack("!Q", data[:8])[0] == self.seq:
+                return data[8:].decode()
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- pair state ---------------------------------------------------------------------------
+
+def kill_probe(pair: PairLab) -> None:
+    if pair.probe is not None:
+        if pair.probe.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                pair.probe.kill()
+        pair.probe.wait()
+        pair.probe = None
+    if pair.probe_out is not None:
+        pair.probe_out.unlink(missing_ok=True)
+
+
+def clear_daemons(pair: PairLab) -> None:
+    """SIGKILL both daemons (not the responders) and delete any VIP they left: faster
+    than a graceful stop (which may wait for a handover) and leaves no stale copy."""
+    for node in pair.nodes.values():
+        proc = node.daemon
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            proc.wait()
+    for name in pair.nodes:
+        host = pair.host(name)
+        for vip in (VIP4, VIP6):
+            info = host.address(vip)
+            if info is not None:
+                host.ip("addr", "del", f"{vip}/{info['prefixlen']}", "dev", "eth0",
+                        check=False)
+
+
+def reset(pair: PairLab, asker: Asker, dead_interval: float) -> None:
+    """Back to a clean, stable pair with the probe running: node1 active and answering
+    the client, node2 a standby that has heard it for longer than a dead interval."""
+    problem = ""
+    for attempt in range(1, RESET_ATTEMPTS + 1):
+        kill_probe(pair)
+        clear_daemons(pair)
+        for name in pair.nodes:
+            pair.set_health(name, True)
+            pair.link(name, True)
+        problem = _start_stable(pair, asker, dead_interval)
+        if not problem:
+            return
+        log(f"  reset attempt {attempt} failed: {problem}")
+    kill_probe(pair)
+    raise RuntimeError(f"cannot get a stable pair with {ACTIVE} active: {problem}")
+
+
+def _new_lines(pair: PairLab, name: str) -> Any:
+    log_file = pair.nodes[name].log
+    seen = len(log_file.read_text().splitlines()) if log_file.exists() else 0
+    return lambda: pair.log_lines(name)[seen:]
+
+
+def _start_stable(pair: PairLab, asker: Asker, dead_interval: float) -> str:
+    active_lines, other_lines = _new_lines(pair, ACTIVE), _new_lines(pair, OTHER)
+    # Both daemons import for a second or more; node1 gets a head start so that it is up
+    # well within node2's hold-down (one dead interval) and wins the election. The
+    # probe's own start-up overlaps with theirs.
+    pair.start(ACTIVE)
+    time.sleep(START_LEAD)
+    pair.start(OTHER)
+    pair.start_probe(every=PROBE_EVERY)
+    if not pair.wait_for(lambda: any("-> STANDBY" in ln for ln in other_lines()), 10.0):
+        return f"{OTHER} did not reach STANDBY"
+    if not pair.wait_for(lambda: pair.holders() == [ACTIVE], 10.0):
+        return f"{ACTIVE} did not become the only holder (holders {pair.holders()})"
+    # A standby that did not hear the active would take over after one dead interval.
+    time.sleep(dead_interval + 0.15)
+    if any("-> ACTIVE" in ln for ln in other_lines()):
+        return f"{OTHER} went active after starting"
+    if not any("-> ACTIVE" in ln for ln in active_lines()):
+        return f"{ACTIVE} is not active"
+    if pair.holders() != [ACTIVE]:
+        return f"holders {pair.holders()} instead of [{ACTIVE}]"
+    if not pair.wait_for(lambda: asker.who() == ACTIVE, 3.0, step=0.01):
+        return f"the client does not get answers from {ACTIVE}"
+    try:
+        wait_probe_running(pair)
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
+
+
+# --- one trial ----------------------------------------------------------------------------
+
+@dataclass
+class Trial:
+    fault: str
+    index: int
+    outage_ms: float | None = None  # None: failed
+    error: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def inject(pair: PairLab, fault: str, node: str) -> None:
+    if fault == "kill":
+        pair.kill(node)
+    elif fault == "stop":
+        pair.stop(node)
+    elif fault == "health":
+        pair.set_health(node, False)
+    elif fault == "link-down":
+        pair.link(node, False)
+    else:
+        raise ValueError(fault)
+
+
+def longest_gap(samples: list[tuple[float, str | None]], after: float) -> float:
+    """Longest run of unanswered requests after `after` that ends in an answer."""
+    best, start = 0.0, None
+    for sent, who in samples:
+        if sent < after:
+            continue
+        if who is None and start is None:
+            start = sent
+        elif who is not None and start is not None:
+            best, start = max(best, sent - start), None
+    return best
+
+
+def wait_probe_running(pair: PairLab, timeout: float = 10.0) -> None:
+    """The probe is a fresh python (a few hundred ms of imports, longer while daemons
+    start); wait until it has sent its first request before timing the fault phase.
+
+    Its UDP socket gets a local port with the first sendto, and only then shows up in
+    the namespace's /proc/PID/net/udp. (Its socket fds alone are not enough: before
+    `ip netns exec` execs python, the same pid holds ip's netlink sockets.)"""
+    assert pair.probe is not None
+    pid = pair.probe.pid
+
+    def has_sent() -> bool:
+        try:
+            inodes = set()
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+            if not inodes:
+                return False
+            rows = Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]
+        except OSError:
+            return False
+        return any(row.split()[9] in inodes for row in rows)
+
+    if not pair.wait_for(has_sent, timeout, step=0.005):
+        raise RuntimeError(f"the probe sent nothing within {timeout:.0f} s")
+
+
+def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.Random,
+              interval: float) -> Trial:
+    """One fault on node1 of a pair that `reset` left stable, with the probe running."""
+    trial = Trial(fault, index)
+    samples: list[tuple[float, str | None]] = []
+    ok = False
+    phase = rng.uniform(PHASE_BASE, PHASE_BASE + interval)
+    time.sleep(phase)
+    fault_at = confirmed_at = time.time()
+    try:
+        inject(pair, fault, ACTIVE)
+        ok = pair.wait_for(lambda: OTHER in pair.holders() and asker.who() == OTHER,
+                           FAILOVER_TIMEOUT, step=0.005)
+        confirmed_at = time.time()
+        if ok:
+            time.sleep(AFTER_RECOVERY)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        trial.error = f"injecting {fault} failed: {exc!r}"
+    finally:
+        if fault == "link-down":
+            pair.link(ACTIVE, True)
+        try:
+            samples = pair.stop_probe()
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            trial.error = trial.error or f"no probe results: {exc!r}"
+        kill_probe(pair)
+    gap, who = outage(samples, fault_at)
+    trial.detail = {
+        "phase_ms": round(phase * 1000, 1),
+        "requests": len(samples),
+        "probing_before_fault_ms": round(1000 * (fault_at - samples[0][0]), 1)
+        if samples else None,
+        "lost_before_fault": sum(1 for t, w in samples if t < fault_at and w is None),
+        "lost_after_fault": sum(1 for t, w in samples if t >= fault_at and w is None),
+        "longest_gap_ms": round(longest_gap(samples, fault_at) * 1000, 1),
+        "confirmed_ms": round((confirmed_at - fault_at) * 1000, 1),
+    }
+    if trial.error:
+        pass
+    elif not ok:
+        trial.error = (f"{OTHER} not holding and answering within {FAILOVER_TIMEOUT:.0f} s "
+                       f"(holders {pair.holders()})")
+    elif math.isinf(gap):
+        trial.error = "no answered request after the outage began"
+    elif who != OTHER:
+        trial.error = f"the client ends up answered by {who}, not {OTHER}"
+    else:
+        trial.outage_ms = gap * 1000
+    return trial
+
+
+# --- idle resources -----------------------------------------------------------------------
+
+def _cpu_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    return int(fields[11]) + int(fields[12])  # utime (14) + stime (15)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def daemon_pid(pair: PairLab, name: str) -> int:
+    """`ip netns exec` execs the command, so the Popen pid is the daemon's python."""
+    proc = pair.nodes[name].daemon
+    assert proc is not None and proc.poll() is None, f"{name}: daemon not running"
+    argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    words = [a.decode() for a in argv if a]
+    if not (words and "python" in Path(words[0]).name and "vipd.cli" in words
+            and "run" in words):
+        raise RuntimeError(f"{name}: pid {proc.pid} is not the daemon: {words}")
+    return proc.pid
+
+
+def measure_idle(pair: PairLab, seconds: float) -> dict[str, dict[str, float]]:
+    pids = {name: daemon_pid(pair, name) for name in pair.nodes}
+    hz = os.sysconf("SC_CLK_TCK")
+    start_ticks = {name: _cpu_ticks(pid) for name, pid in pids.items()}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    result = {}
+    for name, pid in pids.items():
+        used = (_cpu_ticks(pid) - start_ticks[name]) / hz
+        result[name] = {"pid": pid, "cpu_percent": round(100 * used / elapsed, 2),
+                        "rss_mib": round(_rss_mib(pid), 1)}
+    return result
+
+
+# --- statistics and output ----------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(trials: list[Trial]) -> dict[str, Any]:
+    ok = [t.outage_ms for t in trials if t.outage_ms is not None]
+    failed = sum(1 for t in trials if t.outage_ms is None)
+    if not ok:
+        return {"n": 0, "median_ms": None, "p95_ms": None, "max_ms": None, "failed": failed}
+    return {"n": len(ok), "median_ms": round(percentile(ok, 0.5), 1),
+            "p95_ms": round(percentile(ok, 0.95), 1), "max_ms": round(max(ok), 1),
+            "failed": failed}
+
+
+def table(report: dict[str, Any]) -> str:
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    hb = report["heartbeat"]
+    lines = [f"failover outage seen by the client (probe every "
+             f"{report['probe_interval_ms']:g} ms; heartbeat {hb['interval_ms']:g} ms x "
+             f"{hb['dead_after']}; {report['trials']} trials per fault)",
+             f"{'fault':<10} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'max ms':>8} "
+             f"{'failed':>6}"]
+    for kind, s in report["faults"].items():
+        lines.append(f"{kind:<10} {s['n']:>3} {cell(s['median_ms']):>10} "
+                     f"{cell(s['p95_ms']):>8} {cell(s['max_ms']):>8} {s['failed']:>6}")
+    if report.get("idle"):
+        lines.append(f"\nidle pair ({report['idle_seconds']:g} s, no probe)")
+        lines.append(f"{'node':<6} {'cpu %':>7} {'rss MiB':>8}")
+        for node, r in report["idle"].items():
+            lines.append(f"{node:<6} {r['cpu_percent']:>7.2f} {r['rss_mib']:>8.1f}")
+    return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def _num(ms: float) -> float | int:
+    ms = round(ms, 3)
+    return int(ms) if ms == int(ms) else ms
+
+
+def _faults(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULTS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FAULTS)}")
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.bench_failover",
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=20, help="trials per fault (default 20)")
+    ap.add_argument("--faults", type=_faults, default=list(FAULTS),
+                    help=f"comma-separated fault kinds (default {','.join(FAULTS)})")
+    ap.add_argument("--idle-seconds", type=float, default=10.0,
+                    help="idle CPU/RSS sampling time, 0 to skip (default 10)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the fault phases")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = ap.parse_args(argv)
+    if args.trials < 1:
+        ap.error("--trials must be at least 1")
+    if os.geteuid() != 0:
+        log("bench_failover: needs root (it creates network namespaces)")
+        return 1
+
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    rng = random.Random(seed)
+    # SIGTERM like Ctrl-C, so the finally blocks below take the lab down.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workdir = Path(tempfile.mkdtemp(prefix="vipd-bench-"))
+    started = time.monotonic()
+    results: dict[str, list[Trial]] = {}
+    idle: dict[str, dict[str, float]] = {}
+    hb = None
+    log(f"bench_failover: {args.trials} trials x {', '.join(args.faults)}; seed {seed}; "
+        f"work dir {workdir}")
+    try:
+        for kind_no, kind in enumerate(args.faults):
+            pair = PairLab.create(workdir / kind)
+            try:
+                hb = load_config(pair.nodes[ACTIVE].config).heartbeat
+                asker = Asker(pair)
+                try:
+                    if kind_no == 0 and args.idle_seconds > 0:
+                        reset(pair, asker, hb.dead_interval)
+                        kill_probe(pair)
+                        log(f"idle: sampling both daemons for {args.idle_seconds:g} s")
+                        idle = measure_idle(pair, args.idle_seconds)
+                        log("idle: " + json.dumps(idle))
+                    trials = results[kind] = []
+                    for i in range(1, args.trials + 1):
+                        reset(pair, asker, hb.dead_interval)
+                        t = run_trial(pair, asker, kind, i, rng, hb.interval)
+                        trials.append(t)
+                        res = (f"{t.outage_ms:7.1f} ms" if t.outage_ms is not None
+                               else f"FAILED: {t.error}")
+                        log(f"{kind:<9} #{i:<3} {res}  {json.dumps(t.detail)}")
+                finally:
+                    asker.close()
+            finally:
+                pair.destroy()
+    except KeyboardInterrupt:
+        log("\ninterrupted: lab removed")
+        return 130
+    finally:
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    assert hb is not None
+    report: dict[str, Any] = {
+        "trials": args.trials,
+        "heartbeat": {"interval_ms": _num(hb.interval * 1000), "dead_after": hb.dead_after},
+        "probe_interval_ms": _num(PROBE_EVERY * 1000),
+        "faults": {kind: summarize(trials) for kind, trials in results.items()},
+        "idle": {node: {"cpu_percent": r["cpu_percent"], "rss_mib": r["rss_mib"]}
+                 for node, r in idle.items()},
+    }
+    runtime = time.monotonic() - started
+    if args.json:
+        print(json.dumps(report))
+        log(table({**report, "idle_seconds": args.idle_seconds}))
+    else:
+        print(table({**report, "idle_seconds": args.idle_seconds}))
+    log(f"runtime {runtime:.1f} s; seed {seed}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
