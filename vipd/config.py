@@ -346,9 +346,16 @@ class AnnounceConfig(_Model):
     refresh: Duration = 10.0  # 0 = no periodic re-announce
 
 
+class TlsConfig(_Model):
+    cert: ConfigPath
+    key: ConfigPath
+    client_ca: ConfigPath | None = None  # given: clients must present a certificate it signed
+
+
 class ApiConfig(_Model):
-    listen: Endpoint = Endpoint.parse("127.0.0.1:9440")
-    tokens_file: ConfigPath | None = None
+    listen: Endpoint | None = Endpoint.parse("127.0.0.1:9440")  # None: no control API
+    tokens_file: ConfigPath | None = None  # None: only /healthz and /readyz answer
+    tls: TlsConfig | None = None
 
 
 class AuditConfig(_Model):

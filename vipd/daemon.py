@@ -19,13 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from vipd import __version__
+from vipd.api import Api
 from vipd.config import Config, load_config
+from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
 from vipd.health import HealthMonitor, ProbeResult
 from vipd.keys import load_keys
+from vipd.tokens import load_tokens
 from vipd.transport import HeartbeatTransport
 from vipd.vip import NetlinkMover, VipMover, announce_burst
 
@@ -100,6 +105,8 @@ class Daemon:
         self.session = self._new_session()
         self.health = HealthMonitor(config.health, self._on_health)
         self.transport: HeartbeatTransport | None = None
+        self.api: Api | None = None
+        self._api_runner: web.AppRunner | None = None
 
     def _new_session(self) -> Session:
         hb = self.config.heartbeat
@@ -124,6 +131,11 @@ class Daemon:
             log.error("cannot remove stale VIPs: %s", exc)
         self.transport = await HeartbeatTransport.open(self.config.heartbeat.bind,
                                                        self._on_datagram)
+        try:
+            self._api_runner = await start_api(self)
+        except VipdError:
+            self.transport.close()
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
@@ -149,6 +161,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.health.close()
+        if self._api_runner is not None:
+            await self._api_runner.cleanup()
         try:
             await asyncio.wait_for(self.mover.release(), 1.0)
         except (VipError, TimeoutError) as exc:
@@ -185,6 +199,14 @@ class Daemon:
             log.error("reload refused: %s cannot change while running; restart vipd",
                       ", ".join(changed))
             return
+        try:
+            tokens = (load_tokens(new.api.tokens_file)
+                      if new.api.tokens_file is not None else None)
+        except VipdError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        if self.api is not None:
+            self.api.tokens = tokens
         self.config, self.keys = new, keys
         self.session.keys = keys
         self.election.cfg = election_config(new)
@@ -221,14 +243,22 @@ class Daemon:
 
     # --- the core loop -------------------------------------------------------------------
 
-    def _handle(self, event: el.Event) -> None:
+    def _handle(self, event: el.Event) -> list[el.Action]:
         assert self._loop is not None
         now = self._loop.time()
-        for action in self.election.handle(event, now):
+        actions = self.election.handle(event, now)
+        for action in actions:
             self._apply(action, now)
         self._rearm()
         if self.election.finished:
             self._done.set()
+        return actions
+
+    handle = _handle  # for the control API: an operator command is just another event
+
+    def loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
 
     def _rearm(self) -> None:
         assert self._loop is not None

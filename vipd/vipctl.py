@@ -1,0 +1,215 @@
+"""`vipctl`: see and drive a vipd pair through the local daemon's control API.
+
+Exit codes: 0 done; 1 refused by the daemon (409, with its reason) or failed; 2 bad usage;
+3 daemon unreachable; 4 not authorised (401/403); 5 --wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from vipd import __version__
+from vipd.tokens import Role, new_token
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_TIMEOUT = range(6)
+DEFAULT_API = "http://127.0.0.1:9440"
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vipctl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"vipctl {__version__}")
+    p.add_argument("--api", default=os.environ.get("VIPCTL_API", DEFAULT_API),
+                   help=f"daemon API URL (default {DEFAULT_API}, or $VIPCTL_API)")
+    p.add_argument("--token-file", help="file holding the bearer token (else $VIPCTL_TOKEN)")
+    p.add_argument("--cacert", help="CA to verify an https API")
+    p.add_argument("--cert", help="client certificate (when the API requires one)")
+    p.add_argument("--key", help="client certificate key")
+    p.add_argument("--timeout", type=float, default=5.0, help="per request, seconds")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="both nodes as a table")
+    s.add_argument("--json", action="store_true", help="the daemon's JSON as is")
+    for name, text in (("switchover", "planned move of the VIPs to the peer"),
+                       ("promote", "take the VIPs on this node")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--force", action="store_true", help="skip the daemon's pre-checks")
+        c.add_argument("--expected-term", type=int, help="refuse if the pair moved on")
+        c.add_argument("--wait", action="store_true", help="wait until the move finished")
+        c.add_argument("--wait-timeout", type=float, default=10.0)
+    m = sub.add_parser("maintenance", help="drain this node (on) or return it (off)")
+    m.add_argument("mode", choices=("on", "off"))
+    m.add_argument("--expected-term", type=int)
+    t = sub.add_parser("token", help="token management")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    n = tsub.add_parser("new", help="print a new token once and the line for the tokens file")
+    n.add_argument("name")
+    n.add_argument("role", choices=[r.value for r in Role])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "token":
+            return token_new(args)
+        return asyncio.run(_run(args))
+    except CliError as exc:
+        print(f"vipctl: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def token_new(args: argparse.Namespace) -> int:
+    try:
+        token, line = new_token(args.name, args.role)
+    except ValueError as exc:
+        raise CliError(EXIT_USAGE, str(exc)) from exc
+    print(f"token (shown once, give it to {args.name}): {token}")
+    print(f"add this line to the tokens file (api.tokens_file) and reload vipd:\n{line}")
+    return EXIT_OK
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise CliError(EXIT_USAGE, f"cannot read token file {args.token_file}: "
+                                       f"{exc.strerror}") from exc
+    token = os.environ.get("VIPCTL_TOKEN", "").strip()
+    if not token:
+        raise CliError(EXIT_USAGE, "no token: use --token-file FILE or set VIPCTL_TOKEN")
+    return token
+
+
+def _ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.api.startswith("https:"):
+        return None
+    ctx = ssl.create_default_context(cafile=args.cacert)
+    if args.cert:
+        ctx.load_cert_chain(args.cert, args.key)
+    return ctx
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace, session: aiohttp.ClientSession) -> None:
+        self.base = args.api.rstrip("/")
+        self.session = session
+        self.headers = {"Authorization": f"Bearer {_token(args)}"}
+        self.ssl = _ssl(args)
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+                   ok_conflict: bool = False) -> tuple[int, dict[str, Any]]:
+        url = self.base + path
+        try:
+            async with self.session.request(method, url, json=body, headers=self.headers,
+                                            ssl=self.ssl if self.ssl else True) as resp:
+                try:
+                    data = await resp.json(content_type=None)
+                except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                    data = {"error": (await resp.text())[:200]}
+                status = resp.status
+        except (aiohttp.ClientConnectionError, TimeoutError, ssl.SSLError) as exc:
+            raise CliError(EXIT_UNREACHABLE, f"cannot reach the daemon at {url}: "
+                                             f"{exc or type(exc).__name__}") from exc
+        if status in (401, 403):
+            raise CliError(EXIT_AUTH, f"{status}: {data.get('error', 'not authorised')}")
+        if status == 409 or (status >= 400 and not ok_conflict):
+            raise CliError(EXIT_REFUSED, f"refused ({status}): {data.get('error', data)}")
+        return status, data
+
+
+async def _run(args: argparse.Namespace) -> int:
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        client = Client(args, session)
+        if args.command == "status":
+            _, status = await client.call("GET", "/v1/status")
+            print(json.dumps(status, indent=2) if args.json else render_status(status))
+            return EXIT_OK
+        if args.command == "maintenance":
+            body: dict[str, Any] = {"enabled": args.mode == "on"}
+        else:
+            body = {"force": args.force}
+        if args.expected_term is not None:
+            body["expected_term"] = args.expected_term
+        started = time.monotonic()
+        _, result = await client.call("POST", f"/v1/{args.command}", body)
+        print(f"{args.command}: {result['message']} (state {result['state']}, "
+              f"term {result['term']})")
+        if getattr(args, "wait", False):
+            return await _wait(client, args, started)
+        return EXIT_OK
+
+
+async def _wait(client: Client, args: argparse.Namespace, started: float) -> int:
+    """Poll until the VIPs are where the command wanted them."""
+    want_here = args.command == "promote"
+    deadline = started + args.wait_timeout
+    while time.monotonic() < deadline:
+        _, s = await client.call("GET", "/v1/status")
+        peer = s.get("peer") or {}
+        here_active = s["state"] == "ACTIVE" and s.get("handover") is None
+        peer_active = peer.get("state") == "ACTIVE" and peer.get("reachable")
+        if (here_active and not peer_active) if want_here else (
+                s["state"] != "ACTIVE" and peer_active):
+            where = s["node"] if want_here else peer.get("node")
+            print(f"done: VIPs on {where} after {1000 * (time.monotonic() - started):.0f} ms")
+            return EXIT_OK
+        await asyncio.sleep(0.01)
+    raise CliError(EXIT_TIMEOUT, f"the move did not finish within {args.wait_timeout:g} s")
+
+
+def render_status(s: dict[str, Any]) -> str:
+    peer = s.get("peer") or {}
+    yes = {True: "yes", False: "no", None: "unknown"}
+    rows = [
+        ("node", f"{s['node']} (this node)", f"{peer.get('node', '-')} (peer)"),
+        ("state", s["state"] + (f" -> {s['handover']}" if s.get("handover") else ""),
+         peer.get("state", "not heard")),
+        ("term", str(s["term"]), str(peer.get("term", "-"))),
+        ("priority", str(s["priority"]), str(peer.get("priority", "-"))),
+        ("healthy", yes[s["healthy"]] + (" (override)" if s.get("health_override") else ""),
+         yes[peer.get("healthy")] if peer else "-"),
+        ("maintenance", yes[s["maintenance"]],
+         yes[peer.get("state") == "MAINTENANCE"] if peer else "-"),
+        ("preferred", yes[s["preferred"]], yes["PREFERRED" in peer.get("flags", [])]
+         if peer else "-"),
+        ("last heartbeat", "-", f"{1000 * peer['last_heartbeat_seconds_ago']:.0f} ms ago"
+         + ("" if peer.get("reachable") else " (unreachable)") if peer else "-"),
+        ("round trip", "-", f"{peer['rtt_ms']} ms" if peer.get("rtt_ms") is not None else "-"),
+    ]
+    width = max(len(r[1]) for r in rows) + 2
+    lines = [f"cluster {s['cluster']}, pair term {s['pair_term']}, vipd {s['version']}, "
+             f"up {s['uptime_seconds']:.0f} s"]
+    lines += [f"  {name:<15}{a:<{width}}{b}" for name, a, b in rows]
+    held = [v["address"] for v in s["vips"] if v["held"]]
+    lines.append(f"  VIPs on {s['interface']} here: {', '.join(held) or 'none'}")
+    for c in s["checks"]:
+        lines.append(f"  check {c['name']} ({c['kind']}): {yes[c['up']]} - {c['detail']}")
+    if peer and not peer.get("settings_match", True):
+        lines.append("  WARNING: the peer's pair settings differ (cluster, VIPs, interval, "
+                     "dead_after)")
+    if s.get("rejected_heartbeats"):
+        lines.append(f"  rejected heartbeats: {s['rejected_heartbeats']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
