@@ -209,11 +209,16 @@ def encode(hb: Heartbeat, secret: bytes) -> bytes:
     """Serialise and sign. Raises ValueError (a programming error) for out-of-range fields."""
     cluster = _check_name(hb.cluster, "cluster")
     node = _check_name(hb.node, "node")
-    body = _HEADER.pack(
-        MAGIC, VERSION, int(hb.state), int(hb.flags), hb.key_id, hb.newest_key_id,
-        hb.boot_id, hb.seq, hb.send_time_ns, hb.term, hb.priority, hb.effective_priority,
-        0, hb.settings_digest, hb.echo_boot, hb.echo_seq, hb.echo_hold_us,
-    ) + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
+    if len(hb.settings_digest) != 8:
+        raise ValueError(f"settings digest must be 8 bytes, got {len(hb.settings_digest)}")
+    try:
+        header = _HEADER.pack(
+            MAGIC, VERSION, int(hb.state), int(hb.flags), hb.key_id, hb.newest_key_id,
+            hb.boot_id, hb.seq, hb.send_time_ns, hb.term, hb.priority, hb.effective_priority,
+            0, hb.settings_digest, hb.echo_boot, hb.echo_seq, hb.echo_hold_us)
+    except struct.error as exc:
+        raise ValueError(f"heartbeat field out of range: {exc}") from exc
+    body = header + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
     return body + hmac.new(secret, body, hashlib.sha256).digest()
 
 
@@ -297,7 +302,8 @@ class Session:
         self.peer_newest_key: int | None = None
         self._peer_boot: int | None = None
         self._peer_seq = 0
-        self._peer_send_ns = 0
+        self._peer_send_ns = 0  # newest send time ever accepted, across boots
+        self._retired_boots: OrderedDict[int, None] = OrderedDict()
         self._peer_mac = b""
         self._peer_rx_at: float | None = None
 
@@ -308,7 +314,7 @@ class Session:
             self._sent.popitem(last=False)
         hold_us = 0
         if self._peer_rx_at is not None:
-            hold_us = min(max(int((now - self._peer_rx_at) * 1e6), 0), 0xFFFF_FFFF)
+            hold_us = min(max(round((now - self._peer_rx_at) * 1e6), 0), 0xFFFF_FFFF)
         key_id = self.keys.signing_id(self.peer_newest_key)
         hb = Heartbeat(
             state=advert.state, flags=advert.flags, key_id=key_id,
@@ -343,8 +349,13 @@ class Session:
         self._check_replay(hb, data[-MAC_SIZE:])
         self.peer_node = hb.node
         self.peer_newest_key = hb.newest_key_id
+        if self._peer_boot is not None and hb.boot_id != self._peer_boot:
+            self._retired_boots[self._peer_boot] = None
+            while len(self._retired_boots) > 16:
+                self._retired_boots.popitem(last=False)
         self._peer_boot, self._peer_seq = hb.boot_id, hb.seq
-        self._peer_send_ns, self._peer_mac = hb.send_time_ns, data[-MAC_SIZE:]
+        self._peer_send_ns = max(self._peer_send_ns, hb.send_time_ns)
+        self._peer_mac = data[-MAC_SIZE:]
         self._peer_rx_at = now
         sent_at = self._sent.get(hb.echo_seq) if hb.echo_boot == self.boot_id else None
         rtt = None
@@ -358,6 +369,9 @@ class Session:
                 raise Rejected(Reject.DUPLICATE, f"copy of sequence {hb.seq}")
             if hb.seq <= self._peer_seq:
                 raise Rejected(Reject.REPLAY, f"sequence {hb.seq} not newer than {self._peer_seq}")
+        elif hb.boot_id in self._retired_boots:
+            raise Rejected(Reject.REPLAY, f"boot {hb.boot_id:#x} of {hb.node!r} was superseded "
+                           f"by boot {self._peer_boot:#x}")
         elif self._peer_boot is not None and hb.send_time_ns <= self._peer_send_ns:
             raise Rejected(Reject.REPLAY, f"boot {hb.boot_id:#x} is older than the current "
                            f"boot {self._peer_boot:#x} of {hb.node!r}")
