@@ -96,6 +96,9 @@ class Daemon:
         self._should_hold = False
         self._announcer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._hooks: set[asyncio.Task[None]] = set()
+        self._health_task: asyncio.Task[None] | None = None
+        self._stop_at: float | None = None
         self._done = asyncio.Event()
         self._fatal: BaseException | None = None
         self._took_over_at: float | None = None
@@ -142,7 +145,7 @@ class Daemon:
         try:
             self._spawn(self._vip_worker(), "vip worker")
             self._spawn(self._holder_loop(), "lease renewal")
-            self._spawn(self.health.run(), "health monitor")
+            self._health_task = self._spawn(self.health.run(), "health monitor")
             self._handle(el.Start())
             await self._done.wait()
         finally:
@@ -157,6 +160,9 @@ class Daemon:
             loop.remove_signal_handler(sig)
         if self._timer is not None:
             self._timer.cancel()
+        if self._hooks:  # let the last hooks finish within the one-second stop budget
+            budget = (self._stop_at or time.monotonic()) + SHUTDOWN_GRACE - time.monotonic()
+            await asyncio.wait(self._hooks, timeout=max(budget, 0.05))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -177,6 +183,7 @@ class Daemon:
             self._done.set()
             return
         log.info("stop requested: handing over and releasing VIPs")
+        self._stop_at = time.monotonic()
         self._handle(el.Shutdown())
         assert self._loop is not None
         self._loop.call_later(SHUTDOWN_GRACE, self._done.set)
@@ -193,8 +200,10 @@ class Daemon:
         except (VipdError, ValueError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
-        fixed = ("cluster", "node", "interface", "vips", "heartbeat")
+        fixed = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
+        if (new.api.listen, new.api.tls) != (self.config.api.listen, self.config.api.tls):
+            changed.append("api.listen/api.tls")
         if changed:
             log.error("reload refused: %s cannot change while running; restart vipd",
                       ", ".join(changed))
@@ -207,12 +216,26 @@ class Daemon:
             return
         if self.api is not None:
             self.api.tokens = tokens
+        health_changed = new.health != self.config.health
         self.config, self.keys = new, keys
         self.session.keys = keys
+        if health_changed:
+            await self._restart_health()
         self.election.cfg = election_config(new)
         log.info("config reloaded: priority %d, preempt %s, keys %s", new.priority,
                  new.preempt, keys.ids)
         self._handle(el.Tick())
+
+    async def _restart_health(self) -> None:
+        """New checks start unknown; the election holds its last verdict until they report."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        await self.health.close()
+        self.health = HealthMonitor(self.config.health, self._on_health)
+        self._health_task = self._spawn(self.health.run(), "health monitor")
+        log.info("health checks reloaded: %s",
+                 ", ".join(c.name for c in self.config.health) or "none")
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -310,7 +333,9 @@ class Daemon:
                     log.info("re-announcing VIPs: %s", reason)
                     self._start_announcer()
             case el.RunHook():
-                self._spawn(self._run_hook(action), f"hook {action.hook}")
+                hook = self._spawn(self._run_hook(action), f"hook {action.hook}")
+                self._hooks.add(hook)
+                hook.add_done_callback(self._hooks.discard)
             case el.CommandResult(kind=kind, accepted=ok, message=message):
                 log.info("command %s %s: %s", kind, "accepted" if ok else "refused", message)
                 self.state_file.save(term=self.election.term,
@@ -404,6 +429,11 @@ class Daemon:
             return
         try:
             code = await asyncio.wait_for(proc.wait(), self.config.hooks.timeout)
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.error("hook %s %s killed: vipd is exiting", hook.hook, argv[0])
+            raise
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

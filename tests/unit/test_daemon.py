@@ -1,0 +1,541 @@
+"""The daemon runtime: two Daemons in one event loop, heartbeating over UDP on 127.0.0.1,
+each with its own FakeMover.
+
+Both daemons install their signal handlers on the same loop, so no test delivers a real
+signal: they call ``_on_stop_signal()`` / ``_on_reload_signal()`` instead. A crash is a
+transport that stops sending followed by cancelling the task (the cancelled daemon still
+releases its own FakeMover's VIPs; what the tests look at is the peer's reaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from ipaddress import ip_interface
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+
+from vipd.config import load_config
+from vipd.core.protocol import Advert, Flag, KeyRing, Session, State
+from vipd.daemon import Daemon
+from vipd.keys import generate_key_line, load_keys
+from vipd.testing import FakeMover
+from vipd.vip import VipInterface
+
+VIPS = ["192.0.2.10/32", "2001:db8::10/128"]
+VIP_SET = {ip_interface(v) for v in VIPS}
+LEASE = 1.0
+WAIT = 5.0  # generous: a failover here takes ~100 ms
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def free_udp_ports(count: int) -> list[int]:
+    """Distinct free UDP ports on 127.0.0.1 (all bound at once, so never the same)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = WAIT,
+                     what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout:g}s")
+        await asyncio.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def messages(caplog: pytest.LogCaptureFixture, *, level: int = logging.DEBUG) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("vipd") and r.levelno >= level]
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+class JournalMover(FakeMover):
+    """A FakeMover that also notes each successful acquire/release in a journal shared by
+    both nodes, so the order across the pair can be asserted."""
+
+    def __init__(self, vips: Iterable[VipInterface], node: str,
+                 journal: list[tuple[str, str]]) -> None:
+        super().__init__(vips)
+        self.node = node
+        self.journal = journal
+
+    async def acquire(self, lease: float) -> None:
+        await super().acquire(lease)
+        self.journal.append((self.node, "acquire"))
+
+    async def release(self) -> None:
+        await super().release()
+        self.journal.append((self.node, "release"))
+
+
+class Node:
+    def __init__(self, name: str, settings: dict[str, Any], path: Path,
+                 journal: list[tuple[str, str]]) -> None:
+        self.name = name
+        self.settings = settings
+        self.config_path = path
+        self.mover = JournalMover(VIP_SET, name, journal)
+        self._daemon: Daemon | None = None
+        self._task: asyncio.Task[int] | None = None
+
+    @property
+    def daemon(self) -> Daemon:
+        assert self._daemon is not None, f"node {self.name} not started"
+        return self._daemon
+
+    @property
+    def task(self) -> asyncio.Task[int]:
+        assert self._task is not None, f"node {self.name} not started"
+        return self._task
+
+    @property
+    def state(self) -> State:
+        return self.daemon.election.state
+
+    @property
+    def term(self) -> int:
+        return self.daemon.election.term
+
+    def write(self, **changes: Any) -> None:
+        self.settings.update(changes)
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+
+    def start(self) -> None:
+        self.write()
+        self._daemon = Daemon(load_config(self.config_path), config_path=self.config_path,
+                              mover=self.mover)
+        self._task = asyncio.create_task(self._daemon.run(), name=f"daemon {self.name}")
+
+    async def stop(self, timeout: float = 2.0) -> int:
+        self.daemon._on_stop_signal()
+        return await asyncio.wait_for(self.task, timeout)
+
+    async def crash(self) -> None:
+        """Silence the heartbeats first, so the peer sees a dead node, then kill the task."""
+        assert self.daemon.transport is not None
+        self.daemon.transport.close()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def teardown(self) -> BaseException | None:
+        """Stop if still running; returns the daemon's exception, if it raised one."""
+        if self._task is None:
+            return None
+        if not self._task.done():
+            if self.daemon._loop is not None:
+                self.daemon._on_stop_signal()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 3.0)
+            except TimeoutError:
+                self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._task.cancelled():
+            return None
+        return self._task.exception()
+
+
+class Pair:
+    """Node a (priority 150) and node b (priority 100), configured but not started, so a
+    test can edit ``settings`` and the movers first."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.journal: list[tuple[str, str]] = []
+        self.key_file = tmp_path / "keys"
+        self.key_file.write_text(generate_key_line(1) + "\n")
+        self.key_file.chmod(0o600)
+        port_a, port_b = free_udp_ports(2)
+        self.a = self._node("a", 150, port_a, port_b)
+        self.b = self._node("b", 100, port_b, port_a)
+
+    def _node(self, name: str, priority: int, port: int, peer_port: int) -> Node:
+        settings: dict[str, Any] = {
+            "node": name, "cluster": "test", "interface": "fake0", "vips": list(VIPS),
+            "priority": priority,
+            "heartbeat": {"bind": f"127.0.0.1:{port}", "peers": [f"127.0.0.1:{peer_port}"],
+                          "interval": "20ms", "dead_after": 5},
+            "auth": {"key_file": str(self.key_file)},
+            "vip_lease": "1s",
+            "state_dir": str(self.tmp_path / f"state-{name}"),
+            # Two daemons share one host: neither needs the control API or metrics.
+            "api": {"listen": None},
+            "metrics": {"listen": None},
+        }
+        return Node(name, settings, self.tmp_path / f"{name}.yaml", self.journal)
+
+    @property
+    def nodes(self) -> tuple[Node, Node]:
+        return self.a, self.b
+
+    def start(self) -> None:
+        self.a.start()
+        self.b.start()
+
+    async def settled(self) -> None:
+        """a ACTIVE holding the VIPs, b STANDBY holding none."""
+        await eventually(lambda: self.a.state is State.ACTIVE and self.b.state is State.STANDBY
+                         and self.a.mover.addresses == VIP_SET and not self.b.mover.addresses,
+                         what="a ACTIVE with the VIPs, b STANDBY without")
+
+    async def close(self) -> None:
+        errors = [await node.teardown() for node in (self.b, self.a)]
+        for error in errors:
+            if error is not None:
+                raise error
+
+
+@pytest_asyncio.fixture
+async def pair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Pair]:
+    caplog.set_level(logging.INFO)
+    p = Pair(tmp_path)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+def exec_check(flag: Path) -> dict[str, Any]:
+    return {"name": "flag", "exec": {"command": ["/usr/bin/test", "-e", str(flag)]},
+            "interval": "50ms", "timeout": "40ms", "rise": 1, "fall": 1}
+
+
+# ---------------------------------------------------------------------------- start
+
+
+@pytest.mark.asyncio
+async def test_start_elects_the_higher_priority_node(pair: Pair) -> None:
+    pair.start()
+    await pair.settled()
+    await asyncio.sleep(0.3)  # several dead intervals: still one active
+    assert (pair.a.state, pair.b.state) == (State.ACTIVE, State.STANDBY)
+    assert pair.a.mover.addresses == VIP_SET
+    assert pair.b.mover.addresses == set()
+    assert ("b", "acquire") not in pair.journal
+    assert pair.a.mover.lease == LEASE
+
+
+@pytest.mark.asyncio
+async def test_start_removes_stale_vips_of_a_previous_run(pair: Pair) -> None:
+    pair.b.mover.addresses.update(VIP_SET)
+    pair.start()
+    await pair.settled()
+    assert pair.b.mover.calls[0] == ("release",)
+    assert pair.a.mover.calls[0] == ("release",)
+    assert pair.b.mover.addresses == set()
+
+
+# ---------------------------------------------------------------------------- failover
+
+
+@pytest.mark.asyncio
+async def test_crash_of_the_active_makes_the_peer_active_and_renew_its_lease(
+        pair: Pair) -> None:
+    pair.start()
+    await pair.settled()
+    old_term = pair.a.term
+    await pair.a.crash()
+    await eventually(lambda: pair.b.state is State.ACTIVE, what="b ACTIVE")
+    await eventually(lambda: pair.b.mover.addresses == VIP_SET, what="b holds the VIPs")
+    assert pair.b.mover.lease == LEASE
+    assert pair.b.term > old_term
+
+    def acquires() -> int:
+        return pair.b.mover.call_names().count("acquire")
+
+    before = acquires()
+    await eventually(lambda: acquires() >= before + 3, timeout=2.0, what="lease renewals")
+    assert {call[1] for call in pair.b.mover.calls if call[0] == "acquire"} == {LEASE}
+    assert pair.b.state is State.ACTIVE
+
+
+@pytest.mark.asyncio
+async def test_graceful_stop_hands_over_before_releasing(pair: Pair) -> None:
+    pair.start()
+    await pair.settled()
+    mark = len(pair.journal)
+    started = time.monotonic()
+    pair.a.daemon._on_stop_signal()
+    code = await asyncio.wait_for(pair.a.task, 1.0)
+    assert code == 0
+    assert time.monotonic() - started < 1.0
+    assert pair.b.state is State.ACTIVE
+    assert pair.b.mover.addresses == VIP_SET
+    assert pair.a.mover.addresses == set()
+    after = pair.journal[mark:]
+    assert ("a", "release") in after
+    assert ("b", "acquire") in after
+    assert after.index(("b", "acquire")) < after.index(("a", "release")), after
+
+
+@pytest.mark.asyncio
+async def test_health_failure_faults_and_recovery_takes_the_vips_back(
+        pair: Pair, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    flag = tmp_path / "healthy"
+    flag.touch()
+    pair.a.settings["health"] = [exec_check(flag)]
+    pair.start()
+    await pair.settled()
+
+    flag.unlink()
+    await eventually(lambda: pair.a.state is State.FAULT and pair.b.state is State.ACTIVE,
+                     what="a FAULT, b ACTIVE")
+    await eventually(lambda: pair.b.mover.addresses == VIP_SET, what="b holds the VIPs")
+    assert pair.a.mover.addresses == set()
+    b_term = pair.b.term
+
+    flag.touch()
+    await pair.settled()  # preempt (default on): a takes the VIPs back by handover
+    assert pair.a.term > b_term
+    assert any(m.startswith("FAULT -> STANDBY") for m in messages(caplog))
+
+
+@pytest.mark.asyncio
+async def test_vip_failure_faults_until_vip_retry_has_passed(pair: Pair) -> None:
+    pair.a.mover.fail("acquire")
+    pair.start()
+    await eventually(lambda: pair.a.state is State.FAULT and pair.b.state is State.ACTIVE,
+                     what="a FAULT after its acquire failed, b ACTIVE")
+    await eventually(lambda: pair.b.mover.addresses == VIP_SET, what="b holds the VIPs")
+    assert pair.a.mover.addresses == set()
+    pair.a.mover.heal()
+    retry = pair.a.daemon.election.cfg.vip_retry
+    await eventually(lambda: pair.a.state is not State.FAULT, timeout=retry + 2.0,
+                     what="a out of FAULT")
+    await pair.settled()
+
+
+@pytest.mark.asyncio
+async def test_standby_removes_vips_added_behind_its_back(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    pair.start()
+    await pair.settled()
+    pair.b.mover.addresses |= VIP_SET
+    await eventually(lambda: not pair.b.mover.addresses, timeout=3.5,
+                     what="reconcile removed the VIPs from b")
+    assert pair.b.state is State.STANDBY
+    assert pair.a.mover.addresses == VIP_SET
+    assert any("while not active" in m for m in messages(caplog, level=logging.WARNING))
+
+
+# ---------------------------------------------------------------------------- reload
+
+
+@pytest.mark.asyncio
+async def test_reload_applies_a_new_priority(pair: Pair,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    pair.start()
+    await pair.settled()
+    pair.a.write(priority=200)
+    pair.a.daemon._on_reload_signal()
+    await eventually(lambda: pair.a.daemon.election.cfg.priority == 200, what="reloaded")
+    assert pair.a.daemon.config.priority == 200
+    assert any(m.startswith("config reloaded: priority 200") for m in messages(caplog))
+    await asyncio.sleep(0.1)
+    assert (pair.a.state, pair.b.state) == (State.ACTIVE, State.STANDBY)
+
+
+@pytest.mark.asyncio
+async def test_reload_of_broken_yaml_keeps_the_running_config(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    pair.start()
+    await pair.settled()
+    before = pair.a.daemon.config
+    pair.a.config_path.write_text("node: [a\npriority: 200\n")
+    pair.a.daemon._on_reload_signal()
+    await eventually(lambda: any(m.startswith("reload failed")
+                                 for m in messages(caplog, level=logging.ERROR)),
+                     what="reload failure logged")
+    assert pair.a.daemon.config is before
+    assert pair.a.daemon.election.cfg.priority == 150
+    await asyncio.sleep(0.1)
+    assert not pair.a.task.done()
+    assert (pair.a.state, pair.b.state) == (State.ACTIVE, State.STANDBY)
+
+
+@pytest.mark.asyncio
+async def test_reload_refuses_to_change_the_vips(pair: Pair,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    pair.start()
+    await pair.settled()
+    before = pair.a.daemon.config
+    pair.a.write(vips=["192.0.2.99/32"], priority=200)
+    pair.a.daemon._on_reload_signal()
+    await eventually(lambda: any(m.startswith("reload refused: vips")
+                                 for m in messages(caplog, level=logging.ERROR)),
+                     what="reload refusal logged")
+    assert pair.a.daemon.config is before
+    assert pair.a.daemon.election.cfg.priority == 150
+    assert pair.a.mover.addresses == VIP_SET
+    assert not pair.a.task.done()
+
+
+@pytest.mark.asyncio
+async def test_reload_does_not_claim_to_apply_new_health_checks_it_ignores(
+        pair: Pair, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload that adds a failing health check must either run it (a goes FAULT) or be
+    refused with an error; the daemon logs "config reloaded" and keeps its old monitor."""
+    pair.start()
+    await pair.settled()
+    pair.a.write(health=[exec_check(tmp_path / "does-not-exist")])
+    pair.a.daemon._on_reload_signal()
+    await eventually(lambda: any(m.startswith(("config reloaded", "reload refused"))
+                                 for m in messages(caplog)), what="reload outcome logged")
+    refused = any(m.startswith("reload refused") and "health" in m for m in messages(caplog))
+    if not refused:
+        await eventually(lambda: pair.a.state is State.FAULT, timeout=2.0,
+                         what="a FAULT from the health check added by the reload")
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+@pytest.mark.asyncio
+async def test_on_active_hook_gets_the_state_in_its_environment(
+        pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT_DIR", str(out))
+    hook = write_script(tmp_path / "hook.sh", 'env > "$OUT_DIR/.env.$$"\n'
+                        'mv "$OUT_DIR/.env.$$" "$OUT_DIR/hook.$VIPD_STATE"\n')
+    pair.a.settings["hooks"] = {"on_active": [str(hook)], "timeout": "2s"}
+    pair.start()
+    await pair.settled()
+    await eventually(lambda: any(m == f"hook on_active {hook} exited 0"
+                                 for m in messages(caplog)), what="hook exited 0")
+    lines = (out / "hook.ACTIVE").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert env["VIPD_STATE"] == "ACTIVE"
+    assert env["VIPD_TERM"] == str(pair.a.term)
+    assert env["VIPD_NODE"] == "a"
+    assert env["VIPD_CLUSTER"] == "test"
+    assert env["VIPD_VIPS"] == " ".join(VIPS)
+    assert env["OUT_DIR"] == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["hook.ACTIVE"]
+
+
+@pytest.mark.asyncio
+async def test_slow_hook_is_killed_while_heartbeats_keep_flowing(
+        pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OUT_DIR", str(tmp_path))
+    hook = write_script(tmp_path / "slow.sh", 'echo $$ > "$OUT_DIR/.pid"\n'
+                        'mv "$OUT_DIR/.pid" "$OUT_DIR/pid"\nexec /bin/sleep 30\n')
+    pair.a.settings["hooks"] = {"on_active": [str(hook)], "timeout": "0.2s"}
+    pair.start()
+    await pair.settled()
+    term = pair.a.term
+    await eventually(lambda: (tmp_path / "pid").exists(), what="hook started")
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 0.6  # > hook timeout + dead interval (100 ms)
+    while time.monotonic() < deadline:
+        assert (pair.a.state, pair.b.state, pair.a.term) == (State.ACTIVE, State.STANDBY, term)
+        await asyncio.sleep(0.01)
+    assert pair.b.daemon.election.peer_alive(asyncio.get_running_loop().time())
+    assert f"hook on_active {hook} killed after 0.2s" in messages(caplog, level=logging.ERROR)
+    await eventually(lambda: gone(pid), what="hook process killed")
+
+
+@pytest.mark.asyncio
+async def test_hook_of_the_final_transition_finishes_before_run_returns(
+        pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A graceful stop runs on_standby (ACTIVE -> STOPPED), a hook well within both
+    hooks.timeout and the shutdown grace; run() must not return before it has finished
+    and its exit is logged (not cancel it and leave the process unsupervised)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT_DIR", str(out))
+    hook = write_script(tmp_path / "hook.sh", 'sleep 0.1\n: > "$OUT_DIR/hook.$VIPD_STATE"\n')
+    pair.a.settings["hooks"] = {"on_standby": [str(hook)], "timeout": "0.5s"}
+    pair.start()
+    await pair.settled()
+    assert await pair.a.stop() == 0
+    finished_at_exit = (out / "hook.STOPPED").exists()
+    logged = [m for m in messages(caplog) if m.startswith("hook on_standby")]
+    await asyncio.sleep(0.5)  # let an abandoned hook end while the loop still runs
+    assert finished_at_exit, "run() returned before the on_standby hook finished"
+    assert logged == [f"hook on_standby {hook} exited 0"]
+
+
+# ---------------------------------------------------------------------------- rejections
+
+
+@pytest.mark.asyncio
+async def test_foreign_datagrams_are_counted_and_change_nothing(pair: Pair) -> None:
+    pair.start()
+    await pair.settled()
+    before = (pair.a.state, pair.a.term, pair.b.state, pair.b.term)
+    # A third node "c" with the right key: authentic, but not the peer a knows.
+    intruder = Session(cluster="test", node="c", keys=KeyRing(load_keys(pair.key_file)),
+                       boot_id=0xC0FFEE, digest=pair.a.daemon.election.cfg.digest)
+    forged = intruder.seal(Advert(state=State.ACTIVE, flags=Flag.HEALTHY, term=before[1] + 9,
+                                  priority=254, effective_priority=254), 0.0, time.time_ns())
+    datagrams = [b"garbage", b"\x00" * 64, forged]
+    target = ("127.0.0.1", pair.a.daemon.config.heartbeat.bind.port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        for data in datagrams:
+            sock.sendto(data, target)
+    rejects = pair.a.daemon.rejects
+    await eventually(lambda: sum(rejects.values()) >= len(datagrams), what="rejections counted")
+    assert rejects.get("unknown_peer") == 1, rejects
+    assert rejects.get("malformed") == 2, rejects
+    await asyncio.sleep(0.2)
+    assert (pair.a.state, pair.a.term, pair.b.state, pair.b.term) == before
+    assert sum(rejects.values()) == len(datagrams)
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+@pytest.mark.asyncio
+async def test_a_transition_is_logged_once_and_steady_state_is_quiet(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    pair.start()
+    await pair.settled()
+    to_active = [m for m in messages(caplog) if "-> ACTIVE" in m]
+    assert len(to_active) == 1, to_active
+    match = re.fullmatch(r"STANDBY -> ACTIVE \((.+)\), term (\d+)(, .*)?", to_active[0])
+    assert match is not None, to_active[0]
+    assert int(match.group(2)) == pair.a.term
+    await asyncio.sleep(0.5)  # let the takeover's announce burst finish
+    caplog.clear()
+    await asyncio.sleep(1.0)
+    assert messages(caplog) == []
+    assert (pair.a.state, pair.b.state) == (State.ACTIVE, State.STANDBY)
