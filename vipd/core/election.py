@@ -147,7 +147,10 @@ Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | Ru
 
 S = State
 # Side effects of each allowed transition, in order (a Transition action always comes
-# first). A transition missing here is a bug and raises.
+# first). A transition missing here is a bug and raises. "heartbeat" does not emit at
+# once: it marks the heartbeat due, and every step ends with at most one SendHeartbeat, so
+# the peer always learns the final state of a step (FAULT -> STANDBY -> ACTIVE sends one
+# ACTIVE heartbeat). The runtime starts hooks as background tasks, so they never delay it.
 TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (S.INIT, S.STANDBY): ("heartbeat",),
     (S.INIT, S.FAULT): ("heartbeat", "on_fault"),
@@ -273,6 +276,10 @@ class Election:
         if self.state is not State.INIT:
             actions += self._evaluate(now)
             actions += self._maybe_send(now)
+        if self._promote_now:  # one-shot: a promote that could not act now does not linger
+            self._promote_now = False
+            if self.state is not State.ACTIVE:
+                self.health_override = False
         return actions
 
     def next_deadline(self) -> float | None:
@@ -327,6 +334,8 @@ class Election:
         flags = Flag.NONE
         if self.health or self.health_override:
             flags |= Flag.HEALTHY
+        elif self.health is None and self.state is State.STANDBY:
+            flags |= Flag.HEALTH_PENDING
         if self.cfg.preempt:
             flags |= Flag.PREEMPT
         if self.handover is not None:
@@ -369,6 +378,9 @@ class Election:
             return [CommandResult(kind, True, "maintenance on")]
         if kind is CommandKind.MAINTENANCE_OFF:
             self.maintenance = False
+            if self.handover is not None and self.handover.target is State.MAINTENANCE:
+                self.handover = None  # still ACTIVE: simply keep the VIPs
+                self._send_now(now)
             return [CommandResult(kind, True, "maintenance off")]
         if self.stopping:
             return [CommandResult(kind, False, "node is shutting down")]
@@ -387,6 +399,9 @@ class Election:
             return [CommandResult(kind, True, "already ACTIVE")]
         if self.maintenance:
             return [CommandResult(kind, False, "this node is in maintenance")]
+        if self.timers.vip_fault_until is not None and now < self.timers.vip_fault_until:
+            return [CommandResult(kind, False, f"this node cannot hold VIPs now: "
+                                               f"{self._fault_detail}")]
         if self.health is not True and not self.health_override:
             if not cmd.force:
                 return [CommandResult(kind, False, f"this node is not eligible: "
@@ -395,7 +410,7 @@ class Election:
             extra: list[Action] = [Warn(f"health override by forced promote: acting as "
                                         f"healthy until the checks recover ({self._why_not(now)})")]
         else:
-            extra = []
+            extra = []  # same annotated list type as above
         peer_active = self.peer_alive(now) and self.peer is not None and (
             self.peer.heartbeat.state is State.ACTIVE)
         if peer_active and self.peer_hears_us(now):
@@ -442,29 +457,29 @@ class Election:
             return State.STANDBY, why, []
         if self.health is None and not self.health_override:
             return State.STANDBY, "", []
-        reason, extra = self._standby_rule(now)
-        return (State.ACTIVE if reason else State.STANDBY), reason, extra
+        reason = self._standby_rule(now)
+        return (State.ACTIVE if reason else State.STANDBY), reason, []
 
-    def _standby_rule(self, now: float) -> tuple[str, list[Action]]:
+    def _standby_rule(self, now: float) -> str:
         """Why a healthy standby should take over now ("" = it should not)."""
         t, dead_ms = self.timers, round(self.cfg.dead_interval * 1000)
-        winner_idle, preempting, extra = False, False, []
+        winner_idle = preempting = False
         try:
             if self._promote_now:
-                return "operator promote", extra
+                return "operator promote"
             if not self._heard_peer and now < t.holddown_until:
-                return "", extra
+                return ""
             if self.peer is None:
-                return f"no peer heard within {dead_ms} ms of start", extra
+                return f"no peer heard within {dead_ms} ms of start"
             hb = self.peer.heartbeat
             if not self.peer_alive(now):
                 silent = round((now - self.peer.received_at) * 1000)
-                return f"peer {hb.node} silent for {silent} ms", extra
+                return f"peer {hb.node} silent for {silent} ms"
             if hb.state is State.ACTIVE:
                 if Flag.RESIGNING in hb.flags:
-                    return f"peer {hb.node} hands over", extra
+                    return f"peer {hb.node} hands over"
                 if Flag.HEALTHY not in hb.flags:
-                    return f"peer {hb.node} active but unhealthy", extra
+                    return f"peer {hb.node} active but unhealthy"
                 preempting = (self.cfg.preempt and Flag.PREFERRED not in hb.flags
                               and self.cfg.priority > hb.effective_priority
                               and self.peer_hears_us(now))
@@ -473,16 +488,19 @@ class Election:
                     if now >= t.preempt_since + self.cfg.preempt_delay and not self.want_active:
                         self.want_active = True
                         self._send_now(now)
-                return "", extra
-            if not self.peer_eligible(now):
-                return f"peer {hb.node} is {hb.state.name}", extra
+                return ""
+            pending = (hb.state is State.STANDBY and Flag.HEALTH_PENDING in hb.flags
+                       and not self._wins_fresh(hb))
+            if not self.peer_eligible(now) and not pending:
+                why = "unhealthy" if hb.state is State.STANDBY else hb.state.name
+                return f"peer {hb.node} is {why}"
             if self._wins_fresh(hb):
-                return "election: we have priority over the standby peer", extra
+                return "election: we have priority over the standby peer"
             winner_idle = True
             t.winner_idle_since = now if t.winner_idle_since is None else t.winner_idle_since
             if now >= t.winner_idle_since + self.cfg.dead_interval:
-                return f"peer {hb.node} won the election but did not take over", extra
-            return "", extra
+                return f"peer {hb.node} won the election but did not take over"
+            return ""
         finally:
             if not winner_idle:
                 t.winner_idle_since = None
@@ -491,7 +509,8 @@ class Election:
                 self.want_active = False
 
     def _decide_active(self, now: float) -> tuple[State, str, list[Action]]:
-        t, extra = self.timers, []
+        t = self.timers
+        extra: list[Action] = []
         if self.health is False and not self.health_override:
             return State.FAULT, f"health check failing: {self.health_detail}", extra
         if t.vip_fault_until is not None and now < t.vip_fault_until:
@@ -552,9 +571,11 @@ class Election:
             hb.effective_priority, _name_key(hb.node))
 
     def _wins_dual(self, hb: Heartbeat) -> bool:
-        """Both active and in contact: the lower term (incumbent) wins, then priority, name."""
-        return (-self.term, self.cfg.priority, _name_key(self.cfg.node)) > (
-            -hb.term, hb.effective_priority, _name_key(hb.node))
+        """Both active and in contact: healthy beats unhealthy, then the lower term (the
+        incumbent), then priority, then the smaller name."""
+        healthy = self.health is True or self.health_override
+        return (healthy, -self.term, self.cfg.priority, _name_key(self.cfg.node)) > (
+            Flag.HEALTHY in hb.flags, -hb.term, hb.effective_priority, _name_key(hb.node))
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -603,6 +624,8 @@ class Election:
         t = self.timers
         if t.promote_until is not None and now >= t.promote_until:
             t.promote_until = None
+            if self.state is not State.ACTIVE:
+                self.health_override = False  # the forced promote did not happen
         if self._next_send is None or now < self._next_send:
             return []
         if self._burst_left > 0:
@@ -612,8 +635,9 @@ class Election:
         elif self.state is State.STOPPED:
             self._next_send = None
         else:
-            self._next_send = max(self._next_send + self.cfg.interval, now)
-            if self._next_send - now > self.cfg.interval:
+            # Keep the cadence, but a late call (stalled loop) never schedules into the past.
+            self._next_send += self.cfg.interval
+            if not now < self._next_send <= now + self.cfg.interval:
                 self._next_send = now + self.cfg.interval
         return [SendHeartbeat(self.advert())]
 

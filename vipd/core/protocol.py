@@ -77,6 +77,7 @@ class Flag(enum.IntFlag):
     PREFERRED = 1 << 4  # active chosen by an operator: not preempted
     WANT_ACTIVE = 1 << 5  # preemption request to the active peer
     PROMOTE = 1 << 6  # operator promote request to the active peer
+    HEALTH_PENDING = 1 << 7  # health not known yet (starting): wait for it if it would win
 
 
 class Reject(enum.StrEnum):
