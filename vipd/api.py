@@ -156,8 +156,12 @@ class Api:
         token = request[TOKEN_KEY]
         raw = await request.read()
         try:
-            data = json.loads(raw) if raw.strip() else {}
+            data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
             body = model.model_validate(data)
+        except UnicodeDecodeError as exc:
+            message = f"body is not UTF-8 (byte {exc.start})"
+            self._audit(request, token, action, result="refused", status=400, message=message)
+            return _error(400, message)
         except json.JSONDecodeError as exc:
             message = f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             self._audit(request, token, action, result="refused", status=400, message=message)
