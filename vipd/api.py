@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +32,9 @@ from vipd.tokens import Role, Token, authenticate
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-TOKEN_KEY = web.AppKey("token", object)
+# The authenticated token of the request being handled (set by the auth middleware; a
+# context variable works with every aiohttp version, request keys do not).
+_current_token: ContextVar[Token | None] = ContextVar("vipd_api_token", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,7 @@ class Api:
             if problem[0] == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="vipd"'
             return response
-        request[TOKEN_KEY] = token
+        reset = _current_token.set(token)
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -126,6 +129,8 @@ class Api:
                 self._audit(request, token, result="refused", status=413,
                             message=f"body over {MAX_BODY} bytes")
             return _error(413, f"request body over {MAX_BODY} bytes")
+        finally:
+            _current_token.reset(reset)
 
     # --- routes --------------------------------------------------------------------------
 
@@ -153,7 +158,7 @@ class Api:
 
     async def _move(self, request: web.Request, action: str, model: type[_Body],
                     to_command: Callable[[Any], tuple[CommandKind, bool]]) -> web.Response:
-        token = request[TOKEN_KEY]
+        token = _current_token.get()
         raw = await request.read()
         try:
             data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
@@ -172,6 +177,10 @@ class Api:
             message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
             self._audit(request, token, action, result="refused", status=400, message=message)
             return _error(400, f"invalid request body: {message}", fields=fields)
+        except (ValueError, RecursionError) as exc:  # e.g. 50,000 nested '[', a 5000-digit int
+            message = f"body cannot be parsed as JSON: {type(exc).__name__}"
+            self._audit(request, token, action, result="refused", status=400, message=message)
+            return _error(400, message)
         params = body.model_dump()
         kind, force = to_command(body)
         async with self._mutating:

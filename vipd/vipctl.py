@@ -101,9 +101,13 @@ def _token(args: argparse.Namespace) -> str:
 def _ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.api.startswith("https:"):
         return None
-    ctx = ssl.create_default_context(cafile=args.cacert)
-    if args.cert:
-        ctx.load_cert_chain(args.cert, args.key)
+    try:
+        ctx = ssl.create_default_context(cafile=args.cacert)
+        if args.cert:
+            ctx.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(EXIT_USAGE, f"cannot load TLS files (--cacert {args.cacert}, --cert "
+                                   f"{args.cert}, --key {args.key}): {exc}") from exc
     return ctx
 
 
