@@ -233,9 +233,12 @@ def _probe(target: str, every: float, out: str) -> None:
     who: dict[int, str] = {}
     seq = 0
     next_send = time.monotonic()
-    while not stop:
+    drain_until: float | None = None  # after SIGTERM: no more requests, keep reading 60 ms
+    while drain_until is None or time.monotonic() < drain_until:
         now = time.monotonic()
-        if now >= next_send:
+        if stop and drain_until is None:
+            drain_until = now + 0.06
+        if drain_until is None and now >= next_send:
             seq += 1
             sent[seq] = time.time()
             with contextlib.suppress(OSError):
@@ -243,14 +246,12 @@ def _probe(target: str, every: float, out: str) -> None:
             next_send += every
         try:
             data, _ = s.recvfrom(64)
-            got = struct.unpack("!Q", data[:8])[0]
-            if got in sent and time.time() - sent[got] < 0.05:
-                who[got] = data[8:].decode()
-        except BlockingIOError:
+        except OSError:  # BlockingIOError included: nothing to read yet
             time.sleep(0.0005)
-        except OSError:
-            time.sleep(0.0005)
-    time.sleep(0.06)
+            continue
+        got = struct.unpack("!Q", data[:8])[0]
+        if got in sent and time.time() - sent[got] < 0.05:
+            who[got] = data[8:].decode()
     with open(out, "w") as f:
         for n in sorted(sent):
             f.write(json.dumps([sent[n], who.get(n)]) + "\n")
