@@ -11,6 +11,14 @@ destroyed after the test, pass or fail: processes inside are SIGKILLed, namespac
 deleted. ``netns_prefix`` (session scope) is the unique name prefix
 (``vt<pid><hex>-``); at session end any namespace still carrying it is swept away.
 
+``pair`` (function scope): a `vipd.pairlab.PairLab` built in ``tmp_path / "pair"``: the
+same kind of lab with a vipd config, key, health file and log per node (node1 priority
+150, node2 priority 100), not yet started. Options of ``PairLab.create`` come from the
+marker ``@pytest.mark.pair(preempt=True, preempt_delay=1.0, ipv6=..., extra=...)``
+(default: no marker, no preemption). Destroyed after the test, pass or fail (daemons,
+responders and the probe SIGKILLed, namespaces deleted); a namespace of it still there
+afterwards fails the test.
+
 Running code in a namespace
 ---------------------------
 * ``lab.node1.run_async(coro_fn, *args)``: ``asyncio.run`` in a thread that setns-ed
@@ -34,11 +42,20 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
 from vipd.lab import Lab, new_prefix, sweep, unavailable_reason
+from vipd.pairlab import PairLab
 
 _lab_numbers = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "pair(preempt=False, preempt_delay=0.0, ipv6=True, extra=''): "
+        "options for PairLab.create in the `pair` fixture")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +81,21 @@ def lab(netns_prefix: str) -> Iterator[Lab]:
         yield built
     finally:
         built.destroy()
+
+
+@pytest.fixture
+def pair(netns_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+         ) -> Iterator[PairLab]:
+    marker = request.node.get_closest_marker("pair")
+    options = dict(marker.kwargs) if marker is not None else {}
+    built = PairLab.create(tmp_path / "pair", **options)
+    try:
+        yield built
+    finally:
+        built.destroy()
+        # PairLab names its namespaces with its own prefix, which the session sweep of
+        # `netns_prefix` would not see: check (and clean) them here.
+        leftovers = sweep(built.lab.prefix)
+        if leftovers:
+            pytest.fail(f"pair namespaces left behind and deleted: {leftovers}",
+                        pytrace=False)
