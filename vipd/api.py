@@ -77,14 +77,15 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 
 class Api:
     def __init__(self, controller: Controller, tokens: list[Token] | None,
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, on_request: Callable[[str, int], None] | None = None) -> None:
         self.controller = controller
         self.tokens = tokens
         self.audit = audit
+        self.on_request = on_request  # (route, status) for the request counter
         self._mutating = asyncio.Lock()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._auth])
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._count, self._auth])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/v1/status", self.status)
@@ -92,6 +93,22 @@ class Api:
         app.router.add_post("/v1/maintenance", self.maintenance)
         app.router.add_post("/v1/promote", self.promote)
         return app
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if self.on_request is not None:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                self.on_request(route, status)
 
     # --- auth ----------------------------------------------------------------------------
 

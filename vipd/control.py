@@ -115,7 +115,9 @@ async def start_api(daemon: Daemon) -> web.AppRunner | None:
     if cfg.api.listen is None:
         return None
     tokens = load_tokens(cfg.api.tokens_file) if cfg.api.tokens_file is not None else None
-    api = Api(DaemonController(daemon), tokens, AuditLog(cfg.effective_audit_file))
+    api = Api(DaemonController(daemon), tokens, AuditLog(cfg.effective_audit_file),
+              on_request=lambda route, code: daemon.metrics.api_requests.labels(
+                  route, str(code)).inc())
     daemon.api = api
     runner = web.AppRunner(api.app(), access_log=None)
     await runner.setup()

@@ -26,10 +26,12 @@ from vipd.api import Api
 from vipd.config import Config, load_config
 from vipd.control import start_api
 from vipd.core import election as el
+from vipd.core.events import reason_code
 from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
 from vipd.health import HealthMonitor, ProbeResult
 from vipd.keys import load_keys
+from vipd.metrics import DaemonCollector, build_metrics, serve_metrics
 from vipd.tokens import load_tokens
 from vipd.transport import HeartbeatTransport
 from vipd.vip import NetlinkMover, VipMover, announce_burst
@@ -106,8 +108,12 @@ class Daemon:
         self.election = el.Election(election_config(config), term=int(saved.get("term", 0)),
                                     maintenance=bool(saved.get("maintenance", False)))
         self.session = self._new_session()
-        self.health = HealthMonitor(config.health, self._on_health)
+        self.metrics = build_metrics()
+        self.collector = DaemonCollector(self)
+        self.metrics.registry.register(self.collector)
+        self.health = self._new_health_monitor()
         self.transport: HeartbeatTransport | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self.api: Api | None = None
         self._api_runner: web.AppRunner | None = None
 
@@ -136,8 +142,11 @@ class Daemon:
                                                        self._on_datagram)
         try:
             self._api_runner = await start_api(self)
+            self._metrics_runner = await serve_metrics(self, self.collector)
         except VipdError:
             self.transport.close()
+            if self._api_runner is not None:
+                await self._api_runner.cleanup()
             raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
@@ -167,8 +176,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.health.close()
-        if self._api_runner is not None:
-            await self._api_runner.cleanup()
+        for runner in (self._api_runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
         try:
             await asyncio.wait_for(self.mover.release(), 1.0)
         except (VipError, TimeoutError) as exc:
@@ -199,6 +209,7 @@ class Daemon:
             keys = KeyRing(load_keys(new.auth.key_file))
         except (VipdError, ValueError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            self.metrics.reloads.labels("error").inc()
             return
         fixed = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
@@ -207,12 +218,14 @@ class Daemon:
         if changed:
             log.error("reload refused: %s cannot change while running; restart vipd",
                       ", ".join(changed))
+            self.metrics.reloads.labels("refused").inc()
             return
         try:
             tokens = (load_tokens(new.api.tokens_file)
                       if new.api.tokens_file is not None else None)
         except VipdError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            self.metrics.reloads.labels("error").inc()
             return
         if self.api is not None:
             self.api.tokens = tokens
@@ -224,6 +237,7 @@ class Daemon:
         self.election.cfg = election_config(new)
         log.info("config reloaded: priority %d, preempt %s, keys %s", new.priority,
                  new.preempt, keys.ids)
+        self.metrics.reloads.labels("ok").inc()
         self._handle(el.Tick())
 
     async def _restart_health(self) -> None:
@@ -232,10 +246,16 @@ class Daemon:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
         await self.health.close()
-        self.health = HealthMonitor(self.config.health, self._on_health)
+        self.health = self._new_health_monitor()
         self._health_task = self._spawn(self.health.run(), "health monitor")
         log.info("health checks reloaded: %s",
                  ", ".join(c.name for c in self.config.health) or "none")
+
+    def _new_health_monitor(self) -> HealthMonitor:
+        return HealthMonitor(self.config.health, self._on_health, on_probe=self._on_probe)
+
+    def _on_probe(self, check: str, result: ProbeResult) -> None:
+        self.metrics.check_duration.labels(check).observe(result.duration)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -290,20 +310,28 @@ class Daemon:
             self._timer = None
         deadline = self.election.next_deadline()
         if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._handle, el.Tick())
+            self._timer = self._loop.call_at(deadline, self._on_timer, deadline)
+
+    def _on_timer(self, deadline: float) -> None:
+        assert self._loop is not None
+        self.metrics.lateness.observe(max(self._loop.time() - deadline, 0.0))
+        self._handle(el.Tick())
 
     def _on_datagram(self, data: bytes, source: str) -> None:
         assert self._loop is not None
         try:
             rx = self.session.open(data, self._loop.time(), time.time_ns(), source)
         except Rejected as exc:
+            self.metrics.heartbeats_rejected.labels(exc.reason.value).inc()
             count = self.rejects.get(exc.reason.value, 0) + 1
             self.rejects[exc.reason.value] = count
             if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
                 log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
             return
+        self.metrics.heartbeats_received.inc()
         if rx.rtt is not None:
             self.last_rtt = rx.rtt
+            self.metrics.rtt.observe(rx.rtt)
         self._handle(el.HeartbeatReceived(rx))
 
     def _on_health(self, healthy: bool, check: str, result: ProbeResult) -> None:
@@ -316,8 +344,14 @@ class Daemon:
                 assert self.transport is not None
                 data = self.session.seal(advert, now, time.time_ns())
                 self.transport.send(data, self.config.heartbeat.peers)
+                self.metrics.heartbeats_sent.inc(len(self.config.heartbeat.peers))
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
+                self.metrics.transitions.labels(old.name, new.name, reason_code(reason)).inc()
+                if new is State.ACTIVE:
+                    peer = self.election.peer
+                    since = peer.received_at if peer is not None else now
+                    self.metrics.detection.observe(max(now - since, 0.0))
                 self.state_file.save(term=term, maintenance=self.election.maintenance)
             case el.AcquireVips():
                 self._should_hold = True
@@ -361,6 +395,8 @@ class Daemon:
             try:
                 if isinstance(op, el.AcquireVips):
                     await self.mover.acquire(self.config.vip_lease)
+                    if self._took_over_at is not None:
+                        self.metrics.acquisition.observe(self.loop_time() - self._took_over_at)
                     took = 1000 * (time.monotonic() - started)
                     log.info("VIPs added on %s in %.1f ms: %s", self.config.interface, took,
                              ", ".join(map(str, self.config.vips)))
@@ -370,6 +406,7 @@ class Daemon:
                     log.info("VIPs removed from %s", self.config.interface)
             except VipError as exc:
                 log.error("%s", exc)
+                self.metrics.vip_errors.inc()
                 self._handle(el.VipFailed(str(exc)))
 
     def _start_announcer(self) -> None:
@@ -381,7 +418,9 @@ class Daemon:
     async def _announce(self, count: int, interval: float) -> None:
         try:
             await announce_burst(self.mover, count, interval)
+            self.metrics.announcements.inc(count)
         except VipError as exc:
+            self.metrics.vip_errors.inc()
             log.error("announcing VIPs failed: %s", exc)
 
     async def _holder_loop(self) -> None:
@@ -408,6 +447,7 @@ class Daemon:
                         await self.mover.release()
             except VipError as exc:
                 log.error("%s", exc)
+                self.metrics.vip_errors.inc()
                 self._handle(el.VipFailed(str(exc)))
 
     # --- hooks ---------------------------------------------------------------------------
@@ -426,6 +466,7 @@ class Daemon:
                 start_new_session=True)
         except OSError as exc:
             log.error("hook %s %s could not start: %s", hook.hook, argv[0], exc)
+            self.metrics.hooks.labels(hook.hook, "not_started").inc()
             return
         try:
             code = await asyncio.wait_for(proc.wait(), self.config.hooks.timeout)
@@ -433,6 +474,7 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             log.error("hook %s %s killed: vipd is exiting", hook.hook, argv[0])
+            self.metrics.hooks.labels(hook.hook, "killed").inc()
             raise
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
@@ -440,6 +482,8 @@ class Daemon:
             await proc.wait()
             log.error("hook %s %s killed after %.1fs", hook.hook, argv[0],
                       self.config.hooks.timeout)
+            self.metrics.hooks.labels(hook.hook, "timeout").inc()
             return
+        self.metrics.hooks.labels(hook.hook, "ok" if code == 0 else "failed").inc()
         level = logging.INFO if code == 0 else logging.ERROR
         log.log(level, "hook %s %s exited %d", hook.hook, argv[0], code)

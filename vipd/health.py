@@ -417,6 +417,7 @@ class HealthMonitor:
         on_change: OnChange,
         *,
         probe_factory: Callable[[CheckSpec, aiohttp.ClientSession | None], Probe] = make_probe,
+        on_probe: Callable[[str, ProbeResult], None] | None = None,
     ) -> None:
         specs = [c if isinstance(c, CheckSpec) else CheckSpec.from_config(c) for c in checks]
         names = [s.name for s in specs]
@@ -426,6 +427,7 @@ class HealthMonitor:
         self._checks = [_Check(s) for s in specs]
         self._on_change = on_change
         self._probe_factory = probe_factory
+        self._on_probe = on_probe  # every result (metrics); on_change only sees changes
         self._session: aiohttp.ClientSession | None = None
         self._reported: bool | None = None
         self._running = False
@@ -501,6 +503,8 @@ class HealthMonitor:
 
     def _record(self, check: _Check, result: ProbeResult) -> None:
         check.last = result
+        if self._on_probe is not None:
+            self._on_probe(check.spec.name, result)
         old = check.hysteresis.up
         if not check.hysteresis.observe(result.ok):
             return

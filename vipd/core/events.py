@@ -6,6 +6,7 @@ The rule that maps one to the other lives in vipd/core/election.py.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from vipd.core.protocol import Advert, Received, State
@@ -110,3 +111,37 @@ class Warn:
 
 Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | RunHook
           | CommandResult | Warn)
+
+
+# Every transition reason the election writes, as a bounded metric label. Order matters:
+# the first pattern that matches wins. A reason that matches none is "other", which a unit
+# test treats as a bug.
+_REASON_CODES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), code) for pattern, code in (
+        (r"^started$", "start"),
+        (r"^(shutdown|stopped and no eligible peer)", "shutdown"),
+        (r"^maintenance (on|and no eligible peer)", "maintenance"),
+        (r"^(maintenance off|healthy again|eligible again)$", "recovered"),
+        (r"^health check failing", "health"),
+        (r"^VIP operation failed", "vip_error"),
+        (r"^handed over to ", "handed_over"),
+        (r"^handover timed out", "handover_timeout"),
+        (r"^operator promote$", "promote"),
+        (r"^no peer heard within", "no_peer"),
+        (r"^peer \S+ silent for", "peer_dead"),
+        (r"^peer \S+ hands over$", "peer_handover"),
+        (r"^peer \S+ active but unhealthy$", "peer_unhealthy"),
+        (r"^peer \S+ is active and has not heard us", "one_way_link"),
+        (r"^peer \S+ is (FAULT|MAINTENANCE|STOPPED|INIT|unhealthy)$", "peer_ineligible"),
+        (r"^election: ", "election"),
+        (r"^peer \S+ won the election but did not take over$", "peer_idle"),
+        (r"^split brain: ", "split_brain"),
+    ))
+REASON_CODES = tuple(sorted({code for _, code in _REASON_CODES} | {"other"}))
+
+
+def reason_code(reason: str) -> str:
+    for pattern, code in _REASON_CODES:
+        if pattern.search(reason):
+            return code
+    return "other"

@@ -1,0 +1,214 @@
+"""Prometheus metrics: every series vipd exports, in one registry per daemon.
+
+Names carry the `vipd_` prefix and their unit; label values are bounded: states, reason
+codes (vipd.core.events.REASON_CODES), configured VIPs and check names, routes. Gauges that
+describe "now" (state, peer age) are computed at scrape time from the daemon, so a scrape
+always sees the current truth and the hot path only increments counters.
+docs/metrics.md lists them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from vipd import __version__
+from vipd.core.protocol import Reject, State
+from vipd.errors import VipdError, VipError
+
+if TYPE_CHECKING:
+    from vipd.daemon import Daemon
+
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+FAILOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    transitions: Counter
+    heartbeats_sent: Counter
+    heartbeats_received: Counter
+    heartbeats_rejected: Counter
+    rtt: Histogram
+    check_duration: Histogram
+    detection: Histogram
+    acquisition: Histogram
+    announcements: Counter
+    hooks: Counter
+    reloads: Counter
+    api_requests: Counter
+    vip_errors: Counter
+    scrape: Histogram
+    lateness: Histogram
+
+
+def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    registry = registry if registry is not None else CollectorRegistry()
+    Info("vipd_build", "vipd build information", registry=registry).info(
+        {"version": __version__})
+    m = Metrics(
+        registry=registry,
+        transitions=Counter("vipd_transitions_total", "State changes of this node",
+                            ["from_state", "to_state", "reason"], registry=registry),
+        heartbeats_sent=Counter("vipd_heartbeats_sent_total", "Heartbeat datagrams sent "
+                                "(one per peer address)", registry=registry),
+        heartbeats_received=Counter("vipd_heartbeats_received_total",
+                                    "Heartbeats accepted from the peer", registry=registry),
+        heartbeats_rejected=Counter("vipd_heartbeats_rejected_total",
+                                    "Datagrams dropped, by reason", ["reason"],
+                                    registry=registry),
+        rtt=Histogram("vipd_heartbeat_rtt_seconds", "Heartbeat round trip to the peer",
+                      buckets=FAST_BUCKETS, registry=registry),
+        check_duration=Histogram("vipd_check_duration_seconds", "Health probe duration",
+                                 ["check"], buckets=FAST_BUCKETS, registry=registry),
+        detection=Histogram("vipd_failover_detection_seconds", "From the peer's last "
+                            "heartbeat to our takeover decision", buckets=FAILOVER_BUCKETS,
+                            registry=registry),
+        acquisition=Histogram("vipd_vip_acquisition_seconds", "From the takeover decision to "
+                              "the VIPs being on the interface", buckets=FAST_BUCKETS,
+                              registry=registry),
+        announcements=Counter("vipd_announcements_total", "Gratuitous ARP / unsolicited NA "
+                              "rounds sent", registry=registry),
+        hooks=Counter("vipd_hook_runs_total", "Hook runs by hook and result",
+                      ["hook", "result"], registry=registry),
+        reloads=Counter("vipd_config_reloads_total", "Config reloads (SIGHUP) by result",
+                        ["result"], registry=registry),
+        api_requests=Counter("vipd_api_requests_total", "Control API requests",
+                             ["route", "code"], registry=registry),
+        vip_errors=Counter("vipd_vip_errors_total", "Failed VIP operations (netlink, "
+                           "announce)", registry=registry),
+        scrape=Histogram("vipd_metrics_scrape_duration_seconds", "Daemon time spent on one "
+                         "/metrics request (gauges and rendering)", buckets=FAST_BUCKETS,
+                         registry=registry),
+        lateness=Histogram("vipd_timer_lateness_seconds", "How late the election timer fired "
+                           "(event loop lag: heartbeats are late by this much)",
+                           buckets=FAST_BUCKETS, registry=registry),
+    )
+    for reason in Reject:  # export zeros so that rate() and alerts work from the start
+        m.heartbeats_rejected.labels(reason.value)
+    for result in ("ok", "error"):
+        m.reloads.labels(result)
+    return m
+
+
+class DaemonCollector(Collector):
+    """Gauges of "now", built from the daemon's state by `refresh()` on the event loop;
+    `collect()` (which may run in another thread while rendering) only hands them out."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self._families: list[Metric] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic: nothing to check at registration
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families)
+
+    def refresh(self, held: Iterable[str]) -> None:
+        self._families = list(self._build(set(held)))
+
+    def _build(self, held: set[str]) -> Iterable[Metric]:
+        d, e = self.d, self.d.election
+        now = d.loop_time()
+        state = GaugeMetricFamily("vipd_state", "1 for the current state of this node",
+                                  labels=["state"])
+        for s in State:
+            state.add_metric([s.name], 1.0 if e.state is s else 0.0)
+        yield state
+        yield GaugeMetricFamily("vipd_term", "Term of this node's last takeover",
+                                value=e.term)
+        yield GaugeMetricFamily("vipd_pair_term", "Highest term known on the pair",
+                                value=max(e.term, e.peer_term_seen))
+        for name, value, text in (
+                ("vipd_maintenance", e.maintenance, "1 while drained by an operator"),
+                ("vipd_preferred", e.preferred, "1 while an operator's choice (not preempted)"),
+                ("vipd_healthy", e.health is True or e.health_override,
+                 "1 when all local checks pass"),
+                ("vipd_priority", e.cfg.priority, "Configured priority")):
+            yield GaugeMetricFamily(name, text, value=float(value))
+        vip = GaugeMetricFamily("vipd_vip_held", "1 when the VIP is on the interface",
+                                labels=["vip"])
+        for v in d.config.vips:
+            vip.add_metric([str(v)], 1.0 if str(v) in held else 0.0)
+        yield vip
+        checks = GaugeMetricFamily("vipd_check_up", "1 up, 0 down, -1 unknown",
+                                   labels=["check"])
+        for c in d.health.status():
+            checks.add_metric([c.name], -1.0 if c.up is None else float(c.up))
+        yield checks
+        reachable = e.peer_alive(now)
+        yield GaugeMetricFamily("vipd_peer_reachable", "1 when the peer's heartbeats arrive",
+                                value=float(reachable))
+        yield GaugeMetricFamily("vipd_peer_hears_this_node",
+                                "1 when the peer echoes this node's recent heartbeats",
+                                value=float(e.peer_hears_us(now)))
+        peer_active = reachable and e.peer is not None and e.peer.heartbeat.state is State.ACTIVE
+        yield GaugeMetricFamily("vipd_peer_active", "1 when the reachable peer is ACTIVE",
+                                value=float(peer_active))
+        age = GaugeMetricFamily("vipd_peer_last_heartbeat_age_seconds",
+                                "Seconds since the last valid heartbeat (absent before the "
+                                "first)")
+        if e.peer is not None:
+            age.add_metric([], now - e.peer.received_at)
+        yield age
+        match = GaugeMetricFamily("vipd_peer_settings_match", "0 when the peer's pair "
+                                  "settings digest differs")
+        if e.peer is not None:
+            match.add_metric([], float(e.peer.heartbeat.settings_digest == e.cfg.digest))
+        yield match
+
+
+log = logging.getLogger(__name__)
+
+
+async def serve_metrics(daemon: Daemon, collector: DaemonCollector) -> web.AppRunner | None:
+    """GET /metrics on metrics.listen. The VIP check and the gauges are read on the loop
+    (cheap); rendering the text runs in a thread so a scrape never delays a heartbeat."""
+    listen = daemon.config.metrics.listen
+    if listen is None:
+        return None
+    held: set[str] = set()
+
+    async def metrics(request: web.Request) -> web.Response:
+        nonlocal held
+        try:
+            held = {str(v) for v in await asyncio.wait_for(daemon.mover.held(), 0.5)}
+        except (VipError, TimeoutError) as exc:
+            log.warning("metrics: cannot read VIPs (%s); reporting the last known", exc)
+        refreshed = time.perf_counter()
+        collector.refresh(held)
+        body = await asyncio.to_thread(generate_latest, daemon.metrics.registry)
+        # The VIP read is a netlink round trip in a thread; count only our own work.
+        daemon.metrics.scrape.observe(time.perf_counter() - refreshed)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, str(listen.host), listen.port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise VipdError(f"cannot listen on metrics.listen {listen}: "
+                        f"{exc.strerror or exc}") from exc
+    log.info("metrics on http://%s/metrics", listen)
+    return runner
