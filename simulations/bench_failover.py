@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from vipd.config import load_config
+from vipd.lab import list_namespaces
 from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, outage
 
 FAULTS = {
@@ -281,9 +282,9 @@ def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.R
     trial.detail = {
         "phase_ms": round(phase * 1000, 1),
         "requests": len(samples),
-        "probing_before_fault_ms": round(1000 * (fault_at - samples[0][0]), 1)
-        if samples else None,
-        "lost_before_fault": sum(1 for t, w in samples if t < fault_at and w is None),
+        # over the random phase only: the probe starts while the pair is still forming
+        "lost_in_phase": sum(1 for t, w in samples
+                             if fault_at - phase <= t < fault_at and w is None),
         "lost_after_fault": sum(1 for t, w in samples if t >= fault_at and w is None),
         "longest_gap_ms": round(longest_gap(samples, fault_at) * 1000, 1),
         "confirmed_ms": round((confirmed_at - fault_at) * 1000, 1),
@@ -429,11 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Trial]] = {}
     idle: dict[str, dict[str, float]] = {}
     hb = None
+    prefixes: list[str] = []
     log(f"bench_failover: {args.trials} trials x {', '.join(args.faults)}; seed {seed}; "
         f"work dir {workdir}")
     try:
         for kind_no, kind in enumerate(args.faults):
             pair = PairLab.create(workdir / kind)
+            prefixes.append(pair.lab.prefix)
             try:
                 hb = load_config(pair.nodes[ACTIVE].config).heartbeat
                 asker = Asker(pair)
@@ -460,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         log("\ninterrupted: lab removed")
         return 130
     finally:
+        left = [ns for ns in list_namespaces() if ns.startswith(tuple(prefixes))]
+        if prefixes:
+            log(f"namespaces of this run still present: {', '.join(left) or 'none'}")
         if args.keep:
             log(f"work directory kept: {workdir}")
         else:
