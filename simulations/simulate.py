@@ -120,7 +120,9 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
         def heal_links() -> None:
             for link in cut:
                 link.blocked = False
-        sim.call(t + rng.uniform(0.1, 2.0), heal_links)
+        duration = rng.uniform(0.1, 2.0)
+        out.notes["partition_s"] = duration
+        sim.call(t + duration, heal_links)
     elif kind == "attack":
         _schedule_attacks(sim, rng, t)
     elif kind == "switchover":
@@ -197,6 +199,16 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
             sim.checker.violation(f"crash_restart (preempt={active.cfg.preempt}, priorities "
                                   f"{active.cfg.priority}/{other.cfg.priority}): expected "
                                   f"{expected} ACTIVE at the end, got {states}")
+    dead = active.cfg.dead_interval
+    if (kind == "partition" and out.loss < 0.2
+            and out.notes["partition_s"] > 3 * dead + 0.2):
+        # Long enough for the taker to settle: it keeps the VIPs (clients followed it),
+        # unless the old active preempts it back by configuration.
+        back = active.cfg.preempt and active.cfg.priority > other.cfg.priority
+        expected = active.name if back else other.name
+        if actives != [expected]:
+            sim.checker.violation(f"partition of {out.notes['partition_s']:.2f}s healed: "
+                                  f"expected {expected} ACTIVE at the end, got {states}")
     if kind == "switchover" and actives != [other.name]:
         sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
 

@@ -96,6 +96,7 @@ class Daemon:
         self._timer: asyncio.TimerHandle | None = None
         self._vip_queue: asyncio.Queue[el.AcquireVips | el.ReleaseVips] = asyncio.Queue()
         self._should_hold = False
+        self._vip_busy = False  # the worker is applying an acquire/release right now
         self._announcer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hooks: set[asyncio.Task[None]] = set()
@@ -392,6 +393,7 @@ class Daemon:
         while True:
             op = await self._vip_queue.get()
             started = time.monotonic()
+            self._vip_busy = True
             try:
                 if isinstance(op, el.AcquireVips):
                     await self.mover.acquire(self.config.vip_lease)
@@ -408,6 +410,8 @@ class Daemon:
                 log.error("%s", exc)
                 self.metrics.vip_errors.inc()
                 self._handle(el.VipFailed(str(exc)))
+            finally:
+                self._vip_busy = False
 
     def _start_announcer(self) -> None:
         if self._announcer is not None:
@@ -432,7 +436,8 @@ class Daemon:
             await asyncio.sleep(interval)
             now = time.monotonic()
             try:
-                if self._should_hold and self._vip_queue.empty():
+                idle = self._vip_queue.empty() and not self._vip_busy
+                if self._should_hold and idle:
                     if self.config.vip_lease:
                         await self.mover.acquire(self.config.vip_lease)
                     refresh = self.config.announce.refresh
@@ -441,7 +446,7 @@ class Daemon:
                         self._start_announcer()
                 elif not self._should_hold and now - last_reconcile >= 2.0:
                     last_reconcile = now
-                    if self._vip_queue.empty() and await self.mover.held():
+                    if idle and await self.mover.held():
                         log.warning("found VIPs on %s while not active: removing them",
                                     self.config.interface)
                         await self.mover.release()

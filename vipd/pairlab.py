@@ -99,12 +99,12 @@ class PairLab:
 
     def start(self, name: str, *, responder: bool = True) -> None:
         node = self.nodes[name]
-        log = node.log.open("a")
-        node.daemon = self.lab[name].spawn(
-            sys.executable, "-m", "vipd.cli", "run", "-c", str(node.config), stderr=log)
-        if responder and node.responder is None:
-            node.responder = self.lab[name].spawn(
-                sys.executable, "-m", "vipd.pairlab", "responder", name, stderr=log)
+        with node.log.open("a") as log:  # the children keep their own copies of the fd
+            node.daemon = self.lab[name].spawn(
+                sys.executable, "-m", "vipd.cli", "run", "-c", str(node.config), stderr=log)
+            if responder and node.responder is None:
+                node.responder = self.lab[name].spawn(
+                    sys.executable, "-m", "vipd.pairlab", "responder", name, stderr=log)
 
     def kill(self, name: str, *, with_service: bool = True) -> None:
         """A crash: SIGKILL to the daemon's whole process group (and the service)."""

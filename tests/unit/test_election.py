@@ -196,8 +196,8 @@ def _active_event(event: Event) -> Callable[[], tuple[Election, list[Action]]]:
 
 
 def _active_standby() -> tuple[Election, list[Action]]:
-    e, now = active(term=4)  # term 5 against an incumbent of term 2: we yield
-    return e, e.handle(peer(now + 0.1, S.ACTIVE, F.HEALTHY, term=2), now + 0.1)
+    e, now = active(term=4)  # a fresh takeover (term 5) against a settled active: we yield
+    return e, e.handle(peer(now + 0.1, S.ACTIVE, F.HEALTHY | F.SETTLED, term=2), now + 0.1)
 
 
 def _fault_event(event: Event) -> Callable[[], tuple[Election, list[Action]]]:
@@ -338,7 +338,8 @@ def test_takeover_term_is_max_plus_one(own: int, peer_term: int, expected: int) 
         (lambda: active(), Command(K.MAINTENANCE_ON)),
         (lambda: active(), Shutdown()),
         (lambda: active(), VipFailed("netlink: EPERM")),
-        (lambda: active(term=4), peer(T0 + DEAD + 0.1, S.ACTIVE, F.HEALTHY, term=2)),
+        (lambda: active(term=4), peer(T0 + DEAD + 0.1, S.ACTIVE, F.HEALTHY | F.SETTLED,
+                                      term=2)),
     ],
     ids=["fault", "maintenance", "shutdown", "vip-failed", "split-brain"],
 )
@@ -1016,27 +1017,36 @@ def test_maintenance_off_cancels_a_running_maintenance_handover() -> None:
 # --- 8. split brain ----------------------------------------------------------------------
 
 SPLIT = [
-    # own (node, priority, term-before-takeover), peer (node, priority, term), we keep?
-    ("a", 100, 0, "b", 100, 2, True),  # our term 1 < 2: we are the incumbent
-    ("a", 100, 4, "b", 100, 2, False),  # our term 5 > 2
-    ("a", 100, 0, "b", 200, 1, False),  # equal terms, peer priority higher
-    ("a", 200, 0, "b", 100, 1, True),
-    ("a", 100, 0, "b", 100, 1, True),  # equal terms and priority: smaller name
-    ("c", 100, 0, "b", 100, 1, False),
+    # own: node, priority, term before takeover, settled; peer: node, priority, term,
+    # settled; do we keep the VIPs?
+    ("a", 100, 4, False, "b", 100, 2, True, False),  # false suspicion: fresh yields
+    ("a", 100, 0, True, "b", 100, 2, False, True),  # settled beats a fresh takeover
+    ("a", 100, 4, True, "b", 100, 2, True, True),  # real partition: newer term (5 > 2)
+    ("a", 100, 0, True, "b", 100, 2, True, False),  # real partition: older term (1 < 2)
+    ("a", 100, 4, False, "b", 100, 2, False, True),  # both fresh: newer term
+    ("a", 100, 0, False, "b", 200, 1, False, False),  # equal terms, peer priority higher
+    ("a", 200, 0, False, "b", 100, 1, False, True),
+    ("a", 100, 0, False, "b", 100, 1, False, True),  # equal terms and priority: smaller name
+    ("c", 100, 0, False, "b", 100, 1, False, False),
 ]
 
 
-@pytest.mark.parametrize(("node", "prio", "term", "pnode", "pprio", "pterm", "keep"), SPLIT,
-                         ids=["lower-term", "higher-term", "prio-lower", "prio-higher",
-                              "name-smaller", "name-larger"])
-def test_split_brain_resolution(node: str, prio: int, term: int, pnode: str, pprio: int,
-                                pterm: int, keep: bool) -> None:
+@pytest.mark.parametrize(
+    ("node", "prio", "term", "settled", "pnode", "pprio", "pterm", "psettled", "keep"), SPLIT,
+    ids=["fresh-vs-settled", "settled-vs-fresh", "settled-newer", "settled-older",
+         "fresh-newer", "prio-lower", "prio-higher", "name-smaller", "name-larger"])
+def test_split_brain_resolution(node: str, prio: int, term: int, settled: bool, pnode: str,
+                                pprio: int, pterm: int, psettled: bool, keep: bool) -> None:
     e, now = active(node=node, priority=prio, term=term)
+    if settled:  # hold the VIPs alone for two dead intervals: our heartbeats say SETTLED
+        now += 2 * DEAD + INTERVAL
+        assert Flag.SETTLED in adverts(advance(e, now))[-1].flags
     all_actions: list[Action] = []
+    flags = F.HEALTHY | (F.SETTLED if psettled else F.NONE)
     for i in range(5):
         t = now + 0.01 + i * INTERVAL
         all_actions += advance(e, t)
-        all_actions += e.handle(peer(t, S.ACTIVE, F.HEALTHY, term=pterm, priority=pprio,
+        all_actions += e.handle(peer(t, S.ACTIVE, flags, term=pterm, priority=pprio,
                                      node=pnode), t)
     if keep:
         assert e.state is S.ACTIVE
@@ -1053,7 +1063,7 @@ def test_split_brain_resolution(node: str, prio: int, term: int, pnode: str, ppr
 
 
 def test_split_brain_announces_again_for_a_new_episode() -> None:
-    e, now = active()
+    e, now = active(term=4)  # a newer term than the peer's fresh takeovers: we keep
     acts = e.handle(peer(now + 0.01, S.ACTIVE, F.HEALTHY, term=2), now + 0.01)
     assert len(only(acts, Announce)) == 1
     assert adverts(acts)  # the announcement is accompanied by a heartbeat burst

@@ -94,6 +94,7 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
 # while false suspicions at 5% random loss stay around 1e-4 per hour.
 DEFAULT_INTERVAL = 0.04
 DEFAULT_DEAD_AFTER = 8
+PENDING_WAIT = 2.0  # how long a standby waits for a starting peer that would win
 BURST = 2  # extra copies of a changed heartbeat, at interval / 8 spacing
 
 
@@ -135,6 +136,8 @@ class _Timers:
     promote_until: float | None = None
     vip_fault_until: float | None = None
     winner_idle_since: float | None = None
+    winner_idle_limit: float = 0.0
+    active_since: float | None = None
 
 
 @dataclass(slots=True)
@@ -162,6 +165,7 @@ class Election:
     _burst_left: int = 0
     _digest_warned: bytes | None = None
     _promote_now: bool = False
+    _settled_sent: bool = False  # the SETTLED flag of our last heartbeat
     _now: float = float("-inf")
 
     # --- public interface ----------------------------------------------------------------
@@ -213,7 +217,7 @@ class Election:
             if t.preempt_since is not None and not self.want_active:
                 candidates.append(t.preempt_since + self.cfg.preempt_delay)
             if t.winner_idle_since is not None:
-                candidates.append(t.winner_idle_since + dead)
+                candidates.append(t.winner_idle_since + t.winner_idle_limit)
             if self.handover is not None:
                 candidates.append(self.handover.deadline)
             candidates += [t.concede_at, t.promote_until, t.vip_fault_until]
@@ -264,6 +268,8 @@ class Election:
             flags |= Flag.PREFERRED
         if self.want_active:
             flags |= Flag.WANT_ACTIVE
+        if self._settled_sent and self.state is State.ACTIVE:
+            flags |= Flag.SETTLED
         if self.timers.promote_until is not None:
             flags |= Flag.PROMOTE
         return Advert(state=self.state, flags=flags, term=self.term,
@@ -416,7 +422,9 @@ class Election:
                 return "election: we have priority over the standby peer"
             winner_idle = True
             t.winner_idle_since = now if t.winner_idle_since is None else t.winner_idle_since
-            if now >= t.winner_idle_since + self.cfg.dead_interval:
+            # A starting peer gets longer to learn its health than a healthy one to act.
+            t.winner_idle_limit = max(self.cfg.dead_interval, PENDING_WAIT if pending else 0.0)
+            if now >= t.winner_idle_since + t.winner_idle_limit:
                 return f"peer {hb.node} won the election but did not take over"
             return ""
         finally:
@@ -489,11 +497,15 @@ class Election:
             hb.effective_priority, _name_key(hb.node))
 
     def _wins_dual(self, hb: Heartbeat) -> bool:
-        """Both active and in contact: healthy beats unhealthy, then the lower term (the
-        incumbent), then priority, then the smaller name."""
+        """Both active and in contact: healthy beats unhealthy; a settled active beats a
+        fresh takeover (a false suspicion never moves the VIPs); then the newer term wins
+        (after a real partition clients followed it); then priority, then the smaller name.
+        Our own SETTLED is the value we last sent, so both sides judge the same facts."""
         healthy = self.health is True or self.health_override
-        return (healthy, -self.term, self.cfg.priority, _name_key(self.cfg.node)) > (
-            Flag.HEALTHY in hb.flags, -hb.term, hb.effective_priority, _name_key(hb.node))
+        return (healthy, self._settled_sent, self.term, self.cfg.priority,
+                _name_key(self.cfg.node)) > (
+            Flag.HEALTHY in hb.flags, Flag.SETTLED in hb.flags, hb.term,
+            hb.effective_priority, _name_key(hb.node))
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -505,6 +517,7 @@ class Election:
                 Flag.RESIGNING | Flag.SWITCHOVER) in self.peer.heartbeat.flags
             self.preferred = peer_resign or self._promote_now
             self.term = max(self.term, self.peer_term_seen) + 1
+            self.timers.active_since = now
             self.timers.promote_until = None
             self._promote_now = self.want_active = False
             self._dual_announced = False
@@ -513,6 +526,8 @@ class Election:
             self.timers.preempt_since = self.timers.winner_idle_since = None
         if old is State.ACTIVE:
             self.preferred = self.health_override = False
+            self.timers.active_since = None
+            self._settled_sent = False
             self.handover = None
             self.timers.concede_at = None
         self.state = new
@@ -557,6 +572,9 @@ class Election:
             self._next_send += self.cfg.interval
             if not now < self._next_send <= now + self.cfg.interval:
                 self._next_send = now + self.cfg.interval
+        start = self.timers.active_since
+        self._settled_sent = (self.state is State.ACTIVE and start is not None
+                              and now >= start + 2 * self.cfg.dead_interval)
         return [SendHeartbeat(self.advert())]
 
     def _peer_problem(self, now: float) -> str:

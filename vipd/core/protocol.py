@@ -78,6 +78,7 @@ class Flag(enum.IntFlag):
     WANT_ACTIVE = 1 << 5  # preemption request to the active peer
     PROMOTE = 1 << 6  # operator promote request to the active peer
     HEALTH_PENDING = 1 << 7  # health not known yet (starting): wait for it if it would win
+    SETTLED = 1 << 8  # active for more than two dead intervals (split brain: beats a fresh one)
 
 
 class Reject(enum.StrEnum):
