@@ -5,12 +5,15 @@
 Not part of the test suite; needs root (it builds network namespaces with documentation
 addresses through `vipd.pairlab.PairLab` and deletes them on exit, error or Ctrl-C).
 
-Per fault kind one PairLab is reused; before every trial both daemons are stopped and
-restarted (node1 first, then node2) until node1 alone holds the VIP, node2 has been a
-standby for longer than the dead interval and the client gets answers from node1. Then
-the probe starts (a request every 5 ms from the client namespace), after a random
-0.5 .. 0.5 + heartbeat interval s the fault hits node1, and the trial ends when node2 holds
-the VIP and answers the client (10 s timeout = a failed trial). The outage is
+Per fault kind one PairLab is reused. Before every trial both daemons are SIGKILLed, any
+VIP they left is deleted, health and links are restored, dead responders are restarted,
+and the pair is started again (node1 0.3 s ahead of node2, so it wins the election)
+together with the probe (a request every 5 ms from the client namespace). The trial
+begins once node1 alone holds the VIP and answers the client, node2 has been a standby
+for longer than the dead interval, and the probe has sent its first request (checked in
+/proc, since the probe needs a while to import). After a random 0.5 .. 0.5 + heartbeat
+interval s the fault hits node1; the trial ends when node2 holds the VIP and answers the
+client (10 s timeout = a failed trial). The outage is
 `vipd.pairlab.outage(samples, fault_time)`: from the first unanswered request at or after
 the fault to the next answered one.
 
@@ -132,6 +135,24 @@ def clear_daemons(pair: PairLab) -> None:
                         check=False)
 
 
+RESPONDER_DEATHS: list[str] = []
+
+
+def revive_responders(pair: PairLab) -> None:
+    """`PairLab.start` starts a responder only if the node has none; one that died
+    (a reply sent just after its VIP left the node fails with ENETUNREACH, and the
+    responder does not catch it) would otherwise leave the node unable to answer."""
+    for node in pair.nodes.values():
+        proc = node.responder
+        if proc is not None and proc.poll() is not None:
+            tail = [ln for ln in pair.log_lines(node.name) if "Error" in ln][-1:]
+            RESPONDER_DEATHS.append(f"{node.name}: exit {proc.returncode}"
+                                    f"{': ' + tail[0].strip() if tail else ''}")
+            log(f"  responder on {node.name} had exited ({RESPONDER_DEATHS[-1]}); "
+                f"starting a new one")
+            node.responder = None
+
+
 def reset(pair: PairLab, asker: Asker, dead_interval: float) -> None:
     """Back to a clean, stable pair with the probe running: node1 active and answering
     the client, node2 a standby that has heard it for longer than a dead interval."""
@@ -139,6 +160,7 @@ def reset(pair: PairLab, asker: Asker, dead_interval: float) -> None:
     for attempt in range(1, RESET_ATTEMPTS + 1):
         kill_probe(pair)
         clear_daemons(pair)
+        revive_responders(pair)
         for name in pair.nodes:
             pair.set_health(name, True)
             pair.link(name, True)
@@ -449,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
                         log("idle: " + json.dumps(idle))
                     trials = results[kind] = []
                     for i in range(1, args.trials + 1):
-                        reset(pair, asker, hb.dead_interval)
-                        t = run_trial(pair, asker, kind, i, rng, hb.interval)
+                        try:
+                            reset(pair, asker, hb.dead_interval)
+                        except RuntimeError as exc:
+                            t = Trial(kind, i, error=f"no stable pair to start from: {exc}")
+                        else:
+                            t = run_trial(pair, asker, kind, i, rng, hb.interval)
                         trials.append(t)
                         res = (f"{t.outage_ms:7.1f} ms" if t.outage_ms is not None
                                else f"FAILED: {t.error}")
@@ -486,7 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         log(table({**report, "idle_seconds": args.idle_seconds}))
     else:
         print(table({**report, "idle_seconds": args.idle_seconds}))
-    log(f"runtime {runtime:.1f} s; seed {seed}")
+    if RESPONDER_DEATHS:
+        log(f"responders that died and were restarted: {len(RESPONDER_DEATHS)} "
+            f"({'; '.join(RESPONDER_DEATHS)})")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    log(f"runtime {runtime:.1f} s; seed {seed}; host load average now {load} on "
+        f"{os.cpu_count()} CPUs (other work on the host adds timer jitter)")
     return 0
 
 

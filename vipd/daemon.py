@@ -26,7 +26,7 @@ from vipd.api import Api
 from vipd.config import Config, load_config
 from vipd.control import start_api
 from vipd.core import election as el
-from vipd.core.events import reason_code
+from vipd.core.events import UNPLANNED_TAKEOVERS, reason_code
 from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
 from vipd.health import HealthMonitor, ProbeResult
@@ -349,10 +349,10 @@ class Daemon:
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
                 self.metrics.transitions.labels(old.name, new.name, reason_code(reason)).inc()
-                if new is State.ACTIVE:
-                    peer = self.election.peer
-                    since = peer.received_at if peer is not None else now
-                    self.metrics.detection.observe(max(now - since, 0.0))
+                peer = self.election.peer
+                if new is State.ACTIVE and peer is not None and reason_code(reason) in (
+                        UNPLANNED_TAKEOVERS):
+                    self.metrics.detection.observe(max(now - peer.received_at, 0.0))
                 self.state_file.save(term=term, maintenance=self.election.maintenance)
             case el.AcquireVips():
                 self._should_hold = True
@@ -427,18 +427,29 @@ class Daemon:
             self.metrics.vip_errors.inc()
             log.error("announcing VIPs failed: %s", exc)
 
+    def renew_period(self) -> float:
+        """How often the active renews the VIP lease.
+
+        The kernel counts lifetimes in whole seconds, so renewing every 40 ms buys
+        nothing over a few times a second; and a hung daemon's VIPs vanish at most one
+        lease after its last renewal, so renewing less often never keeps them longer.
+        Six chances per lease, at most every 0.5 s, at least every heartbeat interval.
+        """
+        return max(self.config.heartbeat.interval, min(self.config.vip_lease / 6, 0.5))
+
     async def _holder_loop(self) -> None:
-        """While active: renew the lease every interval, re-announce every `refresh`.
-        Also reconcile: a standby that finds its VIPs on the interface removes them."""
+        """While active: renew the lease, re-announce every `refresh`. Also reconcile:
+        a standby that finds its VIPs on the interface removes them."""
         interval = self.config.heartbeat.interval
-        last_announce = last_reconcile = time.monotonic()
+        last_announce = last_reconcile = last_renew = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             try:
                 idle = self._vip_queue.empty() and not self._vip_busy
                 if self._should_hold and idle:
-                    if self.config.vip_lease:
+                    if self.config.vip_lease and now - last_renew >= self.renew_period():
+                        last_renew = now
                         await self.mover.acquire(self.config.vip_lease)
                     refresh = self.config.announce.refresh
                     if refresh and now - last_announce >= refresh:

@@ -23,6 +23,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     Info,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -63,6 +64,7 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     registry = registry if registry is not None else CollectorRegistry()
     Info("vipd_build", "vipd build information", registry=registry).info(
         {"version": __version__})
+    ProcessCollector(registry=registry)  # process_start_time_seconds, CPU, RSS
     m = Metrics(
         registry=registry,
         transitions=Counter("vipd_transitions_total", "State changes of this node",
@@ -79,7 +81,8 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         check_duration=Histogram("vipd_check_duration_seconds", "Health probe duration",
                                  ["check"], buckets=FAST_BUCKETS, registry=registry),
         detection=Histogram("vipd_failover_detection_seconds", "From the peer's last "
-                            "heartbeat to our takeover decision", buckets=FAILOVER_BUCKETS,
+                            "heartbeat to our takeover decision, for takeovers because the "
+                            "peer failed", buckets=FAILOVER_BUCKETS,
                             registry=registry),
         acquisition=Histogram("vipd_vip_acquisition_seconds", "From the takeover decision to "
                               "the VIPs being on the interface", buckets=FAST_BUCKETS,
@@ -103,7 +106,7 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     )
     for reason in Reject:  # export zeros so that rate() and alerts work from the start
         m.heartbeats_rejected.labels(reason.value)
-    for result in ("ok", "error"):
+    for result in ("ok", "error", "refused"):
         m.reloads.labels(result)
     return m
 
@@ -128,6 +131,10 @@ class DaemonCollector(Collector):
     def _build(self, held: set[str]) -> Iterable[Metric]:
         d, e = self.d, self.d.election
         now = d.loop_time()
+        info = GaugeMetricFamily("vipd_node_info", "Always 1: names this node and its pair",
+                                 labels=["cluster", "node"])
+        info.add_metric([d.config.cluster, d.config.node], 1.0)
+        yield info
         state = GaugeMetricFamily("vipd_state", "1 for the current state of this node",
                                   labels=["state"])
         for s in State:
@@ -160,6 +167,9 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("vipd_peer_hears_this_node",
                                 "1 when the peer echoes this node's recent heartbeats",
                                 value=float(e.peer_hears_us(now)))
+        yield GaugeMetricFamily("vipd_peer_eligible", "1 when the peer could take over now "
+                                "(reachable, healthy, STANDBY or ACTIVE, not resigning)",
+                                value=float(e.peer_eligible(now)))
         peer_active = reachable and e.peer is not None and e.peer.heartbeat.state is State.ACTIVE
         yield GaugeMetricFamily("vipd_peer_active", "1 when the reachable peer is ACTIVE",
                                 value=float(peer_active))

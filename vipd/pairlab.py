@@ -154,10 +154,15 @@ class PairLab:
     # --- client probe --------------------------------------------------------------------
 
     def start_probe(self, every: float = 0.005, target: str = VIP4) -> None:
+        """Start the probe and return once its first request is out (Python start-up
+        takes 0.2-2 s; a fault injected before that would be under-measured)."""
         self.probe_out = self.workdir / f"probe-{time.monotonic_ns()}.jsonl"
+        ready = Path(f"{self.probe_out}.ready")
         self.probe = self.lab["client"].spawn(
             sys.executable, "-m", "vipd.pairlab", "probe", target, str(every),
             str(self.probe_out))
+        if not self.wait_for(ready.exists, 15, 0.005):
+            raise RuntimeError(f"the client probe did not start within 15 s ({ready})")
 
     def stop_probe(self) -> list[tuple[float, str | None]]:
         """Returns (wall time sent, answering node or None) for every request."""
@@ -214,7 +219,9 @@ def _responder(name: str) -> None:
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             data, addr = sock.recvfrom(64)
-            sock.sendto(data[:8] + name.encode(), addr)
+            # The VIP may leave between receive and reply (ENETUNREACH): keep serving.
+            with contextlib.suppress(OSError):
+                sock.sendto(data[:8] + name.encode(), addr)
 
 
 def _probe(target: str, every: float, out: str) -> None:
@@ -243,6 +250,8 @@ def _probe(target: str, every: float, out: str) -> None:
             sent[seq] = time.time()
             with contextlib.suppress(OSError):
                 s.sendto(struct.pack("!Q", seq), (target, ECHO_PORT))
+            if seq == 1:
+                Path(f"{out}.ready").touch()
             next_send += every
         try:
             data, _ = s.recvfrom(64)

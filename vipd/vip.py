@@ -50,12 +50,12 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any, Protocol, runtime_checkable
 
-from pyroute2 import IPRoute
+from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
@@ -249,41 +249,96 @@ class NetlinkMover:
         self.ifname = ifname
         self.vips: tuple[VipInterface, ...] = tuple(dict.fromkeys(vips))
         self.label = vipd_label(ifname)
+        # The async pyroute2 API on the caller's event loop: the synchronous one runs a
+        # private event loop per call (~2.3 ms of CPU against ~0.35 ms per request).
 
     def __repr__(self) -> str:
         return f"NetlinkMover({self.ifname!r}, {[str(v) for v in self.vips]})"
 
     async def acquire(self, lease: float) -> None:
         lifetime = lifetime_seconds(lease)
-        await asyncio.to_thread(self._acquire, lifetime)
+        async with self._netlink("add VIPs") as ipr:
+            index = await self._require_index(ipr, "add VIPs")
+            failures: list[tuple[VipInterface, Exception]] = []
+            for vip in self.vips:
+                try:
+                    await ipr.addr("replace", **self._add_request(index, vip, lifetime))
+                except (NetlinkError, OSError) as exc:
+                    failures.append((vip, exc))
+            _raise_failures("add VIPs (expected the kernel to accept them)",
+                            self.ifname, failures)
+        log.debug("VIPs %s on %s with lifetime %s s", self.vips, self.ifname, lifetime)
 
     async def release(self) -> None:
-        await asyncio.to_thread(self._release)
+        async with self._netlink("remove VIPs") as ipr:
+            index = await self._index(ipr)
+            if index is None:
+                # Addresses die with their interface: nothing of ours can be left.
+                log.info("interface %s does not exist, so it holds none of %s",
+                         self.ifname, self.vips)
+                return
+            failures: list[tuple[VipInterface, Exception]] = []
+            for vip in self.vips:
+                try:
+                    await ipr.addr("del", index=index, address=str(vip.ip),
+                                   prefixlen=vip.network.prefixlen)
+                except NetlinkError as exc:
+                    if exc.code in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                        continue  # absent already: the goal is reached
+                    failures.append((vip, exc))
+                except OSError as exc:
+                    failures.append((vip, exc))
+            _raise_failures("remove VIPs", self.ifname, failures)
+        log.debug("VIPs %s released from %s", self.vips, self.ifname)
 
     async def held(self) -> set[VipInterface]:
-        return await asyncio.to_thread(self._held)
+        wanted = set(self.vips)
+        present: set[VipInterface] = set()
+        async with self._netlink("list addresses") as ipr:
+            index = await self._require_index(ipr, "list VIPs")
+            try:
+                messages = [m async for m in await ipr.addr("dump", index=index)]
+            except (NetlinkError, OSError) as exc:
+                raise VipError(f"cannot list the addresses of interface {self.ifname}: "
+                               f"{_reason(exc)}") from exc
+        for msg in messages:
+            if msg["index"] != index:
+                continue
+            # For IPv4 IFA_ADDRESS is the peer on point-to-point links; the address
+            # that is ours is IFA_LOCAL.
+            key = "local" if msg["family"] == socket.AF_INET else "address"
+            address = msg.get(key)
+            if address is None:
+                continue
+            vip = _interface(f"{address}/{msg['prefixlen']}")
+            if vip in wanted:
+                present.add(vip)
+        return present
 
     async def announce(self) -> None:
+        # Packet sockets block for microseconds; a worker thread keeps even that off the loop.
         await asyncio.to_thread(self._announce)
 
-    # The blocking halves below run in a worker thread, one fresh netlink socket each.
-
-    @contextmanager
-    def _netlink(self, what: str) -> Iterator[IPRoute]:
+    @asynccontextmanager
+    async def _netlink(self, what: str) -> AsyncIterator[AsyncIPRoute]:
+        """A netlink socket for one operation, in the calling thread's network namespace."""
         try:
-            ipr = IPRoute()
+            ipr = AsyncIPRoute()
+            await ipr.setup_endpoint()
         except OSError as exc:
             raise VipError(f"cannot open a netlink socket to {what} on interface "
                            f"{self.ifname}: {_reason(exc)}") from exc
-        with ipr:
+        try:
             yield ipr
+        finally:
+            ipr.close()
 
-    def _index(self, ipr: IPRoute) -> int | None:
-        found = ipr.link_lookup(ifname=self.ifname)
+    async def _index(self, ipr: AsyncIPRoute) -> int | None:
+        found = await ipr.link_lookup(ifname=self.ifname)
         return found[0] if found else None
 
-    def _require_index(self, ipr: IPRoute, what: str) -> int:
-        index = self._index(ipr)
+    async def _require_index(self, ipr: AsyncIPRoute, what: str) -> int:
+        index = await self._index(ipr)
         if index is None:
             raise VipError(f"cannot {what}: interface {self.ifname} does not exist "
                            f"(expected the configured interface to be present)")
@@ -303,65 +358,6 @@ class NetlinkMover:
         elif self.label is not None:
             request["label"] = self.label
         return request
-
-    def _acquire(self, lifetime: int) -> None:
-        with self._netlink("add VIPs") as ipr:
-            index = self._require_index(ipr, "add VIPs")
-            failures: list[tuple[VipInterface, Exception]] = []
-            for vip in self.vips:
-                try:
-                    ipr.addr("replace", **self._add_request(index, vip, lifetime))
-                except (NetlinkError, OSError) as exc:
-                    failures.append((vip, exc))
-            _raise_failures("add VIPs (expected the kernel to accept them)",
-                            self.ifname, failures)
-        log.debug("VIPs %s on %s with lifetime %s s", self.vips, self.ifname, lifetime)
-
-    def _release(self) -> None:
-        with self._netlink("remove VIPs") as ipr:
-            index = self._index(ipr)
-            if index is None:
-                # Addresses die with their interface: nothing of ours can be left.
-                log.info("interface %s does not exist, so it holds none of %s",
-                         self.ifname, self.vips)
-                return
-            failures: list[tuple[VipInterface, Exception]] = []
-            for vip in self.vips:
-                try:
-                    ipr.addr("del", index=index, address=str(vip.ip),
-                             prefixlen=vip.network.prefixlen)
-                except NetlinkError as exc:
-                    if exc.code in (errno.EADDRNOTAVAIL, errno.ENODEV):
-                        continue  # absent already: the goal is reached
-                    failures.append((vip, exc))
-                except OSError as exc:
-                    failures.append((vip, exc))
-            _raise_failures("remove VIPs", self.ifname, failures)
-        log.debug("VIPs %s released from %s", self.vips, self.ifname)
-
-    def _held(self) -> set[VipInterface]:
-        wanted = set(self.vips)
-        present: set[VipInterface] = set()
-        with self._netlink("list addresses") as ipr:
-            index = self._require_index(ipr, "list VIPs")
-            try:
-                messages = ipr.addr("dump", index=index)
-            except (NetlinkError, OSError) as exc:
-                raise VipError(f"cannot list the addresses of interface {self.ifname}: "
-                               f"{_reason(exc)}") from exc
-            for msg in messages:
-                if msg["index"] != index:
-                    continue
-                # For IPv4 IFA_ADDRESS is the peer on point-to-point links; the
-                # address that is ours is IFA_LOCAL.
-                key = "local" if msg["family"] == socket.AF_INET else "address"
-                address = msg.get(key)
-                if address is None:
-                    continue
-                vip = _interface(f"{address}/{msg['prefixlen']}")
-                if vip in wanted:
-                    present.add(vip)
-        return present
 
     def _announce(self) -> None:
         if not self.vips:

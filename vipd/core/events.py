@@ -138,6 +138,9 @@ _REASON_CODES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^split brain: ", "split_brain"),
     ))
 REASON_CODES = tuple(sorted({code for _, code in _REASON_CODES} | {"other"}))
+# Takeovers because the peer failed (not planned, not the start-up election).
+UNPLANNED_TAKEOVERS = frozenset({"peer_dead", "peer_ineligible", "peer_unhealthy",
+                                 "peer_idle"})
 
 
 def reason_code(reason: str) -> str:
