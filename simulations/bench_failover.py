@@ -40,6 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +49,17 @@ from typing import Any
 from vipd.config import load_config
 from vipd.lab import list_namespaces
 from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, outage
+from vipd.tokens import new_token
 
 FAULTS = {
     "kill": "SIGKILL of the daemon and its service (node crash)",
     "stop": "SIGTERM to the daemon (graceful stop)",
     "health": "the health check starts failing",
     "link-down": "the node's link goes down",
+    "switchover": "planned switchover through the control API (POST /v1/switchover)",
 }
+# The operate token of the switchover lab (the API needs one; made per run, never stored).
+_TOKEN, _TOKEN_LINE = new_token("bench", "operate")
 ACTIVE, OTHER = "node1", "node2"
 PROBE_EVERY = 0.005
 PHASE_BASE = 0.5
@@ -228,8 +234,24 @@ def inject(pair: PairLab, fault: str, node: str) -> None:
         pair.set_health(node, False)
     elif fault == "link-down":
         pair.link(node, False)
+    elif fault == "switchover":
+        # From a thread inside the node's namespace: no process start in the measurement.
+        status = pair.lab[node].run(_post_switchover)
+        if status != 200:
+            raise RuntimeError(f"switchover refused with HTTP {status}")
     else:
         raise ValueError(fault)
+
+
+def _post_switchover() -> int:
+    request = urllib.request.Request(
+        "http://127.0.0.1:9440/v1/switchover", data=b"{}", method="POST",
+        headers={"Authorization": f"Bearer {_TOKEN}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def longest_gap(samples: list[tuple[float, str | None]], after: float) -> float:
@@ -457,7 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         f"work dir {workdir}")
     try:
         for kind_no, kind in enumerate(args.faults):
-            pair = PairLab.create(workdir / kind)
+            extra = ""
+            if kind == "switchover":
+                tokens = workdir / "tokens"
+                fd = os.open(tokens, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(_TOKEN_LINE + "\n")
+                extra = f"api: {{tokens_file: {tokens}}}\n"
+            pair = PairLab.create(workdir / kind, extra=extra)
             prefixes.append(pair.lab.prefix)
             try:
                 hb = load_config(pair.nodes[ACTIVE].config).heartbeat

@@ -39,6 +39,7 @@ from vipd.vip import NetlinkMover, VipMover, announce_burst
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 0.8  # SIGTERM must end the process within a second
+RECONCILE_EVERY = 2.0  # a standby checks this often that none of its VIPs is on the interface
 
 
 def election_config(cfg: Config) -> el.ElectionConfig:
@@ -97,6 +98,8 @@ class Daemon:
         self._vip_queue: asyncio.Queue[el.AcquireVips | el.ReleaseVips] = asyncio.Queue()
         self._should_hold = False
         self._vip_busy = False  # the worker is applying an acquire/release right now
+        self._holder_wake = asyncio.Event()
+        self._last_renew = self._last_announce = self._last_reconcile = time.monotonic()
         self._announcer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hooks: set[asyncio.Task[None]] = set()
@@ -358,11 +361,13 @@ class Daemon:
                 self._should_hold = True
                 self._took_over_at = now
                 self._vip_queue.put_nowait(action)
+                self._holder_wake.set()
             case el.ReleaseVips():
                 self._should_hold = False
                 if self._announcer is not None:
                     self._announcer.cancel()
                 self._vip_queue.put_nowait(action)
+                self._holder_wake.set()
             case el.Announce(reason=reason):
                 if action.reason != "takeover":  # the takeover burst follows the acquire
                     log.info("re-announcing VIPs: %s", reason)
@@ -397,6 +402,7 @@ class Daemon:
             try:
                 if isinstance(op, el.AcquireVips):
                     await self.mover.acquire(self.config.vip_lease)
+                    self._last_renew = self._last_announce = time.monotonic()
                     if self._took_over_at is not None:
                         self.metrics.acquisition.observe(self.loop_time() - self._took_over_at)
                     took = 1000 * (time.monotonic() - started)
@@ -439,24 +445,34 @@ class Daemon:
 
     async def _holder_loop(self) -> None:
         """While active: renew the lease, re-announce every `refresh`. Also reconcile:
-        a standby that finds its VIPs on the interface removes them."""
-        interval = self.config.heartbeat.interval
-        last_announce = last_reconcile = last_renew = time.monotonic()
+        a standby that finds its VIPs on the interface removes them. Sleeps until the
+        next of these is due (a standby wakes every 2 s, not every heartbeat); a
+        takeover or release wakes it at once."""
         while True:
-            await asyncio.sleep(interval)
+            holding = self._should_hold
+            due = [self._last_reconcile + RECONCILE_EVERY] if not holding else []
+            if holding and self.config.vip_lease:
+                due.append(self._last_renew + self.renew_period())
+            if holding and self.config.announce.refresh:
+                due.append(self._last_announce + self.config.announce.refresh)
+            self._holder_wake.clear()
+            timeout = max(min(due, default=time.monotonic() + RECONCILE_EVERY)
+                          - time.monotonic(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._holder_wake.wait(), timeout)
             now = time.monotonic()
             try:
                 idle = self._vip_queue.empty() and not self._vip_busy
                 if self._should_hold and idle:
-                    if self.config.vip_lease and now - last_renew >= self.renew_period():
-                        last_renew = now
+                    if self.config.vip_lease and now >= self._last_renew + self.renew_period():
+                        self._last_renew = now
                         await self.mover.acquire(self.config.vip_lease)
                     refresh = self.config.announce.refresh
-                    if refresh and now - last_announce >= refresh:
-                        last_announce = now
+                    if refresh and now >= self._last_announce + refresh:
+                        self._last_announce = now
                         self._start_announcer()
-                elif not self._should_hold and now - last_reconcile >= 2.0:
-                    last_reconcile = now
+                elif not self._should_hold and now >= self._last_reconcile + RECONCILE_EVERY:
+                    self._last_reconcile = now
                     if idle and await self.mover.held():
                         log.warning("found VIPs on %s while not active: removing them",
                                     self.config.interface)
