@@ -391,6 +391,9 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     state_dir: ConfigPath | None = None
+    # Exec checks and hooks run as this user when vipd runs as root (default "nobody");
+    # an unprivileged vipd (the systemd unit) runs them as itself, capabilities dropped.
+    exec_user: Name | None = None
 
     @property
     def effective_state_dir(self) -> Path:

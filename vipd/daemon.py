@@ -32,6 +32,8 @@ from vipd.errors import VipdError, VipError
 from vipd.health import HealthMonitor, ProbeResult
 from vipd.keys import load_keys
 from vipd.metrics import DaemonCollector, build_metrics, serve_metrics
+from vipd.privileges import resolve_exec_user
+from vipd.systemd import Notifier
 from vipd.tokens import load_tokens
 from vipd.transport import HeartbeatTransport
 from vipd.vip import NetlinkMover, VipMover, announce_burst
@@ -99,6 +101,9 @@ class Daemon:
         self._should_hold = False
         self._vip_busy = False  # the worker is applying an acquire/release right now
         self._holder_wake = asyncio.Event()
+        self.notifier = Notifier()
+        self._ready_sent = False
+        self._last_timer_fire = time.monotonic()
         self._last_renew = self._last_announce = self._last_reconcile = time.monotonic()
         self._announcer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -112,6 +117,7 @@ class Daemon:
         self.election = el.Election(election_config(config), term=int(saved.get("term", 0)),
                                     maintenance=bool(saved.get("maintenance", False)))
         self.session = self._new_session()
+        self.exec_user = resolve_exec_user(config.exec_user)
         self.metrics = build_metrics()
         self.collector = DaemonCollector(self)
         self.metrics.registry.register(self.collector)
@@ -159,6 +165,8 @@ class Daemon:
             self._spawn(self._vip_worker(), "vip worker")
             self._spawn(self._holder_loop(), "lease renewal")
             self._health_task = self._spawn(self.health.run(), "health monitor")
+            if self.notifier.watchdog:
+                self._spawn(self._watchdog_loop(self.notifier.watchdog), "watchdog")
             self._handle(el.Start())
             await self._done.wait()
         finally:
@@ -189,6 +197,7 @@ class Daemon:
             log.error("releasing VIPs at exit failed: %s", exc)
         if self.transport is not None:
             self.transport.close()
+        self.notifier.close()
         log.info("stopped")
 
     def _on_stop_signal(self) -> None:
@@ -197,6 +206,7 @@ class Daemon:
             self._done.set()
             return
         log.info("stop requested: handing over and releasing VIPs")
+        self.notifier.notify(STOPPING=1, STATUS="stopping: handing over")
         self._stop_at = time.monotonic()
         self._handle(el.Shutdown())
         assert self._loop is not None
@@ -208,8 +218,15 @@ class Daemon:
     async def _reload(self) -> None:
         if self.config_path is None:
             return
+        self.notifier.notify(RELOADING=1)
         try:
-            new = load_config(self.config_path)
+            await self._reload_config(self.config_path)
+        finally:
+            self.notifier.notify(READY=1, STATUS=self._status_line())
+
+    async def _reload_config(self, path: Path) -> None:
+        try:
+            new = load_config(path)
             keys = KeyRing(load_keys(new.auth.key_file))
         except (VipdError, ValueError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
@@ -256,7 +273,8 @@ class Daemon:
                  ", ".join(c.name for c in self.config.health) or "none")
 
     def _new_health_monitor(self) -> HealthMonitor:
-        return HealthMonitor(self.config.health, self._on_health, on_probe=self._on_probe)
+        return HealthMonitor(self.config.health, self._on_health, on_probe=self._on_probe,
+                             exec_preexec=self.exec_user.preexec())
 
     def _on_probe(self, check: str, result: ProbeResult) -> None:
         self.metrics.check_duration.labels(check).observe(result.duration)
@@ -299,7 +317,25 @@ class Daemon:
         self._rearm()
         if self.election.finished:
             self._done.set()
+        elif not self._ready_sent and self.election.ready(now):
+            self._ready_sent = True
+            self.notifier.notify(READY=1, STATUS=self._status_line())
         return actions
+
+    def _status_line(self) -> str:
+        e = self.election
+        peer = e.peer.heartbeat if e.peer is not None else None
+        seen = f"peer {peer.node} {peer.state.name}" if peer is not None else "peer not heard"
+        return f"{e.state.name} term {e.term}, {seen}"
+
+    async def _watchdog_loop(self, period: float) -> None:
+        """WATCHDOG=1 at half the period, but only while the election timer really fires:
+        a wedged runtime (timer not firing) stops the pings and systemd restarts it."""
+        stale = max(1.0, 4 * self.config.heartbeat.interval)
+        while True:
+            if time.monotonic() - self._last_timer_fire <= stale:
+                self.notifier.notify(WATCHDOG=1)
+            await asyncio.sleep(period / 2)
 
     handle = _handle  # for the control API: an operator command is just another event
 
@@ -318,6 +354,7 @@ class Daemon:
 
     def _on_timer(self, deadline: float) -> None:
         assert self._loop is not None
+        self._last_timer_fire = time.monotonic()
         self.metrics.lateness.observe(max(self._loop.time() - deadline, 0.0))
         self._handle(el.Tick())
 
@@ -351,6 +388,7 @@ class Daemon:
                 self.metrics.heartbeats_sent.inc(len(self.config.heartbeat.peers))
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
+                self.notifier.notify(STATUS=f"{new.name} term {term} ({reason or old.name})")
                 self.metrics.transitions.labels(old.name, new.name, reason_code(reason)).inc()
                 peer = self.election.peer
                 if new is State.ACTIVE and peer is not None and reason_code(reason) in (
@@ -495,7 +533,7 @@ class Daemon:
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self.exec_user.preexec())
         except OSError as exc:
             log.error("hook %s %s could not start: %s", hook.hook, argv[0], exc)
             self.metrics.hooks.labels(hook.hook, "not_started").inc()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -159,11 +160,13 @@ class ExecProbe:
     child holding stderr would turn a finished check into a timeout.
     """
 
-    def __init__(self, command: Sequence[str], *, timeout: float) -> None:
+    def __init__(self, command: Sequence[str], *, timeout: float,
+                 preexec: Callable[[], None] | None = None) -> None:
         if not command:
             raise ValueError("exec check needs a non-empty command")
         self.command = tuple(command)
         self.timeout = timeout
+        self.preexec = preexec
 
     async def probe(self) -> ProbeResult:
         start = time.monotonic()
@@ -185,6 +188,7 @@ class ExecProbe:
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=write_fd,
                     start_new_session=True,
+                    preexec_fn=self.preexec,  # drops vipd's capabilities (privileges.py)
                 )
             finally:
                 os.close(write_fd)
@@ -355,7 +359,8 @@ def _seconds(value: Any, default: float) -> float:
     return float(value)
 
 
-def make_probe(spec: CheckSpec, session: aiohttp.ClientSession | None) -> Probe:
+def make_probe(spec: CheckSpec, session: aiohttp.ClientSession | None,
+               preexec: Callable[[], None] | None = None) -> Probe:
     if spec.kind == "http":
         if session is None:
             raise ValueError(f"health check {spec.name!r}: http probe needs a session")
@@ -366,7 +371,7 @@ def make_probe(spec: CheckSpec, session: aiohttp.ClientSession | None) -> Probe:
         assert spec.host is not None and spec.port is not None
         return TcpProbe(spec.host, spec.port, timeout=spec.timeout)
     assert spec.command is not None
-    return ExecProbe(spec.command, timeout=spec.timeout)
+    return ExecProbe(spec.command, timeout=spec.timeout, preexec=preexec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,8 +421,9 @@ class HealthMonitor:
         checks: Iterable[CheckSpec | Any],
         on_change: OnChange,
         *,
-        probe_factory: Callable[[CheckSpec, aiohttp.ClientSession | None], Probe] = make_probe,
+        probe_factory: Callable[[CheckSpec, aiohttp.ClientSession | None], Probe] | None = None,
         on_probe: Callable[[str, ProbeResult], None] | None = None,
+        exec_preexec: Callable[[], None] | None = None,
     ) -> None:
         specs = [c if isinstance(c, CheckSpec) else CheckSpec.from_config(c) for c in checks]
         names = [s.name for s in specs]
@@ -426,7 +432,8 @@ class HealthMonitor:
             raise ValueError(f"duplicate health check names: {', '.join(dupes)}")
         self._checks = [_Check(s) for s in specs]
         self._on_change = on_change
-        self._probe_factory = probe_factory
+        self._probe_factory = probe_factory or functools.partial(make_probe,
+                                                                 preexec=exec_preexec)
         self._on_probe = on_probe  # every result (metrics); on_change only sees changes
         self._session: aiohttp.ClientSession | None = None
         self._reported: bool | None = None

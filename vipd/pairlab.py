@@ -82,7 +82,10 @@ class PairLab:
                 f"auth: {{key_file: {key}}}\n"
                 f"health:\n  - {{name: service, exec: {{command: [/usr/bin/test, -e, "
                 f"{health}]}}, interval: 100ms, timeout: 80ms, rise: 2, fall: 2}}\n"
-                f"state_dir: {workdir / ('state-' + name)}\n{extra}")
+                f"state_dir: {workdir / ('state-' + name)}\n"
+                # The lab runs as root with its files in 0700 temp dirs: checks keep uid 0
+                # (with every capability dropped) instead of the default "nobody".
+                f"exec_user: root\n{extra}")
             pair.nodes[name] = Node(name, index, prio, cfg, workdir / f"{name}.log", health)
         return pair
 

@@ -196,6 +196,10 @@ class Pair:
             "api": {"listen": None},
             "metrics": {"listen": None},
         }
+        if os.geteuid() == 0:
+            # Checks and hooks use files in root's 0700 tmp_path: keep uid 0 (every
+            # capability is still dropped); the default "nobody" could not reach them.
+            settings["exec_user"] = "root"
         return Node(name, settings, self.tmp_path / f"{name}.yaml", self.journal)
 
     @property
