@@ -132,6 +132,27 @@ def release(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_install_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, metavar="FILE",
+                        help="the pair's YAML config")
+    parser.add_argument("--user", default="vipd",
+                        help="the user the service runs as (systemd unit: vipd); "
+                             "'' to skip ownership checks")
+
+
+def install_check(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing FAILs (warnings are printed), 1 otherwise."""
+    from vipd.installcheck import FAIL, run_checks
+
+    findings = run_checks(args.config, args.user or None)
+    for f in findings:
+        print(f"{f.level:<5} {f.check:<15} {f.detail}")
+    failed = sum(1 for f in findings if f.level == FAIL)
+    print(f"{args.config}: {failed} problem(s), "
+          f"{sum(1 for f in findings if f.level == 'WARN')} warning(s)")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     from vipd.demo import add_arguments
 
@@ -155,6 +176,9 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run the daemon for one pair config", _add_run, run),
     "release": Command("remove this config's VIPs from the interface (ExecStopPost)",
                        _add_release, release),
+    "install-check": Command("report what is missing or unsafe for running this config "
+                             "(file modes, user, capabilities, interface, sysctls, peers)",
+                             _add_install_check, install_check),
     "demo": Command("build a throwaway namespace lab, fail over, print the timeline (root)",
                     _add_demo, demo),
 }

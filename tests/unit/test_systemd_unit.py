@@ -1,0 +1,84 @@
+"""The shipped unit: valid for systemd, hardened (exposure <= 2.5), least privilege."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "vipd@.service"
+SYSUSERS = UNIT.with_name("vipd.sysusers.conf")
+
+
+def _analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing: .ci/run must install systemd")
+        pytest.skip("systemd-analyze not installed")
+    return tool
+
+
+def _settings() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> Path:
+    """The unit as an instance, ExecStart pointing at the vipd actually installed here
+    (verify checks that the executables exist)."""
+    vipd = shutil.which("vipd")
+    assert vipd, "the vipd console script must be installed (pip install -e .)"
+    unit = tmp_path / "vipd@web.service"
+    unit.write_text(UNIT.read_text().replace("/opt/vipd/bin/vipd", vipd))
+    return unit
+
+
+def test_systemd_analyze_verify_is_clean(rendered: Path) -> None:
+    out = subprocess.run([_analyze(), "verify", str(rendered)], capture_output=True,
+                         text=True, timeout=60, cwd=rendered.parent)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+def test_security_exposure_is_ok(rendered: Path) -> None:
+    out = subprocess.run([_analyze(), "security", "--offline=true", str(rendered)],
+                         capture_output=True, text=True, timeout=60, cwd=rendered.parent)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\S+)", out.stdout)
+    assert match, out.stdout + out.stderr
+    print(f"\nsystemd-analyze security --offline=true: exposure {match[1]} {match[2]}")
+    assert float(match[1]) <= 2.5, out.stdout
+
+
+def test_least_privilege_and_lifecycle_settings() -> None:
+    s = _settings()
+    caps = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert set(s["AmbientCapabilities"][0].split()) == caps
+    assert set(s["CapabilityBoundingSet"][0].split()) == caps
+    assert set(s["RestrictAddressFamilies"][0].split()) == {
+        "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_UNIX"}
+    assert s["User"] == ["vipd"] and s["NoNewPrivileges"] == ["yes"]
+    assert s["Type"] == ["notify"] and s["WatchdogSec"] and s["Restart"] == ["on-failure"]
+    assert s["ExecStopPost"] == ["/opt/vipd/bin/vipd release -c /etc/vipd/%i.yaml"]
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["UMask"] == ["0077"] and s["ProtectSystem"] == ["strict"]
+    for key in ("ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+                "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+                "RestrictNamespaces", "LockPersonality", "MemoryDenyWriteExecute"):
+        assert s[key] == ["yes"], key
+    assert "@system-service" in s["SystemCallFilter"]
+    assert s["SystemCallArchitectures"] == ["native"]
+
+
+def test_sysusers_snippet_creates_the_service_user() -> None:
+    rows = [line.split() for line in SYSUSERS.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert rows and rows[0][:2] == ["u", "vipd"]

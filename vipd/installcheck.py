@@ -1,0 +1,186 @@
+"""`vipd install-check -c FILE`: what would stop this host from running the pair safely.
+
+Each finding is OK, WARN (works, but an operator should know) or FAIL (vipd will not work
+as intended). Nothing is sent on the network: peers are checked by a route lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, ip_address
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vipd.config import Config, load_config
+from vipd.errors import ConfigError, VipdError
+from vipd.keys import load_keys
+from vipd.tokens import load_tokens
+
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: str
+    check: str
+    detail: str
+
+
+def _sysctl(path: str) -> str | None:
+    try:
+        return Path("/proc/sys", path).read_text().strip()
+    except OSError:
+        return None
+
+
+def check_file(path: Path, what: str, user: str | None, secret: bool) -> list[Finding]:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return [Finding(FAIL, what, f"{path}: {exc.strerror}")]
+    mode = stat.S_IMODE(st.st_mode)
+    owner = _user_name(st.st_uid)
+    found = []
+    if secret and mode & 0o077:
+        found.append(Finding(FAIL, what, f"{path}: mode {mode:04o} gives access to group/"
+                                         f"others; chmod 600 {path}"))
+    elif not secret and mode & 0o002:
+        found.append(Finding(FAIL, what, f"{path}: mode {mode:04o} is world-writable"))
+    if secret and user is not None and owner != user:
+        found.append(Finding(FAIL, what, f"{path}: owned by {owner}, but vipd runs as {user} "
+                                         f"and must read it; chown {user} {path}"))
+    return found or [Finding(OK, what, f"{path}: owner {owner}, mode {mode:04o}")]
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def check_capabilities() -> Finding:
+    if os.geteuid() == 0:
+        return Finding(OK, "capabilities", "running as root; the systemd unit runs vipd as "
+                       "an unprivileged user with CAP_NET_ADMIN and CAP_NET_RAW only")
+    status = Path("/proc/self/status").read_text()
+    eff = int(next(line.split()[1] for line in status.splitlines()
+                   if line.startswith("CapEff:")), 16)
+    missing = [name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+                                      (CAP_NET_RAW, "CAP_NET_RAW")) if not eff >> bit & 1]
+    if missing:
+        return Finding(FAIL, "capabilities", f"this process lacks {', '.join(missing)}: vipd "
+                       "needs both to move and announce VIPs")
+    return Finding(OK, "capabilities", "CAP_NET_ADMIN and CAP_NET_RAW present")
+
+
+def check_sysctls(cfg: Config) -> list[Finding]:
+    iface, found = cfg.interface, []
+    rp = max(int(_sysctl(f"net/ipv4/conf/{k}/rp_filter") or 0) for k in ("all", iface))
+    if rp == 1:
+        found.append(Finding(WARN, "rp_filter", f"strict reverse-path filtering on {iface} "
+                             "(rp_filter=1) drops VIP traffic that arrives on another "
+                             "interface than the reply would use; 0 or 2 is safer"))
+    ignore = max(int(_sysctl(f"net/ipv4/conf/{k}/arp_ignore") or 0) for k in ("all", iface))
+    narrow = [v for v in cfg.vips if isinstance(v, IPv4Interface) and v.network.prefixlen == 32]
+    if ignore >= 8:
+        found.append(Finding(FAIL, "arp_ignore", f"arp_ignore={ignore} on {iface}: the node "
+                             "never answers ARP, clients cannot reach the VIPs"))
+    elif ignore >= 2 and narrow:
+        found.append(Finding(FAIL, "arp_ignore", f"arp_ignore={ignore} answers ARP only for "
+                             f"senders in the target's subnet; a /32 VIP ({narrow[0]}) has no "
+                             "such sender: use 0 or 1"))
+    announce = max(int(_sysctl(f"net/ipv4/conf/{k}/arp_announce") or 0)
+                   for k in ("all", iface))
+    if announce == 0:
+        found.append(Finding(WARN, "arp_announce", f"arp_announce=0 on {iface}: the VIP may "
+                             "be used as the source of ARP requests; 2 keeps neighbours' "
+                             "caches pointing at the node's own address"))
+    if any(v.version == 6 for v in cfg.vips) and _sysctl(
+            f"net/ipv6/conf/{iface}/disable_ipv6") == "1":
+        found.append(Finding(FAIL, "ipv6", f"IPv6 is disabled on {iface}, but IPv6 VIPs are "
+                             "configured"))
+    if not found:
+        found.append(Finding(OK, "sysctls", f"rp_filter={rp}, arp_ignore={ignore}, "
+                             f"arp_announce={announce} on {iface}"))
+    return found
+
+
+async def _messages(reply: Any) -> list[Any]:
+    """pyroute2's async API answers dumps with an async generator, gets with a list."""
+    if hasattr(reply, "__aiter__"):
+        return [m async for m in reply]
+    return list(reply)
+
+
+async def check_network(cfg: Config) -> list[Finding]:
+    found = []
+    async with AsyncIPRoute() as ipr:
+        links = await ipr.link_lookup(ifname=cfg.interface)
+        if not links:
+            return [Finding(FAIL, "interface", f"{cfg.interface} does not exist")]
+        link = (await _messages(await ipr.link("get", index=links[0])))[0]
+        up = link.get("state") == "up" or bool(link["flags"] & 1)
+        found.append(Finding(OK if up else FAIL, "interface",
+                             f"{cfg.interface} is {'up' if up else 'down'}"))
+        local = {str(ip_address(m.get("address") or m.get("local")))
+                 for m in await _messages(await ipr.addr("dump"))
+                 if m.get("address") or m.get("local")}
+        bind = str(cfg.heartbeat.bind.host)
+        if bind not in local and not ip_address(bind).is_unspecified:
+            found.append(Finding(FAIL, "heartbeat.bind", f"{bind} is not an address of this "
+                                 "host: heartbeats could not be sent from it"))
+        for peer in cfg.heartbeat.peers:
+            try:
+                route = (await _messages(await ipr.route("get", dst=str(peer.host))))[0]
+            except (NetlinkError, IndexError) as exc:
+                found.append(Finding(FAIL, "peer", f"no route to {peer.host}: {exc}"))
+                continue
+            via = route.get("oif")
+            names = [m.get_attr("IFLA_IFNAME")
+                     for m in await _messages(await ipr.link("get", index=via))]
+            found.append(Finding(OK, "peer", f"{peer} is routed via {names[0]}"))
+    return found
+
+
+def run_checks(path: str, user: str | None) -> list[Finding]:
+    cfg = load_config(path)
+    found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
+    found += check_file(Path(path), "config file", user, secret=False)
+    found += check_file(cfg.auth.key_file, "key file", user, secret=True)
+    try:
+        load_keys(cfg.auth.key_file)
+    except ConfigError as exc:
+        found.append(Finding(FAIL, "key file", "; ".join(exc.lines())))
+    if cfg.api.tokens_file is not None:
+        found += check_file(cfg.api.tokens_file, "tokens file", user, secret=True)
+        try:
+            load_tokens(cfg.api.tokens_file)
+        except ConfigError as exc:
+            found.append(Finding(FAIL, "tokens file", "; ".join(exc.lines())))
+    elif cfg.api.listen is not None:
+        found.append(Finding(WARN, "api", "no api.tokens_file: vipctl cannot drive this node"))
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            found.append(Finding(FAIL, "user", f"user {user} does not exist: install "
+                                 "systemd/vipd.sysusers.conf (systemd-sysusers)"))
+    if cfg.metrics.listen is not None and ip_address(str(cfg.metrics.listen.host)).is_unspecified:
+        found.append(Finding(WARN, "metrics", f"metrics.listen {cfg.metrics.listen} is open on "
+                             "every address: restrict it with the host firewall"))
+    found.append(check_capabilities())
+    found += check_sysctls(cfg)
+    try:
+        found += asyncio.run(check_network(cfg))
+    except (OSError, VipdError) as exc:
+        found.append(Finding(FAIL, "network", f"cannot inspect the network: {exc}"))
+    return found
