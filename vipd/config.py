@@ -179,7 +179,7 @@ def _parse_vip(value: object) -> IPv4Interface | IPv6Interface:
             iface = ip_interface(value.strip())
         except ValueError:
             raise ValueError(f"expected an IP address or address/prefix, like "
-                             f"192.168.1.10/32, got {value!r}") from None
+                             f"198.51.100.10/32, got {value!r}") from None
     else:
         raise ValueError(f"expected an IP address or address/prefix as a string, "
                          f"got {value!r}")
@@ -412,7 +412,7 @@ class Config(_Model):
     def _unique_vips(cls, vips: list[IPv4Interface | IPv6Interface]) -> list[
             IPv4Interface | IPv6Interface]:
         if not vips:
-            raise ValueError("expected at least one VIP, like [192.168.1.10/32]")
+            raise ValueError("expected at least one VIP, like [198.51.100.10/32]")
         first: dict[IPv4Address | IPv6Address, int] = {}
         problems: list[tuple[tuple[str | int, ...], str]] = []
         for i, vip in enumerate(vips):

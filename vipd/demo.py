@@ -15,14 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vipd.pairlab import VIP4, PairLab, outage
-
-FAULTS = {
-    "kill": "SIGKILL of vipd and the service on the active node (a node crash)",
-    "link-down": "the active node's network link goes down",
-    "health": "the active node's health check starts failing",
-    "stop": "SIGTERM to vipd on the active node (graceful stop: handover)",
-}
+from vipd.pairlab import FAULTS, VIP4, PairLab, outage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         pair.start_probe()
         time.sleep(1.0)
         fault_at = time.time()
-        _inject(pair, args.fault, active)
+        pair.inject(args.fault, active)
         note(f"FAULT on {active}: {FAULTS[args.fault]}", fault_at)
         pair.wait_for(lambda: other in pair.holders(), 10)
         time.sleep(1.0)
@@ -110,13 +103,3 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         print("lab removed: every namespace and process the demo made is gone")
 
-
-def _inject(pair: PairLab, fault: str, node: str) -> None:
-    if fault == "kill":
-        pair.kill(node)
-    elif fault == "link-down":
-        pair.link(node, False)
-    elif fault == "health":
-        pair.set_health(node, False)
-    else:
-        pair.stop(node)

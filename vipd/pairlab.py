@@ -33,6 +33,12 @@ VIP6 = "2001:db8:1::100"
 PORT = 5405
 ECHO_PORT = 7000
 IP_FREEBIND = 15
+FAULTS = {
+    "kill": "SIGKILL of vipd and the service on the active node (a node crash)",
+    "link-down": "the active node's network link goes down",
+    "health": "the active node's health check starts failing",
+    "stop": "SIGTERM to vipd on the active node (graceful stop: handover)",
+}
 
 
 @dataclass
@@ -135,6 +141,19 @@ class PairLab:
             path.touch()
         else:
             path.unlink(missing_ok=True)
+
+    def inject(self, fault: str, name: str) -> None:
+        """One of FAULTS on node `name` (the demo's and the benchmark's faults)."""
+        if fault == "kill":
+            self.kill(name)
+        elif fault == "link-down":
+            self.link(name, False)
+        elif fault == "health":
+            self.set_health(name, False)
+        elif fault == "stop":
+            self.stop(name)
+        else:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
 
     def holders(self, vip: str = VIP4) -> list[str]:
         return [n for n in self.nodes if self.lab[n].address(vip) is not None]

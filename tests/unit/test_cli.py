@@ -33,8 +33,8 @@ def install_example(tmp_path: Path, name: str, keys: int = 2) -> Path:
 
 
 @pytest.mark.parametrize(("name", "node", "peer"), [
-    ("node-a.yaml", "vm-a", "192.168.1.102:5405"),
-    ("node-b.yaml", "vm-b", "192.168.1.101:5405"),
+    ("node-a.yaml", "vm-a", "198.51.100.102:5405"),
+    ("node-b.yaml", "vm-b", "198.51.100.101:5405"),
 ])
 def test_check_config_accepts_the_examples(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            name: str, node: str, peer: str) -> None:

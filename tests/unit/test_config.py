@@ -34,8 +34,8 @@ VALID: dict[str, Any] = {
     "node": "vm-a",
     "cluster": "web",
     "interface": "eth0",
-    "vips": ["192.168.1.10/32", "2001:db8::10/128"],
-    "heartbeat": {"bind": "192.168.1.101:5405", "peers": ["192.168.1.102:5405"]},
+    "vips": ["198.51.100.10/32", "2001:db8::10/128"],
+    "heartbeat": {"bind": "198.51.100.101:5405", "peers": ["198.51.100.102:5405"]},
     "auth": {"key_file": "/etc/vipd/web.key"},
     "health": [
         {"name": "web", "http": {"url": "http://127.0.0.1:8080/healthz"},
@@ -166,7 +166,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_malformed_yaml_names_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("node: vm-a\ncluster: web\nvips: [192.168.1.10/32\npriority: 1\n")
+    path.write_text("node: vm-a\ncluster: web\nvips: [198.51.100.10/32\npriority: 1\n")
     [(key, msg)] = problems_of(path)
     assert key == ""
     assert msg.startswith("invalid YAML at line 4, column 9:")
@@ -195,7 +195,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, got: str) -> Non
 def test_every_problem_is_reported_not_just_the_first(tmp_path: Path) -> None:
     problems = problems_with(tmp_path, {
         "priority": 0, "bogus": 1, "vips.1": "127.0.0.1", "heartbeat.dead_after": 1,
-        "heartbeat.peers": ["192.168.1.101:5405"], "health.1.rise": 0, "node": DELETE,
+        "heartbeat.peers": ["198.51.100.101:5405"], "health.1.rise": 0, "node": DELETE,
     })
     assert {path for path, _ in problems} == {
         "priority", "bogus", "vips[1]", "heartbeat.dead_after", "heartbeat.peers[0]",
@@ -221,8 +221,8 @@ FIELD_ERRORS = [
     ("missing node", {"node": DELETE}, "node", "missing required key"),
     ("missing bind", {"heartbeat.bind": DELETE}, "heartbeat.bind", "missing required key"),
     ("missing auth", {"auth": DELETE}, "auth", "missing required key"),
-    ("section not a mapping", {"heartbeat": "192.168.1.101"}, "heartbeat",
-     "expected a mapping of keys, got '192.168.1.101'"),
+    ("section not a mapping", {"heartbeat": "198.51.100.101"}, "heartbeat",
+     "expected a mapping of keys, got '198.51.100.101'"),
     ("bad duration", {"heartbeat.interval": "xyz"}, "heartbeat.interval",
      "expected a duration like 150ms, 2s or a number of seconds, got 'xyz'"),
     ("duration unit", {"vip_lease": "3h"}, "vip_lease", "got '3h'"),
@@ -237,12 +237,12 @@ FIELD_ERRORS = [
     ("node not a string", {"node": 7}, "node", "must be a valid string, got 7"),
     ("interface too long", {"interface": "a" * 16}, "interface", "Linux interface name"),
     ("interface slash", {"interface": "eth/0"}, "interface", "got 'eth/0'"),
-    ("bad CIDR", {"vips.0": "192.168.1.10/33"}, "vips[0]",
-     "expected an IP address or address/prefix, like 192.168.1.10/32, got '192.168.1.10/33'"),
+    ("bad CIDR", {"vips.0": "198.51.100.10/33"}, "vips[0]",
+     "expected an IP address or address/prefix, like 198.51.100.10/32, got '198.51.100.10/33'"),
     ("VIP not an address", {"vips.1": "web.example"}, "vips[1]", "got 'web.example'"),
     ("VIP not a string", {"vips.0": 3232235786}, "vips[0]", "as a string, got 3232235786"),
-    ("duplicate VIP", {"vips": ["192.168.1.10/32", "192.168.1.11", "192.168.1.10/24"]},
-     "vips[2]", "192.168.1.10 is listed twice (also vips[0])"),
+    ("duplicate VIP", {"vips": ["198.51.100.10/32", "198.51.100.11", "198.51.100.10/24"]},
+     "vips[2]", "198.51.100.10 is listed twice (also vips[0])"),
     ("loopback VIP", {"vips.1": "127.0.0.1"}, "vips[1]", "127.0.0.1 is a loopback address"),
     ("IPv6 loopback VIP", {"vips.0": "::1"}, "vips[0]", "::1 is a loopback address"),
     ("multicast VIP", {"vips.0": "224.0.0.18"}, "vips[0]", "a multicast address"),
@@ -255,21 +255,21 @@ FIELD_ERRORS = [
     ("priority string", {"priority": "150"}, "priority", "valid integer, got '150'"),
     ("preempt string", {"preempt": "yes please"}, "preempt", "valid boolean"),
     ("empty peers", {"heartbeat.peers": []}, "heartbeat.peers", "at least one peer"),
-    ("peer is bind", {"heartbeat.peers": ["192.168.1.101:5405"]}, "heartbeat.peers[0]",
-     "192.168.1.101:5405 is this node's own bind address"),
-    ("family mismatch", {"heartbeat.peers": ["192.168.1.102:5405", "[2001:db8::2]:5405"]},
-     "heartbeat.peers[1]", "[2001:db8::2]:5405 is IPv6 but bind 192.168.1.101:5405 is IPv4"),
-    ("duplicate peer", {"heartbeat.peers": ["192.168.1.102:5405", "192.168.1.102:5405"]},
+    ("peer is bind", {"heartbeat.peers": ["198.51.100.101:5405"]}, "heartbeat.peers[0]",
+     "198.51.100.101:5405 is this node's own bind address"),
+    ("family mismatch", {"heartbeat.peers": ["198.51.100.102:5405", "[2001:db8::2]:5405"]},
+     "heartbeat.peers[1]", "[2001:db8::2]:5405 is IPv6 but bind 198.51.100.101:5405 is IPv4"),
+    ("duplicate peer", {"heartbeat.peers": ["198.51.100.102:5405", "198.51.100.102:5405"]},
      "heartbeat.peers[1]", "listed twice (also peers[0])"),
     ("unspecified peer", {"heartbeat.peers": ["0.0.0.0:5405"]}, "heartbeat.peers[0]",
      "not a unicast address"),
-    ("endpoint without port", {"heartbeat.bind": "192.168.1.101"}, "heartbeat.bind",
+    ("endpoint without port", {"heartbeat.bind": "198.51.100.101"}, "heartbeat.bind",
      "expected host:port with an IP address"),
     ("endpoint hostname", {"heartbeat.bind": "vm-a.example:5405"}, "heartbeat.bind",
      "got 'vm-a.example:5405'"),
     ("IPv6 endpoint without brackets", {"heartbeat.bind": "2001:db8::1:5405"},
      "heartbeat.bind", "needs brackets"),
-    ("IPv4 endpoint in brackets", {"heartbeat.bind": "[192.168.1.101]:5405"},
+    ("IPv4 endpoint in brackets", {"heartbeat.bind": "[198.51.100.101]:5405"},
      "heartbeat.bind", "brackets are only for IPv6"),
     ("port 0", {"api": {"listen": "127.0.0.1:0"}}, "api.listen", "port must be 1..65535"),
     ("port too big", {"metrics": {"listen": "127.0.0.1:65536"}}, "metrics.listen",
@@ -458,6 +458,6 @@ def test_generate_key_line_rejects_bad_ids(bad_id: int) -> None:
 def test_config_model_can_be_built_directly() -> None:
     # The daemon and the simulator build configs in code; the same checks apply there.
     with pytest.raises(ValidationError, match="own bind address"):
-        Config.model_validate(changed({"heartbeat.peers": ["192.168.1.101:5405"]}))
+        Config.model_validate(changed({"heartbeat.peers": ["198.51.100.101:5405"]}))
     config = Config.model_validate(changed({"auth.key_file": "rel.key"}))
     assert config.auth.key_file == Path("rel.key")  # no config file: left as given
