@@ -218,7 +218,8 @@ class Daemon:
     async def _reload(self) -> None:
         if self.config_path is None:
             return
-        self.notifier.notify(RELOADING=1)
+        self.notifier.notify(RELOADING=1,  # MONOTONIC_USEC: needed by Type=notify-reload
+                             MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
         try:
             await self._reload_config(self.config_path)
         finally:
