@@ -314,9 +314,13 @@ async def test_reload_sends_reloading_then_ready(
                      what="READY=1 after the reload")
     assert pair.a.daemon.config.priority == 140
     after = [m for m in reader.messages[mark:] if "WATCHDOG" not in m.fields]
-    assert [sorted(m.fields) for m in after[:2]] == [["RELOADING"], ["READY", "STATUS"]], \
+    assert [sorted(m.fields) for m in after[:2]] == [["MONOTONIC_USEC", "RELOADING"],
+                                                     ["READY", "STATUS"]], \
         reader.dump()
     assert after[0].fields["RELOADING"] == "1"
+    # Type=notify-reload wants the reload's CLOCK_MONOTONIC time in microseconds.
+    usec = int(after[0].fields["MONOTONIC_USEC"])
+    assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 60_000_000
     assert after[1].fields["READY"] == "1"
     assert after[1].fields["STATUS"].startswith("ACTIVE term ")
     assert len(reader.with_key("RELOADING")) == 1
