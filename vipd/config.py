@@ -394,6 +394,9 @@ class Config(_Model):
     # Exec checks and hooks run as this user when vipd runs as root (default "nobody");
     # an unprivileged vipd (the systemd unit) runs them as itself, capabilities dropped.
     exec_user: Name | None = None
+    # Treat the VIP interface's link as a health check (down: FAULT, VIPs released), as
+    # keepalived's interface tracking does; an isolated node then holds no VIP copy.
+    track_interface: StrictBool = True
 
     @property
     def effective_state_dir(self) -> Path:

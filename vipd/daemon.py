@@ -29,7 +29,7 @@ from vipd.core import election as el
 from vipd.core.events import UNPLANNED_TAKEOVERS, reason_code
 from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
-from vipd.health import HealthMonitor, ProbeResult
+from vipd.health import CheckSpec, HealthMonitor, ProbeResult
 from vipd.keys import load_keys
 from vipd.metrics import DaemonCollector, build_metrics, serve_metrics
 from vipd.privileges import resolve_exec_user
@@ -274,7 +274,12 @@ class Daemon:
                  ", ".join(c.name for c in self.config.health) or "none")
 
     def _new_health_monitor(self) -> HealthMonitor:
-        return HealthMonitor(self.config.health, self._on_health, on_probe=self._on_probe,
+        checks: list[Any] = list(self.config.health)
+        if self.config.track_interface:
+            checks.append(CheckSpec(name=f"link.{self.config.interface}", kind="link",
+                                    interval=0.25, timeout=0.2, rise=2, fall=1,
+                                    host=self.config.interface))
+        return HealthMonitor(checks, self._on_health, on_probe=self._on_probe,
                              exec_preexec=self.exec_user.preexec())
 
     def _on_probe(self, check: str, result: ProbeResult) -> None:

@@ -37,7 +37,7 @@ __all__ = ["CheckSpec", "CheckStatus", "ExecProbe", "HealthMonitor", "HttpProbe"
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["http", "tcp", "exec"]
+Kind = Literal["http", "tcp", "exec", "link"]
 
 # Used by CheckSpec.from_config only when the config object leaves a field out (the
 # same defaults as vipd.config.HealthCheck).
@@ -145,6 +145,23 @@ class TcpProbe:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return ProbeResult(True, "connected", duration)
+
+
+class LinkProbe:
+    """Up iff the interface's operational state is up (or "unknown", which virtual links
+    without carrier reporting use). Reads sysfs: no process, no socket."""
+
+    def __init__(self, ifname: str) -> None:
+        self.path = f"/sys/class/net/{ifname}/operstate"
+
+    async def probe(self) -> ProbeResult:
+        start = time.monotonic()
+        try:
+            with open(self.path) as f:
+                state = f.read().strip()
+        except OSError as exc:
+            return ProbeResult(False, f"interface gone ({exc.strerror})", 0.0)
+        return ProbeResult(state in ("up", "unknown"), f"link {state}", time.monotonic() - start)
 
 
 class ExecProbe:
@@ -283,8 +300,9 @@ class CheckSpec:
 
     def __post_init__(self) -> None:
         where = f"health check {self.name!r}"
-        if self.kind not in ("http", "tcp", "exec"):
-            raise ValueError(f"{where}: kind must be http, tcp or exec, got {self.kind!r}")
+        if self.kind not in ("http", "tcp", "exec", "link"):
+            raise ValueError(f"{where}: kind must be http, tcp, exec or link, "
+                             f"got {self.kind!r}")
         if self.interval <= 0 or self.timeout <= 0:
             raise ValueError(f"{where}: interval and timeout must be > 0")
         if self.rise < 1 or self.fall < 1:
@@ -296,6 +314,8 @@ class CheckSpec:
             raise ValueError(f"{where}: tcp check needs a host and a port 1..65535")
         if self.kind == "exec" and not self.command:
             raise ValueError(f"{where}: exec check needs a non-empty command")
+        if self.kind == "link" and not self.host:
+            raise ValueError(f"{where}: link check needs the interface name (host)")
 
     @classmethod
     def from_config(cls, obj: Any) -> CheckSpec:
@@ -370,6 +390,9 @@ def make_probe(spec: CheckSpec, session: aiohttp.ClientSession | None,
     if spec.kind == "tcp":
         assert spec.host is not None and spec.port is not None
         return TcpProbe(spec.host, spec.port, timeout=spec.timeout)
+    if spec.kind == "link":
+        assert spec.host is not None
+        return LinkProbe(spec.host)
     assert spec.command is not None
     return ExecProbe(spec.command, timeout=spec.timeout, preexec=preexec)
 

@@ -149,7 +149,11 @@ def test_link_down_fails_over_and_split_brain_resolves(pair: PairLab) -> None:
     gap, last = outage(pair.stop_probe(), down_at)
     print(f"\nlink down: client outage {1000 * gap:.0f} ms")
     assert gap < 5.0 and last == "node2"
-    # node1 cannot hear anything while cut off: it may keep its (unreachable) copy.
+    # node1 tracks its own link: with the link down it goes FAULT and drops its copy, so
+    # even during the partition the VIP is on one node only.
+    expect(pair, lambda: pair.holders() == ["node2"], 3.0, "node1 to drop its copy")
+    assert any("-> FAULT" in line and "link.eth0" in line for line in pair.log_lines("node1")), \
+        logs(pair)
     warm_probe(pair)
     up_at = time.time()
     mark = len(pair.log_lines("node2"))

@@ -195,6 +195,8 @@ class Pair:
             # Two daemons share one host: neither needs the control API or metrics.
             "api": {"listen": None},
             "metrics": {"listen": None},
+            # fake0 exists only for the FakeMover: there is no link to track.
+            "track_interface": False,
         }
         if os.geteuid() == 0:
             # Checks and hooks use files in root's 0700 tmp_path: keep uid 0 (every
