@@ -127,8 +127,13 @@ class Daemon:
         self.api: Api | None = None
         self._api_runner: web.AppRunner | None = None
 
+    @property
+    def _peer_addresses(self) -> list[tuple[str, int]]:
+        return self._peers_cache
+
     def _new_session(self) -> Session:
         hb = self.config.heartbeat
+        self._peers_cache = [(str(p.host), p.port) for p in hb.peers]
         return Session(cluster=self.config.cluster, node=self.config.node, keys=self.keys,
                        boot_id=self.boot_id, digest=self.election.cfg.digest,
                        peer_sources={str(p.host) for p in hb.peers},
@@ -277,7 +282,7 @@ class Daemon:
         checks: list[Any] = list(self.config.health)
         if self.config.track_interface:
             checks.append(CheckSpec(name=f"link.{self.config.interface}", kind="link",
-                                    interval=0.25, timeout=0.2, rise=2, fall=1,
+                                    interval=0.5, timeout=0.4, rise=2, fall=1,
                                     host=self.config.interface))
         return HealthMonitor(checks, self._on_health, on_probe=self._on_probe,
                              exec_preexec=self.exec_user.preexec())
@@ -351,15 +356,18 @@ class Daemon:
 
     def _rearm(self) -> None:
         assert self._loop is not None
+        deadline = self.election.next_deadline()
         if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return  # usually so after a heartbeat arrives: keep the armed timer
             self._timer.cancel()
             self._timer = None
-        deadline = self.election.next_deadline()
         if deadline is not None:
             self._timer = self._loop.call_at(deadline, self._on_timer, deadline)
 
     def _on_timer(self, deadline: float) -> None:
         assert self._loop is not None
+        self._timer = None
         self._last_timer_fire = time.monotonic()
         self.metrics.lateness.observe(max(self._loop.time() - deadline, 0.0))
         self._handle(el.Tick())
@@ -390,8 +398,8 @@ class Daemon:
             case el.SendHeartbeat(advert=advert):
                 assert self.transport is not None
                 data = self.session.seal(advert, now, time.time_ns())
-                self.transport.send(data, self.config.heartbeat.peers)
-                self.metrics.heartbeats_sent.inc(len(self.config.heartbeat.peers))
+                self.transport.send(data, self._peer_addresses)
+                self.metrics.heartbeats_sent.inc(len(self._peer_addresses))
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
                 self.notifier.notify(STATUS=f"{new.name} term {term} ({reason or old.name})")

@@ -59,12 +59,13 @@ class HeartbeatTransport(asyncio.DatagramProtocol):
         # ICMP errors (peer port unreachable while it restarts) are expected; counted only.
         self.send_errors += 1
 
-    def send(self, data: bytes, peers: Iterable[Endpoint]) -> None:
+    def send(self, data: bytes, peers: Iterable[tuple[str, int]]) -> None:
+        """`peers` as (host, port) tuples, made once: this runs for every heartbeat."""
         if self._transport is None:
             return
         for peer in peers:
             try:
-                self._transport.sendto(data, (str(peer.host), peer.port))
+                self._transport.sendto(data, peer)
             except OSError:
                 self.send_errors += 1
 

@@ -253,26 +253,28 @@ class Election:
                 and Flag.RESIGNING not in hb.flags)
 
     def advert(self) -> Advert:
-        flags = Flag.NONE
+        # Plain ints and one Flag at the end: IntFlag arithmetic is slow on this hot path.
+        active = self.state is State.ACTIVE
+        flags = 0
         if self.health or self.health_override:
-            flags |= Flag.HEALTHY
+            flags |= Flag.HEALTHY.value
         elif self.health is None and self.state is State.STANDBY:
-            flags |= Flag.HEALTH_PENDING
+            flags |= Flag.HEALTH_PENDING.value
         if self.cfg.preempt:
-            flags |= Flag.PREEMPT
+            flags |= Flag.PREEMPT.value
         if self.handover is not None:
-            flags |= Flag.RESIGNING
+            flags |= Flag.RESIGNING.value
             if self.handover.switchover:
-                flags |= Flag.SWITCHOVER
-        if self.preferred and self.state is State.ACTIVE:
-            flags |= Flag.PREFERRED
+                flags |= Flag.SWITCHOVER.value
+        if self.preferred and active:
+            flags |= Flag.PREFERRED.value
         if self.want_active:
-            flags |= Flag.WANT_ACTIVE
-        if self._settled_sent and self.state is State.ACTIVE:
-            flags |= Flag.SETTLED
+            flags |= Flag.WANT_ACTIVE.value
+        if self._settled_sent and active:
+            flags |= Flag.SETTLED.value
         if self.timers.promote_until is not None:
-            flags |= Flag.PROMOTE
-        return Advert(state=self.state, flags=flags, term=self.term,
+            flags |= Flag.PROMOTE.value
+        return Advert(state=self.state, flags=Flag(flags), term=self.term,
                       priority=self.cfg.priority, effective_priority=self.cfg.priority)
 
     # --- events --------------------------------------------------------------------------
