@@ -67,6 +67,7 @@ FAILOVER_TIMEOUT = 10.0
 AFTER_RECOVERY = 0.15  # answered samples after the takeover before stopping the probe
 RESET_ATTEMPTS = 3
 START_LEAD = 0.3  # node1 starts this much before node2
+STALE_TIMEOUT = 8.0  # vip_lease (3 s) + margin
 
 
 def log(msg: str) -> None:
@@ -279,6 +280,11 @@ def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.R
     finally:
         if fault == "link-down":
             pair.link(ACTIVE, True)
+        if fault == "kill" and ok:
+            # The dead daemon cannot release: its copy goes when the kernel lease runs out.
+            gone = pair.wait_for(lambda: ACTIVE not in pair.holders(), STALE_TIMEOUT, 0.01)
+            trial.detail["stale_ms"] = round((time.time() - fault_at) * 1000, 1) if gone \
+                else None
         try:
             samples = pair.stop_probe()
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -286,6 +292,7 @@ def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.R
         kill_probe(pair)
     gap, who = outage(samples, fault_at)
     trial.detail = {
+        **trial.detail,
         "phase_ms": round(phase * 1000, 1),
         "requests": len(samples),
         # over the random phase only: the probe starts while the pair is still forming
@@ -336,6 +343,24 @@ def daemon_pid(pair: PairLab, name: str) -> int:
     return proc.pid
 
 
+def measure_idle_without_checks(workdir: Path, args: argparse.Namespace,
+                                prefixes: list[str]) -> dict[str, dict[str, float]]:
+    """Idle cost of the daemons alone: a pair without the lab's exec check."""
+    pair = PairLab.create(workdir / "idle", checks=False, interval=args.interval,
+                          dead_after=args.dead_after)
+    prefixes.append(pair.lab.prefix)
+    try:
+        pair.start(ACTIVE, responder=False)
+        time.sleep(START_LEAD)
+        pair.start(OTHER, responder=False)
+        if pair.wait_single_holder(10) != ACTIVE:
+            raise RuntimeError("the idle pair did not settle with node1 active")
+        time.sleep(1.0)
+        return measure_idle(pair, args.idle_seconds)
+    finally:
+        pair.destroy()
+
+
 def measure_idle(pair: PairLab, seconds: float) -> dict[str, dict[str, float]]:
     pids = {name: daemon_pid(pair, name) for name in pair.nodes}
     hz = os.sysconf("SC_CLK_TCK")
@@ -366,9 +391,17 @@ def summarize(trials: list[Trial]) -> dict[str, Any]:
     failed = sum(1 for t in trials if t.outage_ms is None)
     if not ok:
         return {"n": 0, "median_ms": None, "p95_ms": None, "max_ms": None, "failed": failed}
-    return {"n": len(ok), "median_ms": round(percentile(ok, 0.5), 1),
-            "p95_ms": round(percentile(ok, 0.95), 1), "max_ms": round(max(ok), 1),
-            "failed": failed}
+    summary: dict[str, Any] = {
+        "n": len(ok), "median_ms": round(percentile(ok, 0.5), 1),
+        "p95_ms": round(percentile(ok, 0.95), 1), "max_ms": round(max(ok), 1),
+        "failed": failed}
+    stale = [t.detail["stale_ms"] for t in trials if t.detail.get("stale_ms") is not None]
+    if stale:  # kill only: from the crash until the dead node's VIP copy was gone
+        summary["stale_vip_ms"] = {"median": round(percentile(stale, 0.5), 1),
+                                   "max": round(max(stale), 1),
+                                   "missing": sum(1 for t in trials if t.outage_ms is not None
+                                                  and t.detail.get("stale_ms") is None)}
+    return summary
 
 
 def table(report: dict[str, Any]) -> str:
@@ -384,11 +417,19 @@ def table(report: dict[str, Any]) -> str:
     for kind, s in report["faults"].items():
         lines.append(f"{kind:<10} {s['n']:>3} {cell(s['median_ms']):>10} "
                      f"{cell(s['p95_ms']):>8} {cell(s['max_ms']):>8} {s['failed']:>6}")
-    if report.get("idle"):
-        lines.append(f"\nidle pair ({report['idle_seconds']:g} s, no probe)")
-        lines.append(f"{'node':<6} {'cpu %':>7} {'rss MiB':>8}")
-        for node, r in report["idle"].items():
-            lines.append(f"{node:<6} {r['cpu_percent']:>7.2f} {r['rss_mib']:>8.1f}")
+    for kind, s in report["faults"].items():
+        if "stale_vip_ms" in s:
+            st = s["stale_vip_ms"]
+            lines.append(f"{kind}: the dead node's VIP copy gone after median "
+                         f"{cell(st['median'])} ms, max {cell(st['max'])} ms (kernel lease; "
+                         f"not seen gone in {st['missing']} trials)")
+    for key, title in (("idle", "lab config: exec check every 100 ms"),
+                       ("idle_without_checks", "no health checks")):
+        if report.get(key):
+            lines.append(f"\nidle pair, {title} ({report['idle_seconds']:g} s, no probe)")
+            lines.append(f"{'node':<6} {'cpu %':>7} {'rss MiB':>8}")
+            for node, r in report[key].items():
+                lines.append(f"{node:<6} {r['cpu_percent']:>7.2f} {r['rss_mib']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -418,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-seconds", type=float, default=10.0,
                     help="idle CPU/RSS sampling time, 0 to skip (default 10)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault phases")
+    ap.add_argument("--interval", default=None,
+                    help="heartbeat interval, e.g. 100ms (default: vipd's, 40ms)")
+    ap.add_argument("--dead-after", type=int, default=None,
+                    help="missed heartbeats before the peer is dead (default: vipd's, 8)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args(argv)
@@ -435,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict[str, list[Trial]] = {}
     idle: dict[str, dict[str, float]] = {}
+    idle_bare: dict[str, dict[str, float]] = {}
     hb = None
     prefixes: list[str] = []
     log(f"bench_failover: {args.trials} trials x {', '.join(args.faults)}; seed {seed}; "
@@ -448,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                 with os.fdopen(fd, "w") as f:
                     f.write(_TOKEN_LINE + "\n")
                 extra = f"api: {{tokens_file: {tokens}}}\n"
-            pair = PairLab.create(workdir / kind, extra=extra)
+            pair = PairLab.create(workdir / kind, extra=extra, interval=args.interval,
+                                  dead_after=args.dead_after)
             prefixes.append(pair.lab.prefix)
             try:
                 hb = load_config(pair.nodes[ACTIVE].config).heartbeat
@@ -460,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"idle: sampling both daemons for {args.idle_seconds:g} s")
                         idle = measure_idle(pair, args.idle_seconds)
                         log("idle: " + json.dumps(idle))
+                        idle_bare = measure_idle_without_checks(workdir, args, prefixes)
+                        log("idle without health checks: " + json.dumps(idle_bare))
                     trials = results[kind] = []
                     for i in range(1, args.trials + 1):
                         try:
@@ -496,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         "faults": {kind: summarize(trials) for kind, trials in results.items()},
         "idle": {node: {"cpu_percent": r["cpu_percent"], "rss_mib": r["rss_mib"]}
                  for node, r in idle.items()},
+        # the same pair with no health check (the lab's check is an exec every 100 ms)
+        "idle_without_checks": {node: {"cpu_percent": r["cpu_percent"], "rss_mib": r["rss_mib"]}
+                                for node, r in idle_bare.items()},
     }
     runtime = time.monotonic() - started
     if args.json:

@@ -65,7 +65,8 @@ class PairLab:
 
     @classmethod
     def create(cls, workdir: Path, *, preempt: bool = False, preempt_delay: float = 0.0,
-               ipv6: bool = True, extra: str = "") -> PairLab:
+               ipv6: bool = True, extra: str = "", interval: str | None = None,
+               dead_after: int | None = None, checks: bool = True) -> PairLab:
         workdir.mkdir(parents=True, exist_ok=True)
         key = workdir / "pair.key"
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -84,11 +85,14 @@ class PairLab:
                 f"priority: {prio}\npreempt: {str(preempt).lower()}\n"
                 f"preempt_delay: {preempt_delay}\n"
                 f'heartbeat: {{bind: "198.51.100.{index}:{PORT}", '
-                f'peers: ["198.51.100.{other}:{PORT}"]}}\n'
+                f'peers: ["198.51.100.{other}:{PORT}"]'
+                + (f", interval: {interval}" if interval else "")
+                + (f", dead_after: {dead_after}" if dead_after else "") + "}\n"
                 f"auth: {{key_file: {key}}}\n"
-                f"health:\n  - {{name: service, exec: {{command: [/usr/bin/test, -e, "
-                f"{health}]}}, interval: 100ms, timeout: 80ms, rise: 2, fall: 2}}\n"
-                f"state_dir: {workdir / ('state-' + name)}\n"
+                + (f"health:\n  - {{name: service, exec: {{command: [/usr/bin/test, -e, "
+                   f"{health}]}}, interval: 100ms, timeout: 80ms, rise: 2, fall: 2}}\n"
+                   if checks else "")
+                + f"state_dir: {workdir / ('state-' + name)}\n"
                 # The lab runs as root with its files in 0700 temp dirs: checks keep uid 0
                 # (with every capability dropped) instead of the default "nobody".
                 f"exec_user: root\n{extra}")
