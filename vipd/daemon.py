@@ -491,9 +491,9 @@ class Daemon:
         The kernel counts lifetimes in whole seconds, so renewing every 40 ms buys
         nothing over a few times a second; and a hung daemon's VIPs vanish at most one
         lease after its last renewal, so renewing less often never keeps them longer.
-        Six chances per lease, at most every 0.5 s, at least every heartbeat interval.
+        Three chances per lease, at most every second, never more often than heartbeats.
         """
-        return max(self.config.heartbeat.interval, min(self.config.vip_lease / 6, 0.5))
+        return max(self.config.heartbeat.interval, min(self.config.vip_lease / 3, 1.0))
 
     async def _holder_loop(self) -> None:
         """While active: renew the lease, re-announce every `refresh`. Also reconcile:

@@ -75,9 +75,13 @@ class ExecUser:
     uid: int | None = None
     gid: int | None = None
 
-    def preexec(self) -> Callable[[], None]:
-        """Runs in the child between fork and exec: only syscalls."""
+    def preexec(self) -> Callable[[], None] | None:
+        """Runs in the child between fork and exec: only syscalls. None for an
+        unprivileged vipd: `shed_inheritable_capabilities` made that unnecessary, and
+        without a preexec function Python spawns children the fast way (no full fork)."""
         uid, gid = self.uid, self.gid
+        if uid is None:
+            return None
 
         def drop() -> None:
             # A kernel without ambient capabilities (EINVAL) has none to clear.
@@ -92,6 +96,23 @@ class ExecUser:
             _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")  # no setuid comeback
 
         return drop
+
+
+def shed_inheritable_capabilities() -> None:
+    """In the daemon itself, once: keep CAP_NET_ADMIN/CAP_NET_RAW effective for vipd,
+    but clear the ambient and inheritable sets so no child can receive them, and set
+    no_new_privs so no setuid binary run by a child brings privileges back."""
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL",
+           einval_ok=True)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    if data[0].inheritable or data[1].inheritable:
+        data[0].inheritable = data[1].inheritable = 0
+        if _libc.capset(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset(inheritable=0)")
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
 def resolve_exec_user(configured: str | None) -> ExecUser:
@@ -112,4 +133,9 @@ def resolve_exec_user(configured: str | None) -> ExecUser:
         raise PrivilegeError(f"exec_user {configured!r}: vipd runs as {me!r} and may not "
                              "switch users; its commands already run as that user with no "
                              "capabilities. Remove exec_user or run vipd as root.")
+    try:
+        shed_inheritable_capabilities()
+    except OSError as exc:
+        raise PrivilegeError(f"cannot keep vipd's capabilities from its children: {exc}") \
+            from exc
     return ExecUser(None)

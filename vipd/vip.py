@@ -251,6 +251,9 @@ class NetlinkMover:
         self.label = vipd_label(ifname)
         # The async pyroute2 API on the caller's event loop: the synchronous one runs a
         # private event loop per call (~2.3 ms of CPU against ~0.35 ms per request).
+        # The interface index is looked up again after any failed acquire (an interface
+        # that was re-created has a new one); renewals skip the lookup.
+        self._ifindex: int | None = None
 
     def __repr__(self) -> str:
         return f"NetlinkMover({self.ifname!r}, {[str(v) for v in self.vips]})"
@@ -258,13 +261,16 @@ class NetlinkMover:
     async def acquire(self, lease: float) -> None:
         lifetime = lifetime_seconds(lease)
         async with self._netlink("add VIPs") as ipr:
-            index = await self._require_index(ipr, "add VIPs")
+            index = self._ifindex
+            if index is None:
+                index = await self._require_index(ipr, "add VIPs")
             failures: list[tuple[VipInterface, Exception]] = []
             for vip in self.vips:
                 try:
                     await ipr.addr("replace", **self._add_request(index, vip, lifetime))
                 except (NetlinkError, OSError) as exc:
                     failures.append((vip, exc))
+            self._ifindex = None if failures else index
             _raise_failures("add VIPs (expected the kernel to accept them)",
                             self.ifname, failures)
         log.debug("VIPs %s on %s with lifetime %s s", self.vips, self.ifname, lifetime)

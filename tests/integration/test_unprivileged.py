@@ -228,7 +228,10 @@ def poke(address: str) -> None:
 def assert_two_caps_only(pid: int, uid: int) -> dict[str, str]:
     status = proc_status(pid)
     assert re.fullmatch(rf"{uid}\s+{uid}\s+{uid}\s+{uid}", status["Uid"]), status["Uid"]
-    assert status["CapEff"] == status["CapPrm"] == status["CapAmb"] == TWO_CAPS, status
+    # vipd keeps exactly the two capabilities it was started with, and clears its own
+    # ambient and inheritable sets so none of its children can receive them.
+    assert status["CapEff"] == status["CapPrm"] == TWO_CAPS, status
+    assert status["CapAmb"] == status["CapInh"] == NO_CAPS, status
     assert status["CapBnd"] == TWO_CAPS, status
     assert status["NoNewPrivs"] == "1", status
     return status
