@@ -127,13 +127,10 @@ class Daemon:
         self.api: Api | None = None
         self._api_runner: web.AppRunner | None = None
 
-    @property
-    def _peer_addresses(self) -> list[tuple[str, int]]:
-        return self._peers_cache
-
     def _new_session(self) -> Session:
         hb = self.config.heartbeat
-        self._peers_cache = [(str(p.host), p.port) for p in hb.peers]
+        # (host, port) tuples made once: the send path runs for every heartbeat.
+        self._peer_addresses = [(str(p.host), p.port) for p in hb.peers]
         return Session(cluster=self.config.cluster, node=self.config.node, keys=self.keys,
                        boot_id=self.boot_id, digest=self.election.cfg.digest,
                        peer_sources={str(p.host) for p in hb.peers},
@@ -403,10 +400,10 @@ class Daemon:
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
                 self.notifier.notify(STATUS=f"{new.name} term {term} ({reason or old.name})")
-                self.metrics.transitions.labels(old.name, new.name, reason_code(reason)).inc()
+                code = reason_code(reason)
+                self.metrics.transitions.labels(old.name, new.name, code).inc()
                 peer = self.election.peer
-                if new is State.ACTIVE and peer is not None and reason_code(reason) in (
-                        UNPLANNED_TAKEOVERS):
+                if new is State.ACTIVE and peer is not None and code in UNPLANNED_TAKEOVERS:
                     self.metrics.detection.observe(max(now - peer.received_at, 0.0))
                 self.state_file.save(term=term, maintenance=self.election.maintenance)
             case el.AcquireVips():
