@@ -10,6 +10,7 @@ import asyncio
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, ip_address
 from pathlib import Path
@@ -155,18 +156,17 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
     cfg = load_config(path)
     found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
     found += check_file(Path(path), "config file", user, secret=False)
-    found += check_file(cfg.auth.key_file, "key file", user, secret=True)
-    try:
-        load_keys(cfg.auth.key_file)
-    except ConfigError as exc:
-        found.append(Finding(FAIL, "key file", "; ".join(exc.lines())))
+    secrets: list[tuple[Path, str, Callable[[Path], object]]] = [
+        (cfg.auth.key_file, "key file", load_keys)]
     if cfg.api.tokens_file is not None:
-        found += check_file(cfg.api.tokens_file, "tokens file", user, secret=True)
+        secrets.append((cfg.api.tokens_file, "tokens file", load_tokens))
+    for secret, what, load in secrets:
+        found += check_file(secret, what, user, secret=True)
         try:
-            load_tokens(cfg.api.tokens_file)
+            load(secret)
         except ConfigError as exc:
-            found.append(Finding(FAIL, "tokens file", "; ".join(exc.lines())))
-    elif cfg.api.listen is not None:
+            found.append(Finding(FAIL, what, "; ".join(exc.lines())))
+    if cfg.api.tokens_file is None and cfg.api.listen is not None:
         found.append(Finding(WARN, "api", "no api.tokens_file: vipctl cannot drive this node"))
     if user is not None:
         try:

@@ -33,6 +33,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -159,6 +160,13 @@ def run_async_in_netns(ns: str, coro_fn: Callable[..., Coroutine[Any, Any, T]],
     return run_in_netns(ns, lambda: asyncio.run(coro_fn(*args)), timeout=timeout)
 
 
+def poke(address: str) -> None:
+    """One UDP datagram to ``address`` (run it in a namespace): the sender resolves it."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"vipd-test", (address, 9))
+
+
 @dataclass
 class Host:
     """One namespace on the lab LAN with its ``eth0``."""
@@ -231,6 +239,11 @@ class Host:
         entries = json.loads(self.ip("-j", "neigh", "show", "to", address, "dev",
                                      self.ifname))
         return entries[0] if entries else None
+
+    def lladdr(self, address: str) -> str | None:
+        """The MAC this host's neighbour table holds for ``address``, if any."""
+        entry = self.neighbour(address)
+        return entry.get("lladdr") if entry else None
 
     def kill_procs(self) -> None:
         for proc in self.procs:

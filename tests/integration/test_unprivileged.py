@@ -31,7 +31,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import yaml
 
 import vipd
 from vipd.keys import generate_key_line
-from vipd.lab import Host, Lab
+from vipd.lab import Lab, poke
 
 pytestmark = pytest.mark.netns
 
@@ -213,16 +212,6 @@ def holders(lab: Lab, vip: str = VIP4) -> list[str]:
     return [n for n in ("node1", "node2") if lab[n].address(vip) is not None]
 
 
-def lladdr(host: Host, address: str) -> str | None:
-    entry = host.neighbour(address)
-    return entry.get("lladdr") if entry else None
-
-
-def poke(address: str) -> None:
-    """One UDP datagram to ``address``, so that the sender resolves it."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.sendto(b"vipd-test", (address, 9))
 
 
 def assert_two_caps_only(pid: int, uid: int) -> dict[str, str]:
@@ -277,7 +266,7 @@ def test_unprivileged_pair_fails_over_and_releases(setup: Setup) -> None:
     # The client resolves the VIPs to node1.
     for vip in (VIP4, VIP6):
         lab.client.run(poke, vip)
-        wait_for(lambda v=vip: lladdr(lab.client, v) == lab.node1.mac, 3,
+        wait_for(lambda v=vip: lab.client.lladdr(v) == lab.node1.mac, 3,
                  f"the client to resolve {vip} to node1", setup)
 
     # Crash: SIGKILL to node1's whole process group.
@@ -292,7 +281,7 @@ def test_unprivileged_pair_fails_over_and_releases(setup: Setup) -> None:
              "node2's 'VIPs added'", setup)
     # ... and announced them: gratuitous ARP and unsolicited NA (raw sockets) worked.
     for vip in (VIP4, VIP6):
-        wait_for(lambda v=vip: lladdr(lab.client, v) == lab.node2.mac,
+        wait_for(lambda v=vip: lab.client.lladdr(v) == lab.node2.mac,
                  max(FAILOVER - (time.monotonic() - crashed), 1.0),
                  f"the client's entry for {vip} to move to node2", setup)
     print(f"node2 holds the VIPs {took:.2f} s after the crash")

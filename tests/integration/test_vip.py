@@ -18,6 +18,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from vipd.errors import VipError
+from vipd.lab import poke
 from vipd.vip import (
     ETH_P_IPV6,
     INFINITY_LIFE_TIME,
@@ -45,16 +46,6 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-def lladdr(host: Any, address: str) -> str | None:
-    entry = host.neighbour(address)
-    return entry.get("lladdr") if entry else None
-
-
-def poke(address: str) -> None:
-    """Send one UDP datagram to ``address`` so that the sender resolves it."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.sendto(b"vipd-test", (address, 9))
 
 
 def send_frame(ifname: str, frame: bytes, ethertype: int) -> None:
@@ -236,14 +227,14 @@ def test_gratuitous_arp_moves_the_client_to_the_new_holder(lab):
     vip = str(V4.ip)
     lab.node2.run_async(old.acquire, 0)
     lab.client.run(poke, vip)
-    wait_for(lambda: lladdr(lab.client, vip) == lab.node2.mac, 3,
+    wait_for(lambda: lab.client.lladdr(vip) == lab.node2.mac, 3,
              "the client to resolve the VIP to node2")
     lab.node2.run_async(old.release)
     lab.node1.run_async(new.acquire, 0)
     time.sleep(0.3)
-    assert lladdr(lab.client, vip) == lab.node2.mac, "adding an address announced it"
+    assert lab.client.lladdr(vip) == lab.node2.mac, "adding an address announced it"
     lab.node1.run_async(announce_burst, new, 3, 0.05)
-    wait_for(lambda: lladdr(lab.client, vip) == lab.node1.mac, 3,
+    wait_for(lambda: lab.client.lladdr(vip) == lab.node1.mac, 3,
              "the client's neighbour entry to move to node1 after the GARP")
 
 
@@ -253,7 +244,7 @@ def test_unsolicited_na_moves_the_client_to_the_new_holder(lab):
     vip = str(V6.ip)
     lab.node2.run_async(old.acquire, 0)
     lab.client.run(poke, vip)
-    wait_for(lambda: lladdr(lab.client, vip) == lab.node2.mac, 3,
+    wait_for(lambda: lab.client.lladdr(vip) == lab.node2.mac, 3,
              "the client to resolve the VIP to node2")
     lab.node2.run_async(old.release)
     lab.node1.run_async(new.acquire, 0)
@@ -262,7 +253,7 @@ def test_unsolicited_na_moves_the_client_to_the_new_holder(lab):
     frame = build_unsolicited_na(mac, V6.ip, override=False)
     lab.node1.run(send_frame, lab.node1.ifname, frame, ETH_P_IPV6)
     time.sleep(0.3)
-    assert lladdr(lab.client, vip) == lab.node2.mac, "NA without override took effect"
+    assert lab.client.lladdr(vip) == lab.node2.mac, "NA without override took effect"
     lab.node1.run_async(new.announce)
-    wait_for(lambda: lladdr(lab.client, vip) == lab.node1.mac, 3,
+    wait_for(lambda: lab.client.lladdr(vip) == lab.node1.mac, 3,
              "the client's neighbour entry to move to node1 after the NA")

@@ -16,13 +16,12 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import yaml
 
 from vipd.config import load_config
@@ -225,14 +224,6 @@ class Pair:
                 raise error
 
 
-@pytest_asyncio.fixture
-async def pair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Pair]:
-    caplog.set_level(logging.INFO)
-    p = Pair(tmp_path)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 def exec_check(flag: Path) -> dict[str, Any]:

@@ -10,14 +10,12 @@ scripted scenarios that reach the transitions no random scenario produces.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import prometheus_client
 import pytest
-import pytest_asyncio
 from prometheus_client import CollectorRegistry
 from test_daemon import VIP_SET, VIPS, Node, Pair, eventually, exec_check
 
@@ -59,15 +57,6 @@ def only(state: State) -> dict[str, float]:
     return {s.name: 1.0 if s is state else 0.0 for s in State}
 
 
-@pytest_asyncio.fixture
-async def pair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Pair]:
-    """test_daemon's pair: a (priority 150) and b (100), not started; closed after."""
-    caplog.set_level(logging.INFO)
-    p = Pair(tmp_path)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 # ---------------------------------------------------------------------------- registry
