@@ -8,6 +8,7 @@ sees them: its neighbour entry for the VIP moves from the old holder's MAC to ou
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from vipd import vip as vip_module
 from vipd.errors import VipError
 from vipd.lab import poke
 from vipd.vip import (
@@ -153,6 +155,63 @@ def test_acquire_again_renews_the_lease(lab):
     assert node.run_async(mover.held) == {V4, V6}
     wait_for(lambda: node.run_async(mover.held) == set(), 6,
              "the VIPs to lapse once renewals stop")
+
+
+def test_renewals_take_the_compiled_path_and_recover_from_changes(lab, monkeypatch):
+    """From the second renewal on, acquire sends requests compiled once (no pyroute2
+    socket); an address removed behind its back is re-added by that path, and an
+    interface that was re-created (new index) makes it fall back to the full request."""
+    node = lab.node1
+    opened: list[int] = []
+
+    class CountingIPRoute(vip_module.AsyncIPRoute):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            opened.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(vip_module, "AsyncIPRoute", CountingIPRoute)
+    node.ip("link", "add", "vt0", "type", "veth", "peer", "name", "vt1")
+    for link in ("vt0", "vt1"):
+        node.ip("link", "set", link, "up")
+    mover = NetlinkMover("vt0", VIPS)
+
+    def lifetimes() -> dict[str, int]:
+        links = json.loads(node.ip("-j", "addr", "show", "dev", "vt0"))
+        return {info["local"]: info["valid_life_time"]
+                for link in links for info in link.get("addr_info", [])
+                if info["local"] in (str(V4.ip), str(V6.ip))}
+
+    async def renew(times: int, lease: float = 5) -> None:
+        for _ in range(times):
+            await mover.acquire(lease)
+
+    node.run_async(renew, 2)  # a takeover, then the first renewal: both full requests
+    full = len(opened)
+    assert full == 2
+    time.sleep(1.1)
+    assert all(left <= 4 for left in lifetimes().values()), lifetimes()
+    node.run_async(renew, 3)
+    assert len(opened) == full, "renewals still opened pyroute2 sockets"
+    assert lifetimes() == {str(V4.ip): 5, str(V6.ip): 5}, "the compiled renewal did not renew"
+    # Removed behind vipd's back: the next renewal (still compiled) puts it back, labelled.
+    node.ip("addr", "del", f"{V4.ip}/32", "dev", "vt0")
+    node.run_async(renew, 1)
+    assert len(opened) == full
+    v4 = [i for link in json.loads(node.ip("-j", "addr", "show", "dev", "vt0"))
+          for i in link["addr_info"] if i["local"] == str(V4.ip)]
+    assert len(v4) == 1 and v4[0]["label"] == "vt0:vipd", v4
+    # The interface is re-created with a new index: the compiled requests are refused
+    # (ENODEV) and acquire falls back to the full path, which finds the new index.
+    node.ip("link", "del", "vt0")
+    node.ip("link", "add", "vt0", "type", "veth", "peer", "name", "vt1")
+    node.ip("link", "set", "vt0", "up")
+    node.run_async(renew, 1)
+    assert len(opened) > full, "the fallback did not use the full request"
+    assert node.run_async(mover.held) == {V4, V6}
+    assert lifetimes() == {str(V4.ip): 5, str(V6.ip): 5}
+    # A different lease is a different request: full path, and the VIPs carry it.
+    node.run_async(renew, 1, 9)
+    assert lifetimes() == {str(V4.ip): 9, str(V6.ip): 9}
 
 
 def test_release_removes_exactly_the_vips(lab):
