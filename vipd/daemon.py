@@ -337,13 +337,22 @@ class Daemon:
         return f"{e.state.name} term {e.term}, {seen}"
 
     async def _watchdog_loop(self, period: float) -> None:
-        """WATCHDOG=1 at half the period, but only while the election timer really fires:
-        a wedged runtime (timer not firing) stops the pings and systemd restarts it."""
+        """WATCHDOG=1 at half the period, but only while the election timer works: a
+        wedged runtime (timer gone or overdue) stops the pings and systemd restarts it."""
         stale = max(1.0, 4 * self.config.heartbeat.interval)
         while True:
-            if time.monotonic() - self._last_timer_fire <= stale:
+            if self._timer_works(stale):
                 self.notifier.notify(WATCHDOG=1)
             await asyncio.sleep(period / 2)
+
+    def _timer_works(self, stale: float) -> bool:
+        """The timer fired lately, or is armed for a deadline not long past. A node that
+        answers its peer's heartbeats sends them without its timer ever firing (the
+        timer is only its fallback), so "fired lately" alone would call it wedged."""
+        now = time.monotonic()
+        if now - self._last_timer_fire <= stale:
+            return True
+        return self._timer is not None and self._timer.when() >= now - stale
 
     handle = _handle  # for the control API: an operator command is just another event
 

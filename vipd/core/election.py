@@ -96,6 +96,8 @@ DEFAULT_INTERVAL = 0.04
 DEFAULT_DEAD_AFTER = 8
 PENDING_WAIT = 2.0  # how long a standby waits for a starting peer that would win
 BURST = 2  # extra copies of a changed heartbeat, at interval / 8 spacing
+ANSWER_WINDOW = 0.5  # a heartbeat due within this share of an interval goes out with a peer's
+ANSWER_GRACE = 1.25  # ...and the next one is due this many intervals later, unless answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +199,7 @@ class Election:
                 self.timers.vip_fault_until = now + self.cfg.vip_retry
         if self.state is not State.INIT:
             actions += self._evaluate(now)
-            actions += self._maybe_send(now)
+            actions += self._maybe_send(now, answering=isinstance(event, HeartbeatReceived))
         if self._promote_now:  # one-shot: a promote that could not act now does not linger
             self._promote_now = False
             if self.state is not State.ACTIVE:
@@ -555,20 +557,34 @@ class Election:
         self._next_send = now
         self._burst_left = BURST + 1
 
-    def _maybe_send(self, now: float) -> list[Action]:
+    def _maybe_send(self, now: float, *, answering: bool = False) -> list[Action]:
+        """Send when due. A heartbeat that is due soon also goes out at once as the
+        answer to a peer's: the pair settles into one node sending on its timer and the
+        other answering, so the answering node wakes once per interval instead of twice
+        (the idle CPU is mostly wakeups). The answerer's own timer then waits
+        ANSWER_GRACE intervals and only fires if the peer's heartbeat is late, so its
+        heartbeats are never further apart than that."""
         t = self.timers
         if t.promote_until is not None and now >= t.promote_until:
             t.promote_until = None
             if self.state is not State.ACTIVE:
                 self.health_override = False  # the forced promote did not happen
-        if self._next_send is None or now < self._next_send:
+        if self._next_send is None:
             return []
+        answer = False
+        if now < self._next_send:
+            answer = (answering and self._burst_left == 0 and self.state is not State.STOPPED
+                      and self._next_send - now <= self.cfg.interval * ANSWER_WINDOW)
+            if not answer:
+                return []
         if self._burst_left > 0:
             self._burst_left -= 1
         if self._burst_left > 0:
             self._next_send = now + self.cfg.interval / 8
         elif self.state is State.STOPPED:
             self._next_send = None
+        elif answer:
+            self._next_send = now + self.cfg.interval * ANSWER_GRACE
         else:
             # Keep the cadence, but a late call (stalled loop) never schedules into the past.
             self._next_send += self.cfg.interval
