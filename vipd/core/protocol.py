@@ -81,6 +81,21 @@ class Flag(enum.IntFlag):
     SETTLED = 1 << 8  # active for more than two dead intervals (split brain: beats a fresh one)
 
 
+_STATES: dict[int, State] = {int(member): member for member in State}
+_FLAGS: dict[int, Flag] = {}
+
+
+def _flag(value: int) -> Flag:
+    """Flag(value), memoised: a heartbeat carries one of a handful of combinations, and
+    building an IntFlag costs more than the rest of decoding it."""
+    flag = _FLAGS.get(value)
+    if flag is None:
+        flag = Flag(value)
+        if len(_FLAGS) < 1024:
+            _FLAGS[value] = flag
+    return flag
+
+
 class Reject(enum.StrEnum):
     """Why a datagram was dropped; the value is the metric label."""
 
@@ -221,7 +236,7 @@ def encode(hb: Heartbeat, secret: bytes) -> bytes:
     except struct.error as exc:
         raise ValueError(f"heartbeat field out of range: {exc}") from exc
     body = header + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
-    return body + hmac.new(secret, body, hashlib.sha256).digest()
+    return body + hmac.digest(secret, body, "sha256")
 
 
 def decode(data: bytes, keys: KeyRing) -> Heartbeat:
@@ -258,17 +273,18 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
     secret = keys.get(key_id)
     if secret is None:
         raise Rejected(Reject.UNKNOWN_KEY, f"key id {key_id} not loaded (have {keys.ids})")
-    expected = hmac.new(secret, data[:pos], hashlib.sha256).digest()
+    expected = hmac.digest(secret, data[:pos], "sha256")
     if not hmac.compare_digest(expected, data[pos:]):
         raise Rejected(Reject.BAD_MAC, f"MAC does not verify with key id {key_id}")
     (_, _, state, flags, _, newest, boot, seq, send_ns, term, prio, eprio,
      reserved, digest, echo_boot, echo_seq, echo_hold) = fields
-    if state not in State._value2member_map_:
+    state_member = _STATES.get(state)
+    if state_member is None:
         raise Rejected(Reject.MALFORMED, f"unknown state {state}")
     if reserved != 0:
         raise Rejected(Reject.MALFORMED, "reserved field is not zero")
     return Heartbeat(
-        state=State(state), flags=Flag(flags), key_id=key_id, newest_key_id=newest,
+        state=state_member, flags=_flag(flags), key_id=key_id, newest_key_id=newest,
         boot_id=boot, seq=seq, send_time_ns=send_ns, term=term, priority=prio,
         effective_priority=eprio, settings_digest=digest, echo_boot=echo_boot,
         echo_seq=echo_seq, echo_hold_us=echo_hold, cluster=names[0], node=names[1],
