@@ -375,7 +375,7 @@ class Daemon:
         assert self._loop is not None
         self._timer = None
         self._last_timer_fire = time.monotonic()
-        self.metrics.lateness.observe(max(self._loop.time() - deadline, 0.0))
+        self.metrics.hot.lateness.observe(max(self._loop.time() - deadline, 0.0))
         self._handle(el.Tick())
 
     def _on_datagram(self, data: bytes, source: str) -> None:
@@ -389,10 +389,11 @@ class Daemon:
             if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
                 log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
             return
-        self.metrics.heartbeats_received.inc()
+        hot = self.metrics.hot
+        hot.received += 1
         if rx.rtt is not None:
             self.last_rtt = rx.rtt
-            self.metrics.rtt.observe(rx.rtt)
+            hot.rtt.observe(rx.rtt)
         self._handle(el.HeartbeatReceived(rx))
 
     def _on_health(self, healthy: bool, check: str, result: ProbeResult) -> None:
@@ -405,7 +406,7 @@ class Daemon:
                 assert self.transport is not None
                 data = self.session.seal(advert, now, time.time_ns())
                 self.transport.send(data, self._peer_addresses)
-                self.metrics.heartbeats_sent.inc(len(self._peer_addresses))
+                self.metrics.hot.sent += len(self._peer_addresses)
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
                 self.notifier.notify(STATUS=f"{new.name} term {term} ({reason or old.name})")

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 OnDatagram = Callable[[bytes, str], None]
 
-READ_BATCH = 64
 RECV_SIZE = 2048  # more than any heartbeat (protocol.MAX_DATAGRAM); longer ones are cut
 
 
@@ -63,22 +62,20 @@ class HeartbeatTransport:
         return cls(sock, on_datagram, loop)
 
     def _read_ready(self) -> None:
-        """Everything queued, but at most READ_BATCH datagrams per wakeup, so that a
-        flood cannot keep the loop (and the election timer) from running."""
-        sock = self._sock
-        if sock is None:
+        """One datagram per wakeup, as asyncio's own transport does: the selector is
+        level-triggered, so more queued ones come next round, between the timers."""
+        if self._sock is None:
             return
-        for _ in range(READ_BATCH):
-            try:
-                data, addr = sock.recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # An ICMP error queued on the socket (peer port unreachable while it
-                # restarts) surfaces here; counted, never fatal.
-                self.receive_errors += 1
-                continue
-            self._on_datagram(data, addr[0])
+        try:
+            data, addr = self._sock.recvfrom(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            # An ICMP error queued on the socket (peer port unreachable while it
+            # restarts) surfaces here; counted, never fatal.
+            self.receive_errors += 1
+            return
+        self._on_datagram(data, addr[0])
 
     def send(self, data: bytes, peers: Iterable[tuple[str, int]]) -> None:
         """`peers` as (host, port) tuples, made once: this runs for every heartbeat."""

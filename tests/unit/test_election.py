@@ -39,7 +39,7 @@ from vipd.core.election import (
     VipFailed,
     Warn,
 )
-from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State
+from vipd.core.protocol import Advert, Flag, Heartbeat, KeyRing, Received, Session, State
 
 S, F, K = State, Flag, CommandKind
 T0 = 1.0
@@ -1531,3 +1531,115 @@ def test_property_invariants_hold_for_random_events(
 def test_config_dead_interval() -> None:
     assert cfg().dead_interval == DEAD
     assert dataclasses.replace(cfg(), dead_after=3).dead_interval == INTERVAL * 3
+
+
+# --- answering: the idle pair's wakeups ----------------------------------------------------
+
+def sends(actions: Sequence[Action]) -> int:
+    return sum(1 for a in actions if isinstance(a, SendHeartbeat))
+
+
+def test_a_heartbeat_due_soon_goes_out_as_the_answer_to_the_peers() -> None:
+    e, now = standby_with_active_peer()
+    advance(e, now + 5 * INTERVAL)  # past the start-up burst, plain cadence
+    due = e.next_deadline()
+    assert due is not None
+    last_sent = due - INTERVAL
+    older = last_sent - INTERVAL  # the peer's heartbeat echoes one of ours before the last
+    # Due in more than half an interval: a peer heartbeat is not answered.
+    early = due - 0.6 * INTERVAL
+    assert sends(e.handle(peer(early, S.ACTIVE, F.HEALTHY, term=1, hears=older), early)) == 0
+    # The peer's own answer to our latest heartbeat (echo of it, held ~0): not answered
+    # either, or the pair would ping-pong at the round-trip time.
+    soon = due - 0.4 * INTERVAL
+    reply = peer(soon, S.ACTIVE, F.HEALTHY, term=1, hears=last_sent)
+    assert sends(e.handle(reply, soon)) == 0
+    # Due within half an interval: answered at once, and the own timer then waits
+    # ANSWER_GRACE intervals for the peer's next heartbeat.
+    soon += EPS
+    assert sends(e.handle(peer(soon, S.ACTIVE, F.HEALTHY, term=1, hears=older), soon)) == 1
+    assert e.next_deadline() == pytest.approx(soon + 1.25 * INTERVAL)
+    # Right after an answer another peer heartbeat is not answered again.
+    later = soon + EPS
+    assert sends(e.handle(peer(later, S.ACTIVE, F.HEALTHY, term=1, hears=older), later)) == 0
+
+
+def run_pair(seconds: float, delay: float, *, b_dies_at: float | None = None
+             ) -> dict[str, list[tuple[float, str]]]:
+    """Two elections with real sessions over a link of ``delay`` seconds, each driven at
+    its own deadlines and on arrivals. Returns each node's sends as (time, "timer" or
+    "answer"). After ``b_dies_at`` node b neither runs nor receives."""
+    keys = KeyRing({1: b"k" * 32})
+    nodes = {n: started(node=n, priority=p) for n, p in (("a", 150), ("b", 100))}
+    sessions = {n: Session(cluster="web", node=n, keys=keys, boot_id=i, digest=b"\0" * 8)
+                for i, n in enumerate(nodes, start=1)}
+    log: dict[str, list[tuple[float, str]]] = {"a": [], "b": []}
+    in_flight: list[tuple[float, str, bytes]] = []  # (arrival, receiver, datagram)
+
+    def dead(name: str, at: float) -> bool:
+        return name == "b" and b_dies_at is not None and at >= b_dies_at
+
+    def deliver(sender: str, actions: Sequence[Action], at: float, why: str) -> None:
+        for action in actions:
+            if isinstance(action, SendHeartbeat):
+                log[sender].append((at, why))
+                data = sessions[sender].seal(action.advert, at, round(at * 1e9))
+                in_flight.append((at + delay, "b" if sender == "a" else "a", data))
+
+    now, end = T0, T0 + seconds
+    while now < end:
+        timers = [(d, n) for n, e in nodes.items()
+                  if (d := e.next_deadline()) is not None and not dead(n, d)]
+        arrival = min(in_flight, default=None)
+        timer = min(timers, default=None)
+        if arrival is not None and (timer is None or arrival[0] <= timer[0]):
+            in_flight.remove(arrival)
+            now, receiver, data = arrival
+            if not dead(receiver, now):
+                rx = sessions[receiver].open(data, now, round(now * 1e9))
+                deliver(receiver, nodes[receiver].handle(HeartbeatReceived(rx), now), now,
+                        "answer")
+        else:
+            assert timer is not None
+            now, name = timer
+            deliver(name, nodes[name].handle(Tick(), now), now, "timer")
+    return log
+
+
+@pytest.mark.parametrize("delay", [0.0002, 0.002, 0.015])
+def test_an_idle_pair_settles_into_one_node_leading_and_the_other_answering(
+        delay: float) -> None:
+    log = run_pair(20.0, delay)
+    steady = {n: [(t, why) for t, why in sends if t > T0 + 5.0] for n, sends in log.items()}
+    by_timer = {n: sum(1 for _, why in s if why == "timer") for n, s in steady.items()}
+    answers = {n: sum(1 for _, why in s if why == "answer") for n, s in steady.items()}
+    leader = max(by_timer, key=by_timer.__getitem__)
+    follower = "b" if leader == "a" else "a"
+    expected = 15.0 / INTERVAL
+    # The follower sends only answers (no timer wakeups), the leader only on its timer.
+    assert by_timer[follower] == 0 and answers[follower] >= 0.99 * expected, (by_timer, answers)
+    assert answers[leader] == 0 and by_timer[leader] >= 0.99 * expected
+    # Both still send once per interval: the peer's view of liveness is unchanged.
+    for n, s in steady.items():
+        gaps = [b[0] - a[0] for a, b in zip(s, s[1:])]
+        assert max(gaps) <= INTERVAL + 2 * EPS, (n, max(gaps))
+        assert min(gaps) >= INTERVAL / 2, (n, min(gaps))
+
+
+def test_an_answering_node_whose_peer_dies_keeps_sending_on_its_own_timer() -> None:
+    dies = T0 + 6.0
+    log = run_pair(8.0, 0.0002, b_dies_at=dies)
+    # a outranks b, so after b's death a is ACTIVE and sends on its own.
+    after = [t for t, _ in log["a"] if t > dies]
+    assert after, "a fell silent when its peer died"
+    gaps = [y - x for x, y in zip([dies] + after, after)]
+    assert max(gaps) <= 1.25 * INTERVAL + 2 * EPS, max(gaps)
+    assert len(after) >= 1.9 / INTERVAL * 0.95
+
+
+def test_the_advert_follows_a_reloaded_priority() -> None:
+    e, now = active()
+    before = e.advert()
+    assert before.priority == 100 and e.advert() is before  # reused while unchanged
+    e.cfg = dataclasses.replace(e.cfg, priority=180)
+    assert e.advert().priority == 180

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import prometheus_client
 import pytest
-from prometheus_client import CollectorRegistry
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from test_daemon import VIP_SET, VIPS, Node, Pair, eventually, exec_check
 
 import simulations.simnet as simnet
@@ -26,7 +28,7 @@ from vipd import __version__
 from vipd.core import election as el
 from vipd.core.events import REASON_CODES, reason_code
 from vipd.core.protocol import Advert, Flag, Reject, State
-from vipd.metrics import build_metrics
+from vipd.metrics import FAST_BUCKETS, HotMetrics, build_metrics
 
 RELOAD_RESULTS = ("ok", "error", "refused")  # every result vipd/daemon.py counts
 
@@ -62,10 +64,37 @@ def only(state: State) -> dict[str, float]:
 # ---------------------------------------------------------------------------- registry
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(FAST_BUCKETS),
+                          st.floats(min_value=0.0, max_value=3.0)), max_size=40))
+def test_hot_histograms_export_what_prometheus_client_would(values: list[float]) -> None:
+    """The plain-int histograms of the hot path expose exactly the samples a
+    prometheus_client Histogram with the same buckets exposes, bounds included."""
+    mine, theirs = CollectorRegistry(), CollectorRegistry()
+    hot = HotMetrics()
+    mine.register(hot)
+    reference = Histogram("vipd_heartbeat_rtt_seconds", "Heartbeat round trip to the peer",
+                          buckets=FAST_BUCKETS, registry=theirs)
+    for v in values:
+        hot.rtt.observe(v)
+        reference.observe(v)
+        hot.sent += 2
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        return {(s.name, s.labels.get("le", "")): s.value
+                for family in registry.collect() for s in family.samples
+                if s.name.startswith("vipd_heartbeat_rtt_seconds")
+                and not s.name.endswith("_created")}
+    got, want = samples(mine), samples(theirs)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+    assert mine.get_sample_value("vipd_heartbeats_sent_total") == 2 * len(values)
+
+
 def test_build_metrics_uses_a_fresh_registry_each_time() -> None:
     first, second = build_metrics(), build_metrics()  # a clash would raise ValueError
     assert first.registry is not second.registry
-    first.heartbeats_sent.inc(3)
+    first.hot.sent += 3
     first.transitions.labels("STANDBY", "ACTIVE", "peer_dead").inc()
     assert first.registry.get_sample_value("vipd_heartbeats_sent_total") == 3.0
     assert second.registry.get_sample_value("vipd_heartbeats_sent_total") == 0.0

@@ -58,9 +58,17 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     VipFailed,
     Warn,
 )
-from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State
+from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State, flag_of
 
 ELIGIBLE_STATES = (State.STANDBY, State.ACTIVE)
+# Flag bits as plain ints: `Flag.X.value` and IntFlag arithmetic run Python code in the
+# enum module, which counts on a path that runs for every heartbeat.
+_HEALTHY, _HEALTH_PENDING, _PREEMPT = (int(f) for f in (
+    Flag.HEALTHY, Flag.HEALTH_PENDING, Flag.PREEMPT))
+_RESIGNING, _SWITCHOVER, _PREFERRED = (int(f) for f in (
+    Flag.RESIGNING, Flag.SWITCHOVER, Flag.PREFERRED))
+_WANT_ACTIVE, _SETTLED, _PROMOTE = (int(f) for f in (
+    Flag.WANT_ACTIVE, Flag.SETTLED, Flag.PROMOTE))
 
 
 S = State
@@ -168,6 +176,8 @@ class Election:
     _digest_warned: bytes | None = None
     _promote_now: bool = False
     _settled_sent: bool = False  # the SETTLED flag of our last heartbeat
+    _advert: Advert | None = None  # the last one made, reused while nothing changes
+    _last_sent: float | None = None
     _now: float = float("-inf")
 
     # --- public interface ----------------------------------------------------------------
@@ -175,6 +185,7 @@ class Election:
     def handle(self, event: Event, now: float) -> list[Action]:
         self._now = max(self._now, now)
         actions: list[Action] = []
+        answering = False
         match event:
             case Start():
                 if self.state is State.INIT:
@@ -186,6 +197,7 @@ class Election:
                 pass
             case HeartbeatReceived(received=rx):
                 actions += self._on_heartbeat(rx)
+                answering = not self._is_answer(rx)
             case HealthChanged(healthy=healthy, detail=detail):
                 self.health, self.health_detail = healthy, detail
                 if healthy:
@@ -199,7 +211,7 @@ class Election:
                 self.timers.vip_fault_until = now + self.cfg.vip_retry
         if self.state is not State.INIT:
             actions += self._evaluate(now)
-            actions += self._maybe_send(now, answering=isinstance(event, HeartbeatReceived))
+            actions += self._maybe_send(now, answering=answering)
         if self._promote_now:  # one-shot: a promote that could not act now does not linger
             self._promote_now = False
             if self.state is not State.ACTIVE:
@@ -255,29 +267,34 @@ class Election:
                 and Flag.RESIGNING not in hb.flags)
 
     def advert(self) -> Advert:
-        # Plain ints and one Flag at the end: IntFlag arithmetic is slow on this hot path.
         active = self.state is State.ACTIVE
         flags = 0
         if self.health or self.health_override:
-            flags |= Flag.HEALTHY.value
+            flags |= _HEALTHY
         elif self.health is None and self.state is State.STANDBY:
-            flags |= Flag.HEALTH_PENDING.value
+            flags |= _HEALTH_PENDING
         if self.cfg.preempt:
-            flags |= Flag.PREEMPT.value
+            flags |= _PREEMPT
         if self.handover is not None:
-            flags |= Flag.RESIGNING.value
+            flags |= _RESIGNING
             if self.handover.switchover:
-                flags |= Flag.SWITCHOVER.value
+                flags |= _SWITCHOVER
         if self.preferred and active:
-            flags |= Flag.PREFERRED.value
+            flags |= _PREFERRED
         if self.want_active:
-            flags |= Flag.WANT_ACTIVE.value
+            flags |= _WANT_ACTIVE
         if self._settled_sent and active:
-            flags |= Flag.SETTLED.value
+            flags |= _SETTLED
         if self.timers.promote_until is not None:
-            flags |= Flag.PROMOTE.value
-        return Advert(state=self.state, flags=Flag(flags), term=self.term,
-                      priority=self.cfg.priority, effective_priority=self.cfg.priority)
+            flags |= _PROMOTE
+        last = self._advert
+        if (last is not None and last.state is self.state and last.flags == flags
+                and last.term == self.term and last.priority == self.cfg.priority):
+            return last  # a reload may change the priority: cfg is replaced then
+        self._advert = Advert(state=self.state, flags=flag_of(flags), term=self.term,
+                              priority=self.cfg.priority,
+                              effective_priority=self.cfg.priority)
+        return self._advert
 
     # --- events --------------------------------------------------------------------------
 
@@ -590,10 +607,18 @@ class Election:
             self._next_send += self.cfg.interval
             if not now < self._next_send <= now + self.cfg.interval:
                 self._next_send = now + self.cfg.interval
+        self._last_sent = now
         start = self.timers.active_since
         self._settled_sent = (self.state is State.ACTIVE and start is not None
                               and now >= start + 2 * self.cfg.dead_interval)
         return [SendHeartbeat(self.advert())]
+
+    def _is_answer(self, rx: Received) -> bool:
+        """The peer sent this right after receiving our latest heartbeat: answering it
+        would make the pair ping-pong at the round-trip time instead of the interval."""
+        return (rx.echo_sent_at is not None and self._last_sent is not None
+                and rx.echo_sent_at >= self._last_sent
+                and rx.heartbeat.echo_hold_us < self.cfg.interval * ANSWER_WINDOW * 1e6 / 2)
 
     def _peer_problem(self, now: float) -> str:
         if self.peer is None:

@@ -85,7 +85,7 @@ _STATES: dict[int, State] = {int(member): member for member in State}
 _FLAGS: dict[int, Flag] = {}
 
 
-def _flag(value: int) -> Flag:
+def flag_of(value: int) -> Flag:
     """Flag(value), memoised: a heartbeat carries one of a handful of combinations, and
     building an IntFlag costs more than the rest of decoding it."""
     flag = _FLAGS.get(value)
@@ -184,10 +184,16 @@ class KeyRing:
             if len(secret) < MIN_KEY_BYTES:
                 raise ValueError(f"key {key_id} has {len(secret)} bytes, expected >= 32")
         self._keys = dict(keys)
+        self._newest = max(self._keys)
+        # HMAC with the key already absorbed; copy() per message skips the key setup,
+        # which is most of what signing one small datagram costs.
+        self._macs = {key_id: hmac.new(secret, digestmod="sha256")
+                      for key_id, secret in self._keys.items()}
+        self._signing: tuple[int | None, int] | None = None
 
     @property
     def newest_id(self) -> int:
-        return max(self._keys)
+        return self._newest
 
     @property
     def ids(self) -> list[int]:
@@ -198,10 +204,25 @@ class KeyRing:
 
     def signing_id(self, peer_newest: int | None) -> int:
         """Newest own key not newer than the peer's newest, so a half-done rotation works."""
+        cached = self._signing
+        if cached is not None and cached[0] == peer_newest:
+            return cached[1]
         if peer_newest is None:
-            return self.newest_id
-        usable = [k for k in self._keys if k <= peer_newest]
-        return max(usable) if usable else self.newest_id
+            chosen = self.newest_id
+        else:
+            usable = [k for k in self._keys if k <= peer_newest]
+            chosen = max(usable) if usable else self.newest_id
+        self._signing = (peer_newest, chosen)
+        return chosen
+
+    def mac(self, key_id: int, data: bytes) -> bytes | None:
+        """HMAC-SHA256 of ``data`` with key ``key_id``, or None if that key is not loaded."""
+        base = self._macs.get(key_id)
+        if base is None:
+            return None
+        h = base.copy()
+        h.update(data)
+        return h.digest()
 
 
 def settings_digest(cluster: str, vips: Iterable[str], interval: float, dead_after: int) -> bytes:
@@ -270,10 +291,9 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
     if pos != size - MAC_SIZE:
         raise Rejected(Reject.MALFORMED, f"{size - MAC_SIZE - pos} trailing bytes before MAC")
     key_id = fields[4]
-    secret = keys.get(key_id)
-    if secret is None:
+    expected = keys.mac(key_id, data[:pos])
+    if expected is None:
         raise Rejected(Reject.UNKNOWN_KEY, f"key id {key_id} not loaded (have {keys.ids})")
-    expected = hmac.digest(secret, data[:pos], "sha256")
     if not hmac.compare_digest(expected, data[pos:]):
         raise Rejected(Reject.BAD_MAC, f"MAC does not verify with key id {key_id}")
     (_, _, state, flags, _, newest, boot, seq, send_ns, term, prio, eprio,
@@ -284,7 +304,7 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
     if reserved != 0:
         raise Rejected(Reject.MALFORMED, "reserved field is not zero")
     return Heartbeat(
-        state=state_member, flags=_flag(flags), key_id=key_id, newest_key_id=newest,
+        state=state_member, flags=flag_of(flags), key_id=key_id, newest_key_id=newest,
         boot_id=boot, seq=seq, send_time_ns=send_ns, term=term, priority=prio,
         effective_priority=eprio, settings_digest=digest, echo_boot=echo_boot,
         echo_seq=echo_seq, echo_hold_us=echo_hold, cluster=names[0], node=names[1],
@@ -305,8 +325,12 @@ class Session:
         peer_sources: Iterable[Hashable] | None = None,
         max_skew: float = DEFAULT_MAX_SKEW,
     ) -> None:
-        _check_name(cluster, "cluster")
-        _check_name(node, "node")
+        raw_cluster = _check_name(cluster, "cluster")
+        raw_node = _check_name(node, "node")
+        if len(digest) != 8:
+            raise ValueError(f"settings digest must be 8 bytes, got {len(digest)}")
+        self._names = (bytes([len(raw_cluster)]) + raw_cluster
+                       + bytes([len(raw_node)]) + raw_node)
         self.cluster = cluster
         self.node = node
         self.keys = keys
@@ -326,25 +350,30 @@ class Session:
         self._peer_rx_at: float | None = None
 
     def seal(self, advert: Advert, now: float, wall_ns: int) -> bytes:
+        """Sign ``advert`` as our next heartbeat: the same bytes `encode` makes, packed
+        directly because this runs for every heartbeat (see `encode` for the layout)."""
         self._seq += 1
-        self._sent[self._seq] = now
-        while len(self._sent) > _SENT_MEMORY:
-            self._sent.popitem(last=False)
+        seq = self._seq
+        sent = self._sent
+        sent[seq] = now
+        if len(sent) > _SENT_MEMORY:
+            sent.popitem(last=False)
         hold_us = 0
         if self._peer_rx_at is not None:
             hold_us = min(max(round((now - self._peer_rx_at) * 1e6), 0), 0xFFFF_FFFF)
-        key_id = self.keys.signing_id(self.peer_newest_key)
-        hb = Heartbeat(
-            state=advert.state, flags=advert.flags, key_id=key_id,
-            newest_key_id=self.keys.newest_id, boot_id=self.boot_id, seq=self._seq,
-            send_time_ns=wall_ns, term=advert.term, priority=advert.priority,
-            effective_priority=advert.effective_priority, settings_digest=self.digest,
-            echo_boot=self._peer_boot or 0, echo_seq=self._peer_seq, echo_hold_us=hold_us,
-            cluster=self.cluster, node=self.node,
-        )
-        secret = self.keys.get(key_id)
-        assert secret is not None
-        return encode(hb, secret)
+        keys = self.keys
+        key_id = keys.signing_id(self.peer_newest_key)
+        try:
+            body = _HEADER.pack(
+                MAGIC, VERSION, advert.state, advert.flags, key_id, keys.newest_id,
+                self.boot_id, seq, wall_ns, advert.term, advert.priority,
+                advert.effective_priority, 0, self.digest, self._peer_boot or 0,
+                self._peer_seq, hold_us) + self._names
+        except struct.error as exc:
+            raise ValueError(f"heartbeat field out of range: {exc}") from exc
+        mac = keys.mac(key_id, body)
+        assert mac is not None
+        return body + mac
 
     def open(
         self, data: bytes, now: float, wall_ns: int, source: Hashable | None = None
