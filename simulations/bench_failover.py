@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import socket
 import struct
 import subprocess
@@ -318,10 +319,18 @@ def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.R
 
 # --- idle resources -----------------------------------------------------------------------
 
-def _cpu_ticks(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
-    return int(fields[11]) + int(fields[12])  # utime (14) + stime (15)
+IDLE_SAMPLES = 5  # the idle window is cut into this many; the table shows their median
+
+
+def _cpu_ns(pid: int) -> int:
+    """CPU time of all the process's threads in ns, from the scheduler's own accounting
+    (/proc/PID/task/TID/schedstat). utime/stime in /proc/PID/stat come in 10 ms ticks,
+    too coarse for a process that runs a few ms a second."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a worker thread that just ended
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total
 
 
 def _rss_mib(pid: int) -> float:
@@ -361,19 +370,22 @@ def measure_idle_without_checks(workdir: Path, args: argparse.Namespace,
         pair.destroy()
 
 
-def measure_idle(pair: PairLab, seconds: float) -> dict[str, dict[str, float]]:
+def measure_idle(pair: PairLab, seconds: float) -> dict[str, dict[str, Any]]:
+    """CPU % of one core per daemon over ``seconds``, as the median of IDLE_SAMPLES equal
+    windows (one noisy window on a shared machine does not decide), and the RSS."""
     pids = {name: daemon_pid(pair, name) for name in pair.nodes}
-    hz = os.sysconf("SC_CLK_TCK")
-    start_ticks = {name: _cpu_ticks(pid) for name, pid in pids.items()}
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    elapsed = time.monotonic() - t0
-    result = {}
-    for name, pid in pids.items():
-        used = (_cpu_ticks(pid) - start_ticks[name]) / hz
-        result[name] = {"pid": pid, "cpu_percent": round(100 * used / elapsed, 2),
-                        "rss_mib": round(_rss_mib(pid), 1)}
-    return result
+    samples: dict[str, list[float]] = {name: [] for name in pids}
+    for _ in range(IDLE_SAMPLES):
+        start = {name: _cpu_ns(pid) for name, pid in pids.items()}
+        t0 = time.monotonic()
+        time.sleep(seconds / IDLE_SAMPLES)
+        elapsed = time.monotonic() - t0
+        for name, pid in pids.items():
+            used = (_cpu_ns(pid) - start[name]) / 1e9
+            samples[name].append(round(100 * used / elapsed, 2))
+    return {name: {"pid": pid, "cpu_percent": round(statistics.median(samples[name]), 2),
+                   "cpu_percent_samples": samples[name], "rss_mib": round(_rss_mib(pid), 1)}
+            for name, pid in pids.items()}
 
 
 # --- statistics and output ----------------------------------------------------------------
@@ -426,10 +438,13 @@ def table(report: dict[str, Any]) -> str:
     for key, title in (("idle", "lab config: exec check every 100 ms"),
                        ("idle_without_checks", "no health checks")):
         if report.get(key):
-            lines.append(f"\nidle pair, {title} ({report['idle_seconds']:g} s, no probe)")
-            lines.append(f"{'node':<6} {'cpu %':>7} {'rss MiB':>8}")
+            lines.append(f"\nidle pair, {title} ({report['idle_seconds']:g} s in "
+                         f"{IDLE_SAMPLES} windows, no probe; cpu % = median of the windows)")
+            lines.append(f"{'node':<6} {'cpu %':>7} {'rss MiB':>8}  windows")
             for node, r in report[key].items():
-                lines.append(f"{node:<6} {r['cpu_percent']:>7.2f} {r['rss_mib']:>8.1f}")
+                windows = " ".join(f"{v:.2f}" for v in r.get("cpu_percent_samples", []))
+                lines.append(f"{node:<6} {r['cpu_percent']:>7.2f} {r['rss_mib']:>8.1f}  "
+                             f"{windows}")
     return "\n".join(lines)
 
 
@@ -456,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=20, help="trials per fault (default 20)")
     ap.add_argument("--faults", type=_faults, default=list(FAULTS),
                     help=f"comma-separated fault kinds (default {','.join(FAULTS)})")
-    ap.add_argument("--idle-seconds", type=float, default=10.0,
-                    help="idle CPU/RSS sampling time, 0 to skip (default 10)")
+    ap.add_argument("--idle-seconds", type=float, default=30.0,
+                    help="idle CPU/RSS sampling time, 0 to skip (default 30)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault phases")
     ap.add_argument("--interval", default=None,
                     help="heartbeat interval, e.g. 100ms (default: vipd's, 40ms)")
@@ -543,10 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         "heartbeat": {"interval_ms": _num(hb.interval * 1000), "dead_after": hb.dead_after},
         "probe_interval_ms": _num(PROBE_EVERY * 1000),
         "faults": {kind: summarize(trials) for kind, trials in results.items()},
-        "idle": {node: {"cpu_percent": r["cpu_percent"], "rss_mib": r["rss_mib"]}
+        "idle": {node: {"cpu_percent": r["cpu_percent"],
+                        "cpu_percent_samples": r["cpu_percent_samples"], "rss_mib": r["rss_mib"]}
                  for node, r in idle.items()},
         # the same pair with no health check (the lab's check is an exec every 100 ms)
-        "idle_without_checks": {node: {"cpu_percent": r["cpu_percent"], "rss_mib": r["rss_mib"]}
+        "idle_without_checks": {node: {"cpu_percent": r["cpu_percent"],
+                                       "cpu_percent_samples": r["cpu_percent_samples"],
+                                       "rss_mib": r["rss_mib"]}
                                 for node, r in idle_bare.items()},
     }
     runtime = time.monotonic() - started
