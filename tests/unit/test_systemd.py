@@ -410,3 +410,20 @@ async def test_watchdog_stops_soon_after_the_timer_stops_and_resumes(
     d._rearm()
     await eventually(lambda: len(reader.with_key("WATCHDOG", since=mark)) >= 2,
                      timeout=2.0, what="WATCHDOG=1 again")
+
+
+@pytest.mark.asyncio
+async def test_watchdog_keeps_pinging_on_a_node_that_only_answers(
+        pair: Pair, readers: dict[str, NotifyReader],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that answers its peer's heartbeats need not fire its timer at all: its
+    armed (not overdue) timer counts as working, so systemd does not restart it."""
+    await started(pair, readers, monkeypatch)
+    reader, d = readers["a"], pair.a.daemon
+    d._last_timer_fire = time.monotonic() - 60  # as if every send had been an answer
+    assert d._timer is not None and d._timer.when() >= time.monotonic() - 1.0
+    await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.05)
+    mark = len(reader.messages)
+    d._last_timer_fire = time.monotonic() - 60
+    await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.1)
+    assert reader.with_key("WATCHDOG", since=mark), reader.dump()
