@@ -34,8 +34,8 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import struct
 import subprocess
 import sys

@@ -62,7 +62,7 @@ class BucketCounts:
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         counts = list(self.counts)  # one C-level copy: consistent even from another thread
         cumulative, buckets = 0, []
-        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), counts):
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), counts, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
         return HistogramMetricFamily(name, documentation, buckets=buckets,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -1621,7 +1622,7 @@ def test_an_idle_pair_settles_into_one_node_leading_and_the_other_answering(
     assert answers[leader] == 0 and by_timer[leader] >= 0.99 * expected
     # Both still send once per interval: the peer's view of liveness is unchanged.
     for n, s in steady.items():
-        gaps = [b[0] - a[0] for a, b in zip(s, s[1:])]
+        gaps = [b[0] - a[0] for a, b in pairwise(s)]
         assert max(gaps) <= INTERVAL + 2 * EPS, (n, max(gaps))
         assert min(gaps) >= INTERVAL / 2, (n, min(gaps))
 
@@ -1632,13 +1633,13 @@ def test_an_answering_node_whose_peer_dies_keeps_sending_on_its_own_timer() -> N
     # a outranks b, so after b's death a is ACTIVE and sends on its own.
     after = [t for t, _ in log["a"] if t > dies]
     assert after, "a fell silent when its peer died"
-    gaps = [y - x for x, y in zip([dies] + after, after)]
+    gaps = [y - x for x, y in pairwise([dies, *after])]
     assert max(gaps) <= 1.25 * INTERVAL + 2 * EPS, max(gaps)
     assert len(after) >= 1.9 / INTERVAL * 0.95
 
 
 def test_the_advert_follows_a_reloaded_priority() -> None:
-    e, now = active()
+    e, _ = active()
     before = e.advert()
     assert before.priority == 100 and e.advert() is before  # reused while unchanged
     e.cfg = dataclasses.replace(e.cfg, priority=180)
