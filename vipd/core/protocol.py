@@ -243,20 +243,42 @@ def _check_name(name: str, what: str) -> bytes:
     return raw
 
 
-def encode(hb: Heartbeat, secret: bytes) -> bytes:
-    """Serialise and sign. Raises ValueError (a programming error) for out-of-range fields."""
-    cluster = _check_name(hb.cluster, "cluster")
-    node = _check_name(hb.node, "node")
-    if len(hb.settings_digest) != 8:
-        raise ValueError(f"settings digest must be 8 bytes, got {len(hb.settings_digest)}")
+def _name_fields(cluster: str, node: str) -> bytes:
+    """The length-prefixed cluster and node names that follow the header."""
+    raw_cluster = _check_name(cluster, "cluster")
+    raw_node = _check_name(node, "node")
+    return bytes([len(raw_cluster)]) + raw_cluster + bytes([len(raw_node)]) + raw_node
+
+
+def _check_digest(digest: bytes) -> None:
+    if len(digest) != 8:
+        raise ValueError(f"settings digest must be 8 bytes, got {len(digest)}")
+
+
+def _body(names: bytes, state: int, flags: int, key_id: int, newest_key_id: int,
+          boot_id: int, seq: int, send_time_ns: int, term: int, priority: int,
+          effective_priority: int, digest: bytes, echo_boot: int, echo_seq: int,
+          echo_hold_us: int) -> bytes:
+    """Header and names: everything the MAC covers. ValueError for out-of-range fields."""
     try:
-        header = _HEADER.pack(
-            MAGIC, VERSION, int(hb.state), int(hb.flags), hb.key_id, hb.newest_key_id,
-            hb.boot_id, hb.seq, hb.send_time_ns, hb.term, hb.priority, hb.effective_priority,
-            0, hb.settings_digest, hb.echo_boot, hb.echo_seq, hb.echo_hold_us)
+        header = _HEADER.pack(MAGIC, VERSION, state, flags, key_id, newest_key_id, boot_id,
+                              seq, send_time_ns, term, priority, effective_priority, 0,
+                              digest, echo_boot, echo_seq, echo_hold_us)
     except struct.error as exc:
         raise ValueError(f"heartbeat field out of range: {exc}") from exc
-    body = header + bytes([len(cluster)]) + cluster + bytes([len(node)]) + node
+    return header + names
+
+
+def encode(hb: Heartbeat, secret: bytes) -> bytes:
+    """Serialise and sign. Raises ValueError (a programming error) for out-of-range fields.
+
+    The reference encoder (tests, tools); `Session.seal` makes the same bytes with a
+    precomputed HMAC state."""
+    _check_digest(hb.settings_digest)
+    body = _body(_name_fields(hb.cluster, hb.node), hb.state, hb.flags, hb.key_id,
+                 hb.newest_key_id, hb.boot_id, hb.seq, hb.send_time_ns, hb.term,
+                 hb.priority, hb.effective_priority, hb.settings_digest, hb.echo_boot,
+                 hb.echo_seq, hb.echo_hold_us)
     return body + hmac.digest(secret, body, "sha256")
 
 
@@ -325,12 +347,8 @@ class Session:
         peer_sources: Iterable[Hashable] | None = None,
         max_skew: float = DEFAULT_MAX_SKEW,
     ) -> None:
-        raw_cluster = _check_name(cluster, "cluster")
-        raw_node = _check_name(node, "node")
-        if len(digest) != 8:
-            raise ValueError(f"settings digest must be 8 bytes, got {len(digest)}")
-        self._names = (bytes([len(raw_cluster)]) + raw_cluster
-                       + bytes([len(raw_node)]) + raw_node)
+        self._names = _name_fields(cluster, node)
+        _check_digest(digest)
         self.cluster = cluster
         self.node = node
         self.keys = keys
@@ -350,8 +368,8 @@ class Session:
         self._peer_rx_at: float | None = None
 
     def seal(self, advert: Advert, now: float, wall_ns: int) -> bytes:
-        """Sign ``advert`` as our next heartbeat: the same bytes `encode` makes, packed
-        directly because this runs for every heartbeat (see `encode` for the layout)."""
+        """Sign ``advert`` as our next heartbeat: the bytes `encode` would make of it,
+        without building a Heartbeat first (this runs for every heartbeat)."""
         self._seq += 1
         seq = self._seq
         sent = self._sent
@@ -363,14 +381,10 @@ class Session:
             hold_us = min(max(round((now - self._peer_rx_at) * 1e6), 0), 0xFFFF_FFFF)
         keys = self.keys
         key_id = keys.signing_id(self.peer_newest_key)
-        try:
-            body = _HEADER.pack(
-                MAGIC, VERSION, advert.state, advert.flags, key_id, keys.newest_id,
-                self.boot_id, seq, wall_ns, advert.term, advert.priority,
-                advert.effective_priority, 0, self.digest, self._peer_boot or 0,
-                self._peer_seq, hold_us) + self._names
-        except struct.error as exc:
-            raise ValueError(f"heartbeat field out of range: {exc}") from exc
+        body = _body(self._names, advert.state, advert.flags, key_id, keys.newest_id,
+                     self.boot_id, seq, wall_ns, advert.term, advert.priority,
+                     advert.effective_priority, self.digest, self._peer_boot or 0,
+                     self._peer_seq, hold_us)
         mac = keys.mac(key_id, body)
         assert mac is not None
         return body + mac
