@@ -228,6 +228,13 @@ class DaemonCollector(Collector):
         if e.peer is not None:
             age.add_metric([], now - e.peer.received_at)
         yield age
+        errors = CounterMetricFamily("vipd_heartbeat_socket_errors_total", "Heartbeat "
+                                     "datagrams the socket refused to send, and errors it "
+                                     "reported on receive (queued ICMP)", labels=["direction"])
+        transport = d.transport
+        errors.add_metric(["send"], transport.send_errors if transport else 0)
+        errors.add_metric(["receive"], transport.receive_errors if transport else 0)
+        yield errors
         match = GaugeMetricFamily("vipd_peer_settings_match", "0 when the peer's pair "
                                   "settings digest differs")
         if e.peer is not None:

@@ -394,3 +394,19 @@ def test_every_transition_reason_maps_to_a_reason_code(sim_reasons: list[str]) -
     assert codes == set(REASON_CODES) - {"other"}, (
         f"never produced: {set(REASON_CODES) - {'other'} - codes}")
     assert {"start", "election", "peer_dead", "health", "handed_over"} <= random_codes
+
+
+@pytest.mark.asyncio
+async def test_heartbeat_socket_errors_are_counted_by_direction(pair: Pair) -> None:
+    pair.start()
+    await pair.settled()
+    a = pair.nodes[0]
+    name = "vipd_heartbeat_socket_errors_total"
+    assert value(a, name, direction="send") == 0.0
+    assert value(a, name, direction="receive") == 0.0
+    # A second "peer address" the kernel refuses (UDP port 0: EINVAL) on every send.
+    d = a.daemon
+    d._peer_addresses = (*d._peer_addresses, ("127.0.0.1", 0))
+    await eventually(lambda: (value(a, name, direction="send") or 0.0) >= 3,
+                     what="send errors counted")
+    assert value(a, name, direction="receive") == 0.0
