@@ -49,7 +49,7 @@ from typing import Any
 
 from vipd.config import load_config
 from vipd.lab import list_namespaces
-from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, outage
+from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
 from vipd.tokens import new_token
 
 FAULTS = {
@@ -247,19 +247,6 @@ def _post_switchover() -> int:
         return int(exc.code)
 
 
-def longest_gap(samples: list[tuple[float, str | None]], after: float) -> float:
-    """Longest run of unanswered requests after `after` that ends in an answer."""
-    best, start = 0.0, None
-    for sent, who in samples:
-        if sent < after:
-            continue
-        if who is None and start is None:
-            start = sent
-        elif who is not None and start is not None:
-            best, start = max(best, sent - start), None
-    return best
-
-
 def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.Random,
               interval: float) -> Trial:
     """One fault on node1 of a pair that `reset` left stable, with the probe running."""
@@ -300,7 +287,8 @@ def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.R
         "lost_in_phase": sum(1 for t, w in samples
                              if fault_at - phase <= t < fault_at and w is None),
         "lost_after_fault": sum(1 for t, w in samples if t >= fault_at and w is None),
-        "longest_gap_ms": round(longest_gap(samples, fault_at) * 1000, 1),
+        "longest_gap_ms": round(max((r for r in failed_runs(samples, fault_at)
+                                     if r != float("inf")), default=0.0) * 1000, 1),
         "confirmed_ms": round((confirmed_at - fault_at) * 1000, 1),
     }
     if trial.error:

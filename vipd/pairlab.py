@@ -212,10 +212,10 @@ class PairLab:
         self.lab.destroy()
 
 
-def outage(samples: list[tuple[float, str | None]], after: float) -> tuple[float, str | None]:
-    """Client-visible outage: from the first unanswered request at or after `after` to
-    the next answered one (0 if none failed). Returns (seconds, who answers at the end)."""
-    answered_last = next((who for _, who in reversed(samples) if who), None)
+def failed_runs(samples: list[tuple[float, str | None]], after: float) -> list[float]:
+    """Lengths of the runs of unanswered requests at or after `after`, in order; a run
+    still open at the end of the samples counts as infinite."""
+    runs: list[float] = []
     first_fail = None
     for sent, who in samples:
         if sent < after:
@@ -223,8 +223,19 @@ def outage(samples: list[tuple[float, str | None]], after: float) -> tuple[float
         if who is None and first_fail is None:
             first_fail = sent
         elif who is not None and first_fail is not None:
-            return sent - first_fail, answered_last
-    return (0.0 if first_fail is None else float("inf")), answered_last
+            runs.append(sent - first_fail)
+            first_fail = None
+    if first_fail is not None:
+        runs.append(float("inf"))
+    return runs
+
+
+def outage(samples: list[tuple[float, str | None]], after: float) -> tuple[float, str | None]:
+    """Client-visible outage: from the first unanswered request at or after `after` to
+    the next answered one (0 if none failed). Returns (seconds, who answers at the end)."""
+    answered_last = next((who for _, who in reversed(samples) if who), None)
+    runs = failed_runs(samples, after)
+    return (runs[0] if runs else 0.0), answered_last
 
 
 # --- the two tiny programs run inside the lab -----------------------------------------------
