@@ -106,6 +106,7 @@ PENDING_WAIT = 2.0  # how long a standby waits for a starting peer that would wi
 BURST = 2  # extra copies of a changed heartbeat, at interval / 8 spacing
 ANSWER_WINDOW = 0.5  # a heartbeat due within this share of an interval goes out with a peer's
 ANSWER_GRACE = 1.25  # ...and the next one is due this many intervals later, unless answered
+ANSWER_HOLD = 0.25  # a peer heartbeat sent this soon after it heard our latest is an answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,7 +619,7 @@ class Election:
         would make the pair ping-pong at the round-trip time instead of the interval."""
         return (rx.echo_sent_at is not None and self._last_sent is not None
                 and rx.echo_sent_at >= self._last_sent
-                and rx.heartbeat.echo_hold_us < self.cfg.interval * ANSWER_WINDOW * 1e6 / 2)
+                and rx.heartbeat.echo_hold_us < self.cfg.interval * ANSWER_HOLD * 1e6)
 
     def _peer_problem(self, now: float) -> str:
         if self.peer is None:
