@@ -78,6 +78,46 @@ def test_least_privilege_and_lifecycle_settings() -> None:
     assert s["SystemCallArchitectures"] == ["native"]
 
 
+def _syscall_groups(analyze: str) -> dict[str, list[str]]:
+    """`systemd-analyze syscall-filter`: every @group and what it lists (names or groups)."""
+    out = subprocess.run([analyze, "syscall-filter"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def test_the_syscall_filter_allows_what_vipd_calls_under_the_unit() -> None:
+    """Evaluate the unit's SystemCallFilter= lines the way systemd does (the first one
+    sets the default, later ones add or remove) and check the calls vipd makes as the
+    unprivileged service user, capset above all (shedding inheritable capabilities at
+    start): a filter that kills or refuses one of them stops the daemon at start."""
+    groups = _syscall_groups(_analyze())
+
+    def expand(names: list[str]) -> set[str]:
+        found: set[str] = set()
+        for name in names:
+            found |= expand(groups[name]) if name.startswith("@") else {name}
+        return found
+
+    lines = _settings()["SystemCallFilter"]
+    assert not lines[0].startswith("~"), "the first filter line must be an allow list"
+    allowed = expand(lines[0].split())
+    for line in lines[1:]:
+        if line.startswith("~"):
+            allowed -= expand(line[1:].split())
+        else:
+            allowed |= expand(line.split())
+    needed = {"capget", "capset", "prctl", "socket", "bind", "setsockopt", "sendto",
+              "recvfrom", "epoll_wait", "clock_gettime"}
+    assert needed <= allowed, sorted(needed - allowed)
+
+
 def test_sysusers_snippet_creates_the_service_user() -> None:
     rows = [line.split() for line in SYSUSERS.read_text().splitlines()
             if line.strip() and not line.startswith("#")]
