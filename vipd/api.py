@@ -29,6 +29,10 @@ from vipd.audit import AuditLog
 from vipd.core.election import CommandKind
 from vipd.tokens import Role, Token, authenticate
 
+HTTP_SHUTDOWN_TIMEOUT = 0.2
+"""How long open HTTP requests (API, /metrics) may delay exit: SIGTERM must end vipd
+within a second, and aiohttp's own default is 60 s."""
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024

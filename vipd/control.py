@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from vipd import __version__
-from vipd.api import Api, Outcome
+from vipd.api import HTTP_SHUTDOWN_TIMEOUT, Api, Outcome
 from vipd.audit import AuditLog
 from vipd.config import ApiConfig
 from vipd.core import election as el
@@ -119,7 +119,7 @@ async def start_api(daemon: Daemon) -> web.AppRunner | None:
               on_request=lambda route, code: daemon.metrics.api_requests.labels(
                   route, str(code)).inc())
     daemon.api = api
-    runner = web.AppRunner(api.app(), access_log=None)
+    runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = web.TCPSite(runner, str(cfg.api.listen.host), cfg.api.listen.port,
                        ssl_context=tls_context(cfg.api), reuse_address=True)

@@ -98,9 +98,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._vip_queue: asyncio.Queue[el.AcquireVips | el.ReleaseVips] = asyncio.Queue()
-        self._should_hold = False
-        self._vip_busy = False  # the worker is applying an acquire/release right now
-        self._holder_wake = asyncio.Event()
+        self._holding = False  # what the VIP worker last applied (acquired, released)
         self.notifier = Notifier()
         self._ready_sent = False
         self._last_timer_fire = time.monotonic()
@@ -165,7 +163,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
             self._spawn(self._vip_worker(), "vip worker")
-            self._spawn(self._holder_loop(), "lease renewal")
             self._health_task = self._spawn(self.health.run(), "health monitor")
             if self.notifier.watchdog:
                 self._spawn(self._watchdog_loop(self.notifier.watchdog), "watchdog")
@@ -189,16 +186,17 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.health.close()
-        for runner in (self._api_runner, self._metrics_runner):
-            if runner is not None:
-                await runner.cleanup()
+        # The VIPs first: nothing below (probes, open HTTP requests) may delay that.
         try:
             await asyncio.wait_for(self.mover.release(), 1.0)
         except (VipError, TimeoutError) as exc:
             log.error("releasing VIPs at exit failed: %s", exc)
         if self.transport is not None:
             self.transport.close()
+        await self.health.close()
+        for runner in (self._api_runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
         self.notifier.close()
         log.info("stopped")
 
@@ -417,16 +415,10 @@ class Daemon:
                     self.metrics.detection.observe(max(now - peer.received_at, 0.0))
                 self.state_file.save(term=term, maintenance=self.election.maintenance)
             case el.AcquireVips():
-                self._should_hold = True
                 self._took_over_at = now
                 self._vip_queue.put_nowait(action)
-                self._holder_wake.set()
             case el.ReleaseVips():
-                self._should_hold = False
-                if self._announcer is not None:
-                    self._announcer.cancel()
                 self._vip_queue.put_nowait(action)
-                self._holder_wake.set()
             case el.Announce(reason=reason):
                 if action.reason != "takeover":  # the takeover burst follows the acquire
                     log.info("re-announcing VIPs: %s", reason)
@@ -453,30 +445,41 @@ class Daemon:
     # --- VIPs ----------------------------------------------------------------------------
 
     async def _vip_worker(self) -> None:
-        """Applies acquire/release strictly in order; a failure turns into FAULT."""
+        """The one task that changes the kernel's addresses. It applies acquire and
+        release strictly in order and, while none is queued, keeps up what it applied
+        (`_upkeep`). With a single owner a renewal cannot race a release, nor the stray
+        VIP cleanup a takeover. A failure turns into FAULT."""
         while True:
-            op = await self._vip_queue.get()
-            started = time.monotonic()
-            self._vip_busy = True
+            op: el.AcquireVips | el.ReleaseVips | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._upkeep_delay(time.monotonic())):
+                    op = await self._vip_queue.get()
             try:
-                if isinstance(op, el.AcquireVips):
-                    await self.mover.acquire(self.config.vip_lease)
-                    self._last_renew = self._last_announce = time.monotonic()
-                    if self._took_over_at is not None:
-                        self.metrics.acquisition.observe(self.loop_time() - self._took_over_at)
-                    took = 1000 * (time.monotonic() - started)
-                    log.info("VIPs added on %s in %.1f ms: %s", self.config.interface, took,
-                             ", ".join(map(str, self.config.vips)))
-                    self._start_announcer()
+                if op is None:
+                    await self._upkeep(time.monotonic())
+                elif isinstance(op, el.AcquireVips):
+                    await self._acquire()
                 else:
+                    if self._announcer is not None:  # never announce what is released
+                        self._announcer.cancel()
+                    self._holding = False
                     await self.mover.release()
                     log.info("VIPs removed from %s", self.config.interface)
             except VipError as exc:
                 log.error("%s", exc)
                 self.metrics.vip_errors.inc()
                 self._handle(el.VipFailed(str(exc)))
-            finally:
-                self._vip_busy = False
+
+    async def _acquire(self) -> None:
+        started = time.monotonic()
+        await self.mover.acquire(self.config.vip_lease)
+        self._holding = True
+        self._last_renew = self._last_announce = time.monotonic()
+        if self._took_over_at is not None:
+            self.metrics.acquisition.observe(self.loop_time() - self._took_over_at)
+        log.info("VIPs added on %s in %.1f ms: %s", self.config.interface,
+                 1000 * (self._last_renew - started), ", ".join(map(str, self.config.vips)))
+        self._start_announcer()
 
     def _start_announcer(self) -> None:
         if self._announcer is not None:
@@ -502,44 +505,39 @@ class Daemon:
         """
         return max(self.config.heartbeat.interval, min(self.config.vip_lease / 3, 1.0))
 
-    async def _holder_loop(self) -> None:
-        """While active: renew the lease, re-announce every `refresh`. Also reconcile:
-        a standby that finds its VIPs on the interface removes them. Sleeps until the
-        next of these is due (a standby wakes every 2 s, not every heartbeat); a
-        takeover or release wakes it at once."""
-        while True:
-            holding = self._should_hold
-            due = [self._last_reconcile + RECONCILE_EVERY] if not holding else []
-            if holding and self.config.vip_lease:
+    def _upkeep_delay(self, now: float) -> float | None:
+        """Seconds until `_upkeep` is due (None: nothing to keep up). A holder renews and
+        re-announces; a standby looks for stray VIPs every RECONCILE_EVERY, so it does
+        not wake every heartbeat."""
+        if self._holding:
+            due = []
+            if self.config.vip_lease:
                 due.append(self._last_renew + self.renew_period())
-            if holding and self.config.announce.refresh:
+            if self.config.announce.refresh:
                 due.append(self._last_announce + self.config.announce.refresh)
-            self._holder_wake.clear()
-            timeout = max(min(due, default=time.monotonic() + RECONCILE_EVERY)
-                          - time.monotonic(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._holder_wake.wait(), timeout)
-            now = time.monotonic()
-            try:
-                idle = self._vip_queue.empty() and not self._vip_busy
-                if self._should_hold and idle:
-                    if self.config.vip_lease and now >= self._last_renew + self.renew_period():
-                        self._last_renew = now
-                        await self.mover.acquire(self.config.vip_lease)
-                    refresh = self.config.announce.refresh
-                    if refresh and now >= self._last_announce + refresh:
-                        self._last_announce = now
-                        self._start_announcer()
-                elif not self._should_hold and now >= self._last_reconcile + RECONCILE_EVERY:
-                    self._last_reconcile = now
-                    if idle and await self.mover.held():
-                        log.warning("found VIPs on %s while not active: removing them",
-                                    self.config.interface)
-                        await self.mover.release()
-            except VipError as exc:
-                log.error("%s", exc)
-                self.metrics.vip_errors.inc()
-                self._handle(el.VipFailed(str(exc)))
+            if not due:
+                return None
+        else:
+            due = [self._last_reconcile + RECONCILE_EVERY]
+        return max(min(due) - now, 0.0)
+
+    async def _upkeep(self, now: float) -> None:
+        """While holding: renew the lease, re-announce every `refresh`. While not: a
+        standby that finds its VIPs on the interface removes them."""
+        if self._holding:
+            if self.config.vip_lease and now >= self._last_renew + self.renew_period():
+                self._last_renew = now
+                await self.mover.acquire(self.config.vip_lease)
+            refresh = self.config.announce.refresh
+            if refresh and now >= self._last_announce + refresh:
+                self._last_announce = now
+                self._start_announcer()
+        elif now >= self._last_reconcile + RECONCILE_EVERY:
+            self._last_reconcile = now
+            if await self.mover.held():
+                log.warning("found VIPs on %s while not active: removing them",
+                            self.config.interface)
+                await self.mover.release()
 
     # --- hooks ---------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from vipd import __version__
+from vipd.api import HTTP_SHUTDOWN_TIMEOUT
 from vipd.core.protocol import Reject, State
 from vipd.errors import VipdError, VipError
 
@@ -268,7 +269,7 @@ async def serve_metrics(daemon: Daemon, collector: DaemonCollector) -> web.AppRu
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
         await web.TCPSite(runner, str(listen.host), listen.port, reuse_address=True).start()

@@ -27,6 +27,7 @@ import yaml
 from vipd.config import load_config
 from vipd.core.protocol import Advert, Flag, KeyRing, Session, State
 from vipd.daemon import Daemon
+from vipd.health import ProbeResult
 from vipd.keys import generate_key_line, load_keys
 from vipd.testing import FakeMover
 from vipd.vip import VipInterface
@@ -347,6 +348,63 @@ async def test_standby_removes_vips_added_behind_its_back(
     assert pair.b.state is State.STANDBY
     assert pair.a.mover.addresses == VIP_SET
     assert any("while not active" in m for m in messages(caplog, level=logging.WARNING))
+
+
+@pytest.mark.asyncio
+async def test_a_takeover_during_the_standbys_stray_vip_check_keeps_its_vips(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standby's check for stray VIPs and a takeover both go through the one VIP
+    worker: VIPs acquired while a slow check runs are not removed by it."""
+    for node in pair.nodes:
+        node.settings["vip_lease"] = 0  # no renewal that would put removed VIPs back
+    pair.start()
+    await pair.settled()
+    checking, proceed = asyncio.Event(), asyncio.Event()
+    plain_held = pair.b.mover.held
+
+    async def slow_held() -> set[VipInterface]:
+        checking.set()
+        await proceed.wait()
+        return await plain_held()
+
+    monkeypatch.setattr(pair.b.mover, "held", slow_held)
+    await asyncio.wait_for(checking.wait(), 4.0)  # b's periodic check is under way
+    await pair.a.stop()  # a hands over to b, whose takeover now waits for the check
+    await asyncio.sleep(0.2)
+    assert pair.b.state is State.ACTIVE
+    proceed.set()
+    await eventually(lambda: pair.b.mover.addresses == VIP_SET, what="b holds the VIPs")
+    await asyncio.sleep(0.3)
+    assert pair.b.mover.addresses == VIP_SET, "the stray-VIP check removed b's new VIPs"
+    assert pair.b.state is State.ACTIVE
+
+
+@pytest.mark.asyncio
+async def test_no_announcement_follows_a_release_queued_behind_a_slow_acquire(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    pair.start()
+    await pair.settled()
+    await pair.a.stop()
+    await eventually(lambda: pair.b.mover.addresses == VIP_SET, what="b took over")
+    await pair.b.stop()
+    # a alone again: its acquire is slow, and a health failure queues a release
+    # behind it before the acquire has finished.
+    plain_acquire = pair.a.mover.acquire
+
+    async def slow_acquire(lease: float) -> None:
+        await asyncio.sleep(0.2)
+        await plain_acquire(lease)
+
+    monkeypatch.setattr(pair.a.mover, "acquire", slow_acquire)
+    pair.a.start()
+    await eventually(lambda: pair.a.state is State.ACTIVE, what="a ACTIVE")
+    pair.a.daemon._on_health(False, "web", ProbeResult(False, "503", 0.0))
+    await eventually(lambda: ("release",) in pair.a.mover.calls
+                     and not pair.a.mover.addresses, what="a released")
+    await asyncio.sleep(0.3)  # past a whole announce burst
+    calls = pair.a.mover.calls
+    last_release = len(calls) - 1 - calls[::-1].index(("release",))
+    assert ("announce",) not in calls[last_release:], calls
 
 
 # ---------------------------------------------------------------------------- reload
