@@ -229,11 +229,15 @@ class Daemon:
         try:
             new = load_config(path)
             keys = KeyRing(load_keys(new.auth.key_file))
+            tokens = (load_tokens(new.api.tokens_file)
+                      if new.api.tokens_file is not None else None)
         except (VipdError, ValueError) as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             self.metrics.reloads.labels("error").inc()
             return
-        fixed = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics")
+        # exec_user is resolved against vipd's own privileges once, at start.
+        fixed = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics",
+                 "audit", "exec_user")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.config, k)]
         if (new.api.listen, new.api.tls) != (self.config.api.listen, self.config.api.tls):
             changed.append("api.listen/api.tls")
@@ -242,16 +246,10 @@ class Daemon:
                       ", ".join(changed))
             self.metrics.reloads.labels("refused").inc()
             return
-        try:
-            tokens = (load_tokens(new.api.tokens_file)
-                      if new.api.tokens_file is not None else None)
-        except VipdError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            self.metrics.reloads.labels("error").inc()
-            return
         if self.api is not None:
             self.api.tokens = tokens
-        health_changed = new.health != self.config.health
+        health_changed = ((new.health, new.track_interface)
+                          != (self.config.health, self.config.track_interface))
         self.config, self.keys = new, keys
         self.session.keys = keys
         if health_changed:

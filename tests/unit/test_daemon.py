@@ -476,6 +476,37 @@ async def test_reload_does_not_claim_to_apply_new_health_checks_it_ignores(
                          what="a FAULT from the health check added by the reload")
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("change", [{"exec_user": "nobody"}, {"audit": {"file": "/x.jsonl"}}])
+async def test_reload_refuses_settings_fixed_at_start(
+        pair: Pair, caplog: pytest.LogCaptureFixture, change: dict[str, Any]) -> None:
+    pair.start()
+    await pair.settled()
+    before = pair.a.daemon.config
+    (key,) = change
+    if before.exec_user == change.get("exec_user"):
+        change = {"exec_user": "daemon"}
+    pair.a.write(**change, priority=200)
+    pair.a.daemon._on_reload_signal()
+    await eventually(lambda: any(m.startswith(f"reload refused: {key}")
+                                 for m in messages(caplog, level=logging.ERROR)),
+                     what=f"reload refusal of {key} logged")
+    assert pair.a.daemon.config is before
+    assert pair.a.daemon.election.cfg.priority == 150
+
+
+@pytest.mark.asyncio
+async def test_reload_applies_track_interface(pair: Pair) -> None:
+    pair.start()
+    await pair.settled()
+    d = pair.a.daemon
+    assert [c.name for c in d.health.status()] == []
+    pair.a.write(track_interface=True)
+    d._on_reload_signal()
+    await eventually(lambda: [c.name for c in d.health.status()] == ["link.fake0"],
+                     what="the link check added by the reload")
+
+
 # ---------------------------------------------------------------------------- hooks
 
 
