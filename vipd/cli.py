@@ -16,6 +16,7 @@ from vipd import __version__
 from vipd.config import Config, format_duration, load_config
 from vipd.errors import ConfigError, VipdError
 from vipd.keys import MAX_KEY_ID, generate_key_line, load_keys
+from vipd.tokens import load_tokens
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -39,18 +40,9 @@ def check_config(args: argparse.Namespace) -> int:
     config = load_config(file)
     keys = load_keys(config.auth.key_file)
     if config.api.tokens_file is not None:
-        _check_readable(config.api.tokens_file, "tokens file")
+        load_tokens(config.api.tokens_file)  # what the daemon will check at start
     print(f"{file}: ok: {summary(config, len(keys))}")
     return EXIT_OK
-
-
-def _check_readable(path: Path, what: str) -> None:
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise ConfigError(str(path), [("", f"cannot read {what}: {exc.strerror or exc}")]) \
-            from exc
 
 
 def summary(config: Config, key_count: int) -> str:

@@ -119,10 +119,11 @@ async def start_api(daemon: Daemon) -> web.AppRunner | None:
               on_request=lambda route, code: daemon.metrics.api_requests.labels(
                   route, str(code)).inc())
     daemon.api = api
+    ssl_context = tls_context(cfg.api)  # before setup: a bad certificate leaves nothing open
     runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = web.TCPSite(runner, str(cfg.api.listen.host), cfg.api.listen.port,
-                       ssl_context=tls_context(cfg.api), reuse_address=True)
+                       ssl_context=ssl_context, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:

@@ -62,6 +62,7 @@ def load_tokens(path: str | Path) -> list[Token]:
                                  f"got {len(fields)} fields"))
             continue
         name, role, digest = fields
+        before = len(problems)
         if not _NAME_RE.fullmatch(name):
             problems.append(("", f"line {lineno}: bad token name (1..64 of [A-Za-z0-9._@-])"))
         elif name in names:
@@ -71,7 +72,7 @@ def load_tokens(path: str | Path) -> list[Token]:
         if not _HASH_RE.fullmatch(digest):
             problems.append(("", f"line {lineno}: expected the SHA-256 of the token as 64 "
                                  "lowercase hex digits (vipctl token new prints the line)"))
-        if not problems:
+        if len(problems) == before:
             names.add(name)
             tokens.append(Token(name, Role(role), digest))
     if problems:

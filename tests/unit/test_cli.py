@@ -24,6 +24,7 @@ def install_example(tmp_path: Path, name: str, keys: int = 2) -> Path:
     key_file.write_text("".join(f"{generate_key_line(i + 1)}\n" for i in range(keys)))
     os.chmod(key_file, 0o600)
     (tmp_path / "web.tokens").write_text("")
+    os.chmod(tmp_path / "web.tokens", 0o600)  # as the daemon requires
     text = (CONFIGS / name).read_text()
     assert EXAMPLE_KEY_FILE in text and EXAMPLE_TOKENS_FILE in text
     path = tmp_path / name
@@ -101,6 +102,19 @@ def test_check_config_needs_the_tokens_file(tmp_path: Path,
     assert main(["check-config", str(path)]) == 2
     assert capsys.readouterr().err == (f"{tmp_path / 'web.tokens'}: cannot read tokens file: "
                                        f"No such file or directory\n")
+
+
+def test_check_config_checks_the_tokens_file_as_the_daemon_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = install_example(tmp_path, "node-a.yaml")
+    tokens = tmp_path / "web.tokens"
+    tokens.write_text("ops operate not-a-hash\n")
+    assert main(["check-config", str(path)]) == 2
+    assert "line 1: expected the SHA-256 of the token" in capsys.readouterr().err
+    tokens.write_text("")
+    os.chmod(tokens, 0o644)
+    assert main(["check-config", str(path)]) == 2
+    assert "mode 0644 gives access to group/others" in capsys.readouterr().err
 
 
 def test_check_config_on_a_missing_file(tmp_path: Path,

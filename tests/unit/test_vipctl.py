@@ -29,6 +29,7 @@ from vipd.audit import AuditLog
 from vipd.config import ApiConfig
 from vipd.control import tls_context
 from vipd.core.election import CommandKind
+from vipd.errors import ConfigError
 from vipd.tokens import Role, authenticate, load_tokens, new_token
 from vipd.vipctl import (
     EXIT_AUTH,
@@ -472,3 +473,17 @@ def test_missing_cacert_is_usage_error(env: Env, tmp_path: Path,
                  str(env.read_file), "--cacert", str(missing), "status"])
     assert code == EXIT_USAGE
     assert str(missing) in capsys.readouterr().err
+
+
+def test_tokens_file_reports_every_bad_line_and_every_duplicate(tmp_path: Path) -> None:
+    good = "0" * 64
+    text = ("broken line\n"                 # a bad line must not hide what follows:
+            f"ops operate {good}\n"
+            f"ops read {good}\n"            # a duplicate name after it
+            f"web read {good}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_tokens(write_private(tmp_path / "api.tokens", text))
+    message = str(caught.value)
+    assert "line 1: expected 'NAME ROLE SHA256'" in message
+    assert "line 3: token name 'ops' appears twice" in message
+    assert "line 2" not in message and "line 4" not in message
