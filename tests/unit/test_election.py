@@ -40,6 +40,7 @@ from vipd.core.election import (
     VipFailed,
     Warn,
 )
+from vipd.core.events import UNPLANNED_TAKEOVERS, reason_code
 from vipd.core.protocol import Advert, Flag, Heartbeat, KeyRing, Received, Session, State
 
 S, F, K = State, Flag, CommandKind
@@ -909,6 +910,21 @@ def test_forced_promote_override_ends_with_the_promote_request() -> None:
     assert not only(acts, AcquireVips)
 
 
+def test_a_lapsing_forced_promote_faults_a_sick_node_at_once() -> None:
+    """When the request lapses, the override goes and the sick node turns FAULT in that
+    same step: no further STANDBY heartbeat claiming health goes out first."""
+    e, now = standby_with_active_peer(health=False)
+    e.handle(Command(K.PROMOTE, force=True), now)
+    lapse = now + 2 * DEAD
+    feed(e, now + INTERVAL, lapse - EPS, S.ACTIVE, term=1)
+    assert e.state is S.STANDBY
+    acts = e.handle(Tick(), lapse)
+    assert e.state is S.FAULT
+    assert [t.new for t in acts if isinstance(t, Transition)] == [S.FAULT]
+    assert all(a.advert.state is S.FAULT and F.HEALTHY not in a.advert.flags
+               for a in acts if isinstance(a, SendHeartbeat))
+
+
 def test_promote_asks_active_peer_that_hears_us() -> None:
     e, now = standby_with_active_peer()
     actions = e.handle(Command(K.PROMOTE), now)
@@ -1372,6 +1388,20 @@ def test_pair_start_waits_for_a_peer_whose_health_is_pending() -> None:
     p.run(T0 + 2)
     assert p.states() == (S.ACTIVE, S.STANDBY)
     assert [n for _, n, _ in p.takeovers] == ["a"]
+
+
+def test_winning_over_a_peer_whose_health_is_pending_is_an_election_not_a_failure() -> None:
+    """The peer is a standby still learning its health and we outrank it: we take over
+    at once, and the reason says election (a planned start-up decision, not counted as
+    an unplanned failover in the metrics)."""
+    p = _pair()
+    p.handle("b", Start(), T0)  # b's first probe has not reported (yet)
+    p.start("a", T0 + 0.003)
+    p.run(T0 + 1)
+    assert p.states() == (S.ACTIVE, S.STANDBY)
+    assert [(n, r) for _, n, r in p.takeovers] == [
+        ("a", "election: we have priority over the standby peer")]
+    assert reason_code(p.takeovers[0][2]) not in UNPLANNED_TAKEOVERS
 
 
 def test_pair_late_higher_priority_node_preempts_make_before_break() -> None:

@@ -372,6 +372,11 @@ class Election:
     # --- the rule ------------------------------------------------------------------------
 
     def _evaluate(self, now: float) -> list[Action]:
+        t = self.timers
+        if t.promote_until is not None and now >= t.promote_until:
+            t.promote_until = None
+            if self.state is not State.ACTIVE:
+                self.health_override = False  # the forced promote did not happen
         actions: list[Action] = []
         for _ in range(3):  # at most e.g. FAULT -> STANDBY -> ACTIVE in one step
             target, reason, extra = self._decide(now)
@@ -435,8 +440,8 @@ class Election:
                         self.want_active = True
                         self._send_now(now)
                 return ""
-            pending = (hb.state is State.STANDBY and Flag.HEALTH_PENDING in hb.flags
-                       and not self._wins_fresh(hb))
+            # A standby peer still learning its health is in the election, not failed.
+            pending = hb.state is State.STANDBY and Flag.HEALTH_PENDING in hb.flags
             if not self.peer_eligible(now) and not pending:
                 why = "unhealthy" if hb.state is State.STANDBY else hb.state.name
                 return f"peer {hb.node} is {why}"
@@ -582,11 +587,6 @@ class Election:
         (the idle CPU is mostly wakeups). The answerer's own timer then waits
         ANSWER_GRACE intervals and only fires if the peer's heartbeat is late, so its
         heartbeats are never further apart than that."""
-        t = self.timers
-        if t.promote_until is not None and now >= t.promote_until:
-            t.promote_until = None
-            if self.state is not State.ACTIVE:
-                self.health_override = False  # the forced promote did not happen
         if self._next_send is None:
             return []
         answer = False
