@@ -59,6 +59,7 @@ class StateFile:
     def __init__(self, directory: Path) -> None:
         self.path = directory / "state.json"
         self._warned = False
+        self._saved: dict[str, Any] | None = None
 
     def load(self) -> dict[str, Any]:
         try:
@@ -68,14 +69,22 @@ class StateFile:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable state file %s: %s", self.path, exc)
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        self._saved = data
+        return data
 
     def save(self, **values: Any) -> None:
+        """Write only what changed: this runs on the loop at every transition, on a
+        takeover's way to acquiring the VIPs."""
+        if values == self._saved:
+            return
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(values))
             os.replace(tmp, self.path)
+            self._saved = values
         except OSError as exc:
             if not self._warned:
                 log.warning("cannot write state file %s: %s (term and maintenance will not "
@@ -401,8 +410,7 @@ class Daemon:
             case el.SendHeartbeat(advert=advert):
                 assert self.transport is not None
                 data = self.session.seal(advert, now, time.time_ns())
-                self.transport.send(data, self._peer_addresses)
-                self.metrics.hot.sent += len(self._peer_addresses)
+                self.metrics.hot.sent += self.transport.send(data, self._peer_addresses)
             case el.Transition(old=old, new=new, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
                 self.notifier.notify(STATUS=f"{new.name} term {term} ({reason or old.name})")

@@ -27,12 +27,12 @@ from typing import Any
 
 from vipd.keys import generate_key_line
 from vipd.lab import Lab, new_prefix
+from vipd.transport import IP_FREEBIND
 
 VIP4 = "198.51.100.100"
 VIP6 = "2001:db8:1::100"
 PORT = 5405
 ECHO_PORT = 7000
-IP_FREEBIND = 15
 FAULTS = {
     "kill": "SIGKILL of vipd and the service on the active node (a node crash)",
     "link-down": "the active node's network link goes down",
@@ -200,15 +200,8 @@ class PairLab:
         return [(r[0], r[1]) for r in rows]
 
     def destroy(self) -> None:
-        for node in self.nodes.values():
-            for proc in (node.daemon, node.responder):
-                if proc is not None and proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        if self.probe is not None and self.probe.poll() is None:
-            self.probe.kill()
-            self.probe.wait()
+        """Daemons, responders and the probe were all spawned through the lab's hosts,
+        so the lab kills them with its namespaces."""
         self.lab.destroy()
 
 

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 OnDatagram = Callable[[bytes, str], None]
 
+IP_FREEBIND = 15  # not in Python 3.11's socket module
 RECV_SIZE = 2048  # more than any heartbeat (protocol.MAX_DATAGRAM); longer ones are cut
 
 
@@ -51,8 +52,7 @@ class HeartbeatTransport:
         family = socket.AF_INET6 if bind.host.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            # IP_FREEBIND (15; not in Python 3.11's socket module): start before the address is up.
-            sock.setsockopt(socket.SOL_IP, 15, 1)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # start before the address is up
             sock.bind((str(bind.host), bind.port))
         except OSError as exc:
             sock.close()
@@ -77,16 +77,20 @@ class HeartbeatTransport:
             return
         self._on_datagram(data, addr[0])
 
-    def send(self, data: bytes, peers: Iterable[tuple[str, int]]) -> None:
-        """`peers` as (host, port) tuples, made once: this runs for every heartbeat."""
+    def send(self, data: bytes, peers: Iterable[tuple[str, int]]) -> int:
+        """Send to each of ``peers`` ((host, port) tuples, made once: this runs for every
+        heartbeat); returns how many datagrams went out."""
         sock = self._sock
         if sock is None:
-            return
+            return 0
+        sent = 0
         for peer in peers:
             try:
                 sock.sendto(data, peer)
+                sent += 1
             except OSError:
                 self.send_errors += 1
+        return sent
 
     def close(self) -> None:
         if self._sock is not None:

@@ -59,7 +59,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface
 from typing import Any, Protocol, runtime_checkable
 
 from pyroute2 import AsyncIPRoute, IPBatch
@@ -347,7 +347,7 @@ class NetlinkMover:
             address = msg.get(key)
             if address is None:
                 continue
-            vip = _interface(f"{address}/{msg['prefixlen']}")
+            vip = ip_interface(f"{address}/{msg['prefixlen']}")
             if vip in wanted:
                 present.add(vip)
         return present
@@ -457,9 +457,3 @@ def _send_compiled(data: bytes, count: int) -> None:
                 raise OSError(errno.EPROTO, f"netlink reply of type {kind}, expected an ack")
             if error:
                 raise OSError(-error, os.strerror(-error))
-
-
-def _interface(text: str) -> VipInterface:
-    if ":" in text:
-        return IPv6Interface(text)
-    return IPv4Interface(text)

@@ -625,3 +625,26 @@ async def test_a_transition_is_logged_once_and_steady_state_is_quiet(
     await asyncio.sleep(1.0)
     assert messages(caplog) == []
     assert (pair.a.state, pair.b.state) == (State.ACTIVE, State.STANDBY)
+
+
+def test_state_file_is_written_only_when_its_values_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vipd import daemon as daemon_module
+    writes: list[str] = []
+    real_replace = os.replace
+
+    def counting_replace(src: Any, dst: Any) -> None:
+        writes.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(daemon_module.os, "replace", counting_replace)
+    state = daemon_module.StateFile(tmp_path / "state")
+    state.save(term=3, maintenance=False)
+    state.save(term=3, maintenance=False)
+    assert len(writes) == 1
+    again = daemon_module.StateFile(tmp_path / "state")
+    assert again.load() == {"term": 3, "maintenance": False}
+    again.save(term=3, maintenance=False)  # what is on disk already
+    assert len(writes) == 1
+    again.save(term=4, maintenance=False)
+    assert len(writes) == 2 and again.load()["term"] == 4

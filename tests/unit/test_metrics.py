@@ -407,6 +407,12 @@ async def test_heartbeat_socket_errors_are_counted_by_direction(pair: Pair) -> N
     # A second "peer address" the kernel refuses (UDP port 0: EINVAL) on every send.
     d = a.daemon
     d._peer_addresses = (*d._peer_addresses, ("127.0.0.1", 0))
-    await eventually(lambda: (value(a, name, direction="send") or 0.0) >= 3,
+    sent = value(a, "vipd_heartbeats_sent_total") or 0.0
+    errors_then = value(a, name, direction="send") or 0.0
+    await eventually(lambda: (value(a, name, direction="send") or 0.0) >= errors_then + 3,
                      what="send errors counted")
     assert value(a, name, direction="receive") == 0.0
+    # Only what went out counts as sent: one datagram per heartbeat, not two.
+    new_sent = (value(a, "vipd_heartbeats_sent_total") or 0.0) - sent
+    new_errors = (value(a, name, direction="send") or 0.0) - errors_then
+    assert new_sent == new_errors, (new_sent, new_errors)
