@@ -90,7 +90,8 @@ class DaemonController:
             "vips": [{"address": str(v), "held": str(v) in held} for v in d.config.vips],
             "vip_error": vip_error, "peer": peer,
             "config_digest": e.cfg.digest.hex(),
-            "rejected_heartbeats": dict(d.rejects),
+            "rejected_heartbeats": {reason: count for reason, count
+                                    in d.metrics.hot.rejected.items() if count},
         }
 
 

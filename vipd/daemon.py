@@ -102,7 +102,6 @@ class Daemon:
         self.state_file = StateFile(config.effective_state_dir)
         self.boot_id = secrets.randbits(64)
         self.started = time.monotonic()
-        self.rejects: dict[str, int] = {}
         self.last_rtt: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -388,9 +387,9 @@ class Daemon:
         try:
             rx = self.session.open(data, self._loop.time(), time.time_ns(), source)
         except Rejected as exc:
-            self.metrics.heartbeats_rejected.labels(exc.reason.value).inc()
-            count = self.rejects.get(exc.reason.value, 0) + 1
-            self.rejects[exc.reason.value] = count
+            rejected = self.metrics.hot.rejected
+            count = rejected[exc.reason.value] + 1
+            rejected[exc.reason.value] = count
             if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
                 log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
             return

@@ -598,7 +598,7 @@ async def test_foreign_datagrams_are_counted_and_change_nothing(pair: Pair) -> N
         sock.bind(("127.0.0.1", 0))
         for data in datagrams:
             sock.sendto(data, target)
-    rejects = pair.a.daemon.rejects
+    rejects = pair.a.daemon.metrics.hot.rejected
     await eventually(lambda: sum(rejects.values()) >= len(datagrams), what="rejections counted")
     assert rejects.get("unknown_peer") == 1, rejects
     assert rejects.get("malformed") == 2, rejects
