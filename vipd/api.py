@@ -47,7 +47,6 @@ class Outcome:
     message: str
     state: str
     term: int
-    conflict: bool = True  # a refusal is a 409 unless this is False (then 503)
 
 
 class Controller(Protocol):
@@ -206,7 +205,7 @@ class Api:
         kind, force = to_command(body)
         async with self._mutating:
             outcome = await self.controller.command(kind, force, body.expected_term)
-        status = 200 if outcome.accepted else (409 if outcome.conflict else 503)
+        status = 200 if outcome.accepted else 409
         self._audit(request, token, action, params=params,
                     result="accepted" if outcome.accepted else "refused", status=status,
                     message=outcome.message, state=outcome.state, term=outcome.term)

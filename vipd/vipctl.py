@@ -118,8 +118,8 @@ class Client:
         self.headers = {"Authorization": f"Bearer {_token(args)}"}
         self.ssl = _ssl(args)
 
-    async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-                   ok_conflict: bool = False) -> tuple[int, dict[str, Any]]:
+    async def call(self, method: str, path: str,
+                   body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         url = self.base + path
         try:
             async with self.session.request(method, url, json=body, headers=self.headers,
@@ -134,7 +134,7 @@ class Client:
                                              f"{exc or type(exc).__name__}") from exc
         if status in (401, 403):
             raise CliError(EXIT_AUTH, f"{status}: {data.get('error', 'not authorised')}")
-        if status == 409 or (status >= 400 and not ok_conflict):
+        if status >= 400:
             raise CliError(EXIT_REFUSED, f"refused ({status}): {data.get('error', data)}")
         return status, data
 

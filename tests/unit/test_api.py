@@ -210,7 +210,6 @@ async def test_every_post_writes_one_audit_line(env: Env) -> None:
         ("/v1/switchover", op, big, None, 413),
         ("/v1/switchover", op, {"force": True, "expected_term": 3},
          Outcome(False, "expected_term 3 is stale", "ACTIVE", 7), 409),
-        ("/v1/promote", op, {}, Outcome(False, "no result", "STANDBY", 7, conflict=False), 503),
         ("/v1/maintenance", op, {"enabled": False},
          Outcome(True, "maintenance off", "STANDBY", 8), 200),
     ]
@@ -428,15 +427,6 @@ async def test_refused_outcome_is_409_with_the_reason(env: Env) -> None:
     assert body["error"] == "the peer is not healthy"
     assert body["accepted"] is False and body["state"] == "ACTIVE" and body["term"] == 5
     assert env.audit_lines()[-1]["message"] == "the peer is not healthy"
-
-
-@pytest.mark.asyncio
-async def test_refused_outcome_without_conflict_is_503(env: Env) -> None:
-    env.controller.outcome = Outcome(False, "election not running", "INIT", 0, conflict=False)
-    status, body = await post(env, "/v1/promote", json={})
-    assert status == 503
-    assert body["error"] == "election not running"
-    assert env.audit_lines()[-1]["status"] == 503
 
 
 # --- 5. one at a time --------------------------------------------------------------------

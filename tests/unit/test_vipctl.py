@@ -226,13 +226,23 @@ async def test_switchover_refused_409(env: Env, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.asyncio
-async def test_switchover_refused_503_is_exit_1(env: Env,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    env.controller.outcome = Outcome(False, "election not running", "INIT", 0, conflict=False)
-    async with serve(env) as url:
-        code = await vipctl("--api", url, "--token-file", str(env.operate_file), "switchover")
+async def test_a_server_error_in_front_of_the_daemon_is_exit_1(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    """Any other 4xx/5xx (a proxy's 503, say) is a refusal too, with its text shown."""
+    async def unavailable(request: web.Request) -> web.Response:
+        return web.json_response({"error": "upstream unavailable"}, status=503)
+
+    app = web.Application()
+    app.router.add_post("/v1/switchover", unavailable)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        code = await vipctl("--api", f"http://127.0.0.1:{server.port}", "--token-file",
+                            str(env.operate_file), "switchover")
+    finally:
+        await server.close()
     assert code == EXIT_REFUSED
-    assert "election not running" in capsys.readouterr().err
+    assert "503" in (err := capsys.readouterr().err) and "upstream unavailable" in err
 
 
 @pytest.mark.asyncio
