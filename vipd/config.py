@@ -43,7 +43,6 @@ from pydantic_core import core_schema
 from vipd.core.election import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL
 from vipd.errors import ConfigError
 
-# Heartbeat defaults chosen with the simulator (see simulations/).
 DEFAULT_STATE_ROOT = Path("/var/lib/vipd")
 
 # A relative path is relative to the directory of the config file (set by load_config).
@@ -566,6 +565,3 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         if (found := _model_in(arg)) is not None:
             return found
     return None
-
-
-# --- keys ---------------------------------------------------------------------------

@@ -12,10 +12,8 @@ import stat
 import time
 from pathlib import Path
 
+from vipd.core.protocol import MAX_KEY_ID, MIN_KEY_BYTES
 from vipd.errors import ConfigError
-
-MIN_KEY_BYTES = 32
-MAX_KEY_ID = 0xFFFFFFFF  # the key id is a uint32 in the heartbeat
 
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 
