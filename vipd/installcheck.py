@@ -42,23 +42,29 @@ def _sysctl(path: str) -> str | None:
         return None
 
 
-def check_file(path: Path, what: str, user: str | None, secret: bool) -> list[Finding]:
+def check_file(path: Path, what: str, user: str | None,
+               load: Callable[[Path], object] | None = None) -> list[Finding]:
+    """Owner and mode of a file vipd reads. A secret comes with its ``load``er, which
+    judges its mode, file type and contents exactly as the daemon will; here only the
+    owner is added (the loader runs as root and cannot tell)."""
+    problems: list[Finding] = []
+    if load is not None:
+        try:
+            load(path)
+        except ConfigError as exc:
+            problems.append(Finding(FAIL, what, "; ".join(exc.lines())))
     try:
         st = path.stat()
     except OSError as exc:
-        return [Finding(FAIL, what, f"{path}: {exc.strerror}")]
+        return problems or [Finding(FAIL, what, f"{path}: {exc.strerror}")]
     mode = stat.S_IMODE(st.st_mode)
     owner = _user_name(st.st_uid)
-    found = []
-    if secret and mode & 0o077:
-        found.append(Finding(FAIL, what, f"{path}: mode {mode:04o} gives access to group/"
-                                         f"others; chmod 600 {path}"))
-    elif not secret and mode & 0o002:
-        found.append(Finding(FAIL, what, f"{path}: mode {mode:04o} is world-writable"))
-    if secret and user is not None and owner != user:
-        found.append(Finding(FAIL, what, f"{path}: owned by {owner}, but vipd runs as {user} "
-                                         f"and must read it; chown {user} {path}"))
-    return found or [Finding(OK, what, f"{path}: owner {owner}, mode {mode:04o}")]
+    if load is None and mode & 0o002:
+        problems.append(Finding(FAIL, what, f"{path}: mode {mode:04o} is world-writable"))
+    if load is not None and user is not None and owner != user:
+        problems.append(Finding(FAIL, what, f"{path}: owned by {owner}, but vipd runs as "
+                                            f"{user} and must read it; chown {user} {path}"))
+    return problems or [Finding(OK, what, f"{path}: owner {owner}, mode {mode:04o}")]
 
 
 def _user_name(uid: int) -> str:
@@ -155,17 +161,10 @@ async def check_network(cfg: Config) -> list[Finding]:
 def run_checks(path: str, user: str | None) -> list[Finding]:
     cfg = load_config(path)
     found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
-    found += check_file(Path(path), "config file", user, secret=False)
-    secrets: list[tuple[Path, str, Callable[[Path], object]]] = [
-        (cfg.auth.key_file, "key file", load_keys)]
+    found += check_file(Path(path), "config file", user)
+    found += check_file(cfg.auth.key_file, "key file", user, load_keys)
     if cfg.api.tokens_file is not None:
-        secrets.append((cfg.api.tokens_file, "tokens file", load_tokens))
-    for secret, what, load in secrets:
-        found += check_file(secret, what, user, secret=True)
-        try:
-            load(secret)
-        except ConfigError as exc:
-            found.append(Finding(FAIL, what, "; ".join(exc.lines())))
+        found += check_file(cfg.api.tokens_file, "tokens file", user, load_tokens)
     if cfg.api.tokens_file is None and cfg.api.listen is not None:
         found.append(Finding(WARN, "api", "no api.tokens_file: vipctl cannot drive this node"))
     if user is not None:
