@@ -74,6 +74,22 @@ class MaintenanceBody(_Body):
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _body_problem(exc: Exception) -> tuple[str, list[dict[str, str]] | None]:
+    """What is wrong with a request body, for the client and the audit log; the fields
+    when the JSON was fine but did not fit the model."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"body is not UTF-8 (byte {exc.start})", None
+    if isinstance(exc, json.JSONDecodeError):
+        return (f"body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}"), None
+    if isinstance(exc, ValidationError):
+        fields = [{"field": ".".join(map(str, e["loc"])) or "(body)", "message": e["msg"]}
+                  for e in exc.errors()]
+        return "; ".join(f"{f['field']}: {f['message']}" for f in fields), fields
+    # e.g. 50,000 nested '[' (RecursionError) or a 5000-digit int (ValueError)
+    return f"body cannot be parsed as JSON: {type(exc).__name__}", None
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -144,11 +160,6 @@ class Api:
         reset = _current_token.set(token)
         try:
             return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            if mutating:
-                self._audit(request, token, result="refused", status=413,
-                            message=f"body over {MAX_BODY} bytes")
-            return _error(413, f"request body over {MAX_BODY} bytes")
         finally:
             _current_token.reset(reset)
 
@@ -179,27 +190,19 @@ class Api:
     async def _move(self, request: web.Request, action: str, model: type[_Body],
                     to_command: Callable[[Any], tuple[CommandKind, bool]]) -> web.Response:
         token = _current_token.get()
-        raw = await request.read()
         try:
-            data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-            body = model.model_validate(data)
-        except UnicodeDecodeError as exc:
-            message = f"body is not UTF-8 (byte {exc.start})"
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self._audit(request, token, action, result="refused", status=413,
+                        message=f"body over {MAX_BODY} bytes")
+            return _error(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = model.model_validate(json.loads(raw.decode("utf-8")) if raw.strip() else {})
+        except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError too
+            message, fields = _body_problem(exc)
             self._audit(request, token, action, result="refused", status=400, message=message)
-            return _error(400, message)
-        except json.JSONDecodeError as exc:
-            message = f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            self._audit(request, token, action, result="refused", status=400, message=message)
-            return _error(400, message)
-        except ValidationError as exc:
-            fields = [{"field": ".".join(map(str, e["loc"])) or "(body)", "message": e["msg"]}
-                      for e in exc.errors()]
-            message = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-            self._audit(request, token, action, result="refused", status=400, message=message)
-            return _error(400, f"invalid request body: {message}", fields=fields)
-        except (ValueError, RecursionError) as exc:  # e.g. 50,000 nested '[', a 5000-digit int
-            message = f"body cannot be parsed as JSON: {type(exc).__name__}"
-            self._audit(request, token, action, result="refused", status=400, message=message)
+            if fields is not None:
+                return _error(400, f"invalid request body: {message}", fields=fields)
             return _error(400, message)
         params = body.model_dump()
         kind, force = to_command(body)
