@@ -199,9 +199,6 @@ class KeyRing:
     def ids(self) -> list[int]:
         return sorted(self._keys)
 
-    def get(self, key_id: int) -> bytes | None:
-        return self._keys.get(key_id)
-
     def signing_id(self, peer_newest: int | None) -> int:
         """Newest own key not newer than the peer's newest, so a half-done rotation works."""
         cached = self._signing
@@ -407,7 +404,8 @@ class Session:
         if abs(skew_ns) > self._max_skew_ns:
             raise Rejected(Reject.STALE, f"send time {skew_ns / 1e9:+.3f}s from our clock, "
                            f"at most {self._max_skew_ns / 1e9:g}s allowed")
-        self._check_replay(hb, data[-MAC_SIZE:])
+        mac = data[-MAC_SIZE:]
+        self._check_replay(hb, mac)
         self.peer_node = hb.node
         self.peer_newest_key = hb.newest_key_id
         if self._peer_boot is not None and hb.boot_id != self._peer_boot:
@@ -416,7 +414,7 @@ class Session:
                 self._retired_boots.popitem(last=False)
         self._peer_boot, self._peer_seq = hb.boot_id, hb.seq
         self._peer_send_ns = max(self._peer_send_ns, hb.send_time_ns)
-        self._peer_mac = data[-MAC_SIZE:]
+        self._peer_mac = mac
         self._peer_rx_at = now
         sent_at = self._sent.get(hb.echo_seq) if hb.echo_boot == self.boot_id else None
         rtt = None
