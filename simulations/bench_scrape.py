@@ -107,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=20.0, help="scrapes per second")
     args = ap.parse_args(argv)
     with PairLab.create(Path(tempfile.mkdtemp(prefix="vipd-scrape-")), checks=False) as pair:
-        pair.start("node1", responder=False)
-        time.sleep(0.3)
-        pair.start("node2", responder=False)
-        if pair.wait_single_holder(10) != "node1":
+        if pair.start_settled(responder=False) != "node1":
             print("the pair did not settle with node1 active", file=sys.stderr)
             return 1
         time.sleep(1.0)

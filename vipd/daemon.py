@@ -456,12 +456,19 @@ class Daemon:
         VIP cleanup a takeover. A failure turns into FAULT."""
         while True:
             op: el.AcquireVips | el.ReleaseVips | None = None
+            now = time.monotonic()
+            delay = self._upkeep_delay(now)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._upkeep_delay(time.monotonic())):
+                async with asyncio.timeout(delay):
                     op = await self._vip_queue.get()
             try:
                 if op is None:
-                    await self._upkeep(time.monotonic())
+                    assert delay is not None  # only a timeout leaves op unset
+                    woke = time.monotonic()
+                    # Loop lag seen by a timer that runs on every node, also on one that
+                    # answers heartbeats and so seldom fires its election timer.
+                    self.metrics.hot.lateness.observe(max(woke - (now + delay), 0.0))
+                    await self._upkeep(woke)
                 elif isinstance(op, el.AcquireVips):
                     await self._acquire()
                 else:

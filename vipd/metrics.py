@@ -102,9 +102,9 @@ class HotMetrics(Collector):
             rejected.add_metric([reason], count)
         yield rejected
         yield self.rtt.family("vipd_heartbeat_rtt_seconds", "Heartbeat round trip to the peer")
-        yield self.lateness.family("vipd_timer_lateness_seconds", "How late the election "
-                                   "timer fired (event loop lag: heartbeats are late by this "
-                                   "much)")
+        yield self.lateness.family("vipd_timer_lateness_seconds", "How late vipd's timers "
+                                   "fired (the election timer, and the VIP upkeep once or "
+                                   "twice a second): event loop lag")
 
 
 @dataclass

@@ -119,6 +119,14 @@ class PairLab:
                 node.responder = self.lab[name].spawn(
                     sys.executable, "-m", "vipd.pairlab", "responder", name, stderr=log)
 
+    def start_settled(self, *, responder: bool = True, lead: float = 0.3) -> str | None:
+        """node1, then node2 ``lead`` s later (node1 is up well within node2's hold-down
+        and wins); returns the single VIP holder once there is one, None after 10 s."""
+        self.start("node1", responder=responder)
+        time.sleep(lead)
+        self.start("node2", responder=responder)
+        return self.wait_single_holder(10)
+
     def kill(self, name: str, *, with_service: bool = True) -> None:
         """A crash: SIGKILL to the daemon's whole process group (and the service)."""
         node = self.nodes[name]

@@ -416,3 +416,22 @@ async def test_heartbeat_socket_errors_are_counted_by_direction(pair: Pair) -> N
     new_sent = (value(a, "vipd_heartbeats_sent_total") or 0.0) - sent
     new_errors = (value(a, name, direction="send") or 0.0) - errors_then
     assert new_sent == new_errors, (new_sent, new_errors)
+
+
+@pytest.mark.asyncio
+async def test_loop_lag_is_observed_on_a_node_whose_election_timer_never_fires(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answering node may not fire its election timer for hours; the VIP upkeep (a
+    renewal every third of the lease here) still feeds vipd_timer_lateness_seconds."""
+    pair.start()
+    await pair.settled()
+    a = pair.nodes[0]
+    d = a.daemon
+    monkeypatch.setattr(d, "_rearm", lambda: None)  # no election timer from now on
+    if d._timer is not None:
+        d._timer.cancel()
+        d._timer = None
+    name = "vipd_timer_lateness_seconds_count"
+    before = value(a, name) or 0.0
+    await asyncio.sleep(1.1)
+    assert (value(a, name) or 0.0) >= before + 2
