@@ -9,6 +9,7 @@ and inject forged ones. `Checker` evaluates the invariants after every event.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import random
 from collections import Counter
@@ -201,7 +202,7 @@ class Sim:
             delay = link.delay + self.rng.uniform(0, link.jitter)
             if self.rng.random() < link.reorder:
                 delay += self.rng.uniform(0, 2 * dst.cfg.interval)
-            self.clock.at(self.clock.now + delay, lambda d=data: dst.deliver(d))
+            self.clock.at(self.clock.now + delay, functools.partial(dst.deliver, data))
 
     def inject(self, dst: str, attack: Attack) -> None:
         self.nodes[dst].deliver(attack.data, attack)
@@ -278,8 +279,9 @@ class Checker:
         nodes = list(self.sim.nodes.values())
         for n in nodes:
             if n.up and n.election is not None:
-                if n.held != (n.state is State.ACTIVE):
-                    self.violation(f"{n.name} is {n.state.name} but holds VIPs={n.held}")
+                state = n.election.state
+                if n.held != (state is State.ACTIVE):
+                    self.violation(f"{n.name} is {state.name} but holds VIPs={n.held}")
                 ok = (n.health and not n.election.maintenance and not n.election.stopping)
                 if ok and n.eligible_since is None:
                     n.eligible_since = now

@@ -12,10 +12,11 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from simulations.simnet import CLUSTER, Attack, Sim, SimNode
+from simulations.simnet import CLUSTER, Attack, Checker, Sim, SimNode
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Session, State
 
@@ -92,7 +93,7 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
     if kind in ("crash", "crash_restart"):
         active.crash()
         if kind == "crash_restart":
-            sim.call(t + rng.uniform(0.5, 1.5), lambda: (chk.disturb(), active.start()))
+            sim.call(t + rng.uniform(0.5, 1.5), lambda: _disturbed(chk, active.start))
     elif kind == "stop":
         active.handle(el.Shutdown())
     elif kind == "health_fail":
@@ -129,13 +130,13 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
         active.handle(el.Command(el.CommandKind.SWITCHOVER))
     elif kind == "maintenance":
         active.handle(el.Command(el.CommandKind.MAINTENANCE_ON))
-        sim.call(t + 1.5, lambda: (chk.disturb(),
-                                    active.handle(el.Command(el.CommandKind.MAINTENANCE_OFF))))
+        sim.call(t + 1.5, lambda: _disturbed(chk, lambda: active.handle(
+            el.Command(el.CommandKind.MAINTENANCE_OFF))))
     elif kind == "promote":
         other.handle(el.Command(el.CommandKind.PROMOTE))
     elif kind == "standby_restart":
         other.crash()
-        sim.call(t + rng.uniform(0.1, 1.0), lambda: (chk.disturb(), other.start()))
+        sim.call(t + rng.uniform(0.1, 1.0), lambda: _disturbed(chk, other.start))
 
 
 def _schedule_attacks(sim: Sim, rng: Any, t: float) -> None:
@@ -172,6 +173,12 @@ def _schedule_attacks(sim: Sim, rng: Any, t: float) -> None:
         sim.call(when, fire)
 
 
+def _disturbed(checker: Checker, act: Callable[[], None]) -> None:
+    """A second disturbance (a restart, maintenance off): the checker is told first."""
+    checker.disturb()
+    act()
+
+
 def _measure(kind: str, sim: Sim, active: SimNode, other: SimNode, t: float,
              out: Outcome) -> None:
     if kind not in MEASURED:
@@ -192,23 +199,19 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
     actives = [n for n, s in states.items() if s is State.ACTIVE]
     if len(actives) != 1 and kind not in ("stop",):
         sim.checker.violation(f"end of {kind}: expected exactly one ACTIVE, got {states}")
-    if kind == "crash_restart" and out.loss < 0.2:
+    # After a crash and restart, or a partition long enough for the taker to settle, the
+    # taker keeps the VIPs (clients followed it) unless the old active preempts it back.
+    settled = kind == "crash_restart" or (
+        kind == "partition" and out.notes["partition_s"] > 3 * active.cfg.dead_interval + 0.2)
+    if settled and out.loss < 0.2:
         back = active.cfg.preempt and active.cfg.priority > other.cfg.priority
         expected = active.name if back else other.name
         if actives != [expected]:
-            sim.checker.violation(f"crash_restart (preempt={active.cfg.preempt}, priorities "
+            what = (f"partition of {out.notes['partition_s']:.2f}s healed"
+                    if kind == "partition" else "crash_restart")
+            sim.checker.violation(f"{what} (preempt={active.cfg.preempt}, priorities "
                                   f"{active.cfg.priority}/{other.cfg.priority}): expected "
                                   f"{expected} ACTIVE at the end, got {states}")
-    dead = active.cfg.dead_interval
-    if (kind == "partition" and out.loss < 0.2
-            and out.notes["partition_s"] > 3 * dead + 0.2):
-        # Long enough for the taker to settle: it keeps the VIPs (clients followed it),
-        # unless the old active preempts it back by configuration.
-        back = active.cfg.preempt and active.cfg.priority > other.cfg.priority
-        expected = active.name if back else other.name
-        if actives != [expected]:
-            sim.checker.violation(f"partition of {out.notes['partition_s']:.2f}s healed: "
-                                  f"expected {expected} ACTIVE at the end, got {states}")
     if kind == "switchover" and actives != [other.name]:
         sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
 
@@ -295,19 +298,20 @@ def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str,
     bad = [o for o in outcomes if o.violations]
     failover: dict[str, Any] = {}
     for kind in sorted(MEASURED):
-        rows = [o for o in outcomes if o.kind == kind and o.failover is not None]
-        failover[kind] = quantiles([o.failover for o in rows])
-        at5 = [o for o in rows if o.loss == 0.05]
-        failover[kind]["at_5pct_loss"] = quantiles([o.failover for o in at5])
+        # (outcome, failover) of the scenarios where the other node did take over
+        rows = [(o, o.failover) for o in outcomes if o.kind == kind and o.failover is not None]
+        failover[kind] = quantiles([f for _, f in rows])
+        at5 = [(o, f) for o, f in rows if o.loss == 0.05]
+        failover[kind]["at_5pct_loss"] = quantiles([f for _, f in at5])
         if kind in ("stop", "health_fail"):
             # The resign target is per scenario: failover <= 2 x its one-way delay + 10 ms.
-            excess = quantiles([o.failover - 2 * o.delay for o in at5 if o.failover is not None])
+            excess = quantiles([f - 2 * o.delay for o, f in at5])
             failover[kind]["at_5pct_loss"]["p99_minus_2x_delay_ms"] = excess.get("p99")
             failover[kind]["at_5pct_loss"]["over_2x_delay_plus_10ms"] = sum(
-                1 for o in at5 if o.failover is not None and o.failover > 2 * o.delay + 0.010)
+                1 for o, f in at5 if f > 2 * o.delay + 0.010)
         if kind in ("switchover", "maintenance", "promote", "stop"):
             failover[kind]["max_gap_without_holder_ms"] = round(
-                1000 * max((o.gap or 0.0 for o in rows), default=0.0), 1)
+                1000 * max((o.gap or 0.0 for o, _ in rows), default=0.0), 1)
     soaks = [soak(p, args.soak_hours, args.interval, args.dead_after, args.seed)
              for p in (0.2, 0.3, 0.4)] if args.soak_hours > 0 else []
     for s in soaks:
