@@ -248,7 +248,7 @@ class Election:
         """The first election decision is made (systemd READY=1, /readyz)."""
         if self.state in (State.INIT, State.STOPPED):
             return False
-        known = self.health is not None or self.health_override or self.maintenance
+        known = self._health is not None or self.maintenance
         return known and (self._heard_peer or now >= self.timers.holddown_until)
 
     def peer_alive(self, now: float) -> bool:
@@ -267,12 +267,18 @@ class Election:
         return (hb.state in ELIGIBLE_STATES and Flag.HEALTHY in hb.flags
                 and Flag.RESIGNING not in hb.flags)
 
+    @property
+    def _health(self) -> bool | None:
+        """The health the election acts on: the checks' verdict, or True while a forced
+        promote overrides it (until the checks recover)."""
+        return True if self.health_override else self.health
+
     def advert(self) -> Advert:
         active = self.state is State.ACTIVE
         flags = 0
-        if self.health or self.health_override:
+        if self._health:
             flags |= _HEALTHY
-        elif self.health is None and self.state is State.STANDBY:
+        elif self._health is None and self.state is State.STANDBY:
             flags |= _HEALTH_PENDING
         if self.cfg.preempt:
             flags |= _PREEMPT
@@ -348,7 +354,7 @@ class Election:
         if self.timers.vip_fault_until is not None and now < self.timers.vip_fault_until:
             return [CommandResult(kind, False, f"this node cannot hold VIPs now: "
                                                f"{self._fault_detail}")]
-        if self.health is not True and not self.health_override:
+        if self._health is not True:
             if not cmd.force:
                 return [CommandResult(kind, False, f"this node is not eligible: "
                                                    f"{self._why_not(now)}; use force")]
@@ -401,12 +407,12 @@ class Election:
             if now < self.timers.vip_fault_until:
                 return State.FAULT, self._fault_detail, []
             self.timers.vip_fault_until = None
-        if self.health is False and not self.health_override:
+        if self._health is False:
             return State.FAULT, f"health check failing: {self.health_detail}", []
         if self.state is not State.STANDBY:
             why = "maintenance off" if self.state is State.MAINTENANCE else "healthy again"
             return State.STANDBY, why, []
-        if self.health is None and not self.health_override:
+        if self._health is None:
             return State.STANDBY, "", []
         reason = self._standby_rule(now)
         return (State.ACTIVE if reason else State.STANDBY), reason, []
@@ -464,7 +470,7 @@ class Election:
     def _decide_active(self, now: float) -> tuple[State, str, list[Action]]:
         t = self.timers
         extra: list[Action] = []
-        if self.health is False and not self.health_override:
+        if self._health is False:
             return State.FAULT, f"health check failing: {self.health_detail}", extra
         if t.vip_fault_until is not None and now < t.vip_fault_until:
             return State.FAULT, self._fault_detail, extra
@@ -528,7 +534,7 @@ class Election:
         fresh takeover (a false suspicion never moves the VIPs); then the newer term wins
         (after a real partition clients followed it); then priority, then the smaller name.
         Our own SETTLED is the value we last sent, so both sides judge the same facts."""
-        healthy = self.health is True or self.health_override
+        healthy = self._health is True
         return (healthy, self._settled_sent, self.term, self.cfg.priority,
                 _name_key(self.cfg.node)) > (
             Flag.HEALTHY in hb.flags, Flag.SETTLED in hb.flags, hb.term,
