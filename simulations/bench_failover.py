@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"idle: sampling both daemons for {args.idle_seconds:g} s")
                         idle = measure_idle(pair, args.idle_seconds)
                         log("idle: " + json.dumps(idle))
+                        clear_daemons(pair)  # alone: no exec-check pair running beside
                         idle_bare = measure_idle_without_checks(workdir, args, prefixes)
                         log("idle without health checks: " + json.dumps(idle_bare))
                     trials = results[kind] = []
