@@ -406,6 +406,7 @@ def test_unconfirmed_heartbeat_does_not_end_the_holddown() -> None:
     now = T0 + 0.02
     assert transitions(e.handle(peer(now, S.FAULT, F.NONE, hears=False), now)) == []
     now2 = T0 + 0.2
+    assert transitions(advance(e, now2)) == []
     assert transitions(e.handle(peer(now2, S.FAULT, F.NONE, hears=False), now2)) == []
     acts = advance(e, T0 + DEAD - EPS)
     assert transitions(acts) == []
@@ -1111,12 +1112,15 @@ def test_concede_timer_resets_when_peer_hears_us_again() -> None:
     e, now = active()
     first = now + 0.05
     e.handle(peer(first, S.ACTIVE, F.HEALTHY, term=5, hears=False), first)
+    advance(e, first + 0.1)
     e.handle(peer(first + 0.1, S.ACTIVE, F.HEALTHY | F.RESIGNING, term=5), first + 0.1)
+    advance(e, first + 0.2)
     e.handle(peer(first + 0.2, S.ACTIVE, F.HEALTHY, term=5, hears=False), first + 0.2)
-    assert transitions(e.handle(Tick(), first + DEAD)) == []
+    assert transitions(advance(e, first + DEAD)) == []
     assert e.state is S.ACTIVE
     assert e.timers.concede_at == first + 0.2 + DEAD  # restarted by the later stale echo
-    assert e.next_deadline() == first + DEAD + INTERVAL  # the heartbeat cadence goes on
+    # the heartbeat cadence goes on: the next deadline is a heartbeat, not the concession
+    assert first + DEAD < due(e) <= first + DEAD + INTERVAL < e.timers.concede_at
 
 
 def test_takeover_from_unhealthy_active_peer_does_not_flap() -> None:

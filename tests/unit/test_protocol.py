@@ -425,8 +425,28 @@ def test_wrong_cluster() -> None:
 
 
 def test_own_node_name() -> None:
-    impostor = session("vm-b", BOOT_A)
-    assert refused(session("vm-b", BOOT_B), impostor.seal(ADVERT, 1.0, T0)) is Reject.OWN_NODE
+    """A reflection of our own datagram (our boot id) is a plain rejection, whatever its
+    age; so is an old datagram of another boot with our name (a replay of an earlier run
+    of ours)."""
+    b = session("vm-b", BOOT_B)
+    assert refused(b, b.seal(ADVERT, 1.0, T0)) is Reject.OWN_NODE
+    assert refused(b, b.seal(ADVERT, 1.1, T0 - 5 * SKEW_NS)) is Reject.OWN_NODE
+    earlier_run = session("vm-b", BOOT_A)
+    assert refused(b, earlier_run.seal(ADVERT, 1.0, T0 - SKEW_NS - 1)) is Reject.OWN_NODE
+
+
+def test_a_live_second_node_with_our_name_is_a_duplicate() -> None:
+    """Another boot, sent within the skew window from a configured peer address: a second
+    live node configured with our name. The detail names its address and both boots."""
+    b = session("vm-b", BOOT_B, peer_sources=["198.51.100.1"])
+    twin = session("vm-b", BOOT_A)
+    with pytest.raises(Rejected) as info:
+        b.open(twin.seal(ADVERT, 1.0, T0 + SKEW_NS), 1.0, T0, "198.51.100.1")
+    assert info.value.reason is Reject.DUPLICATE_NODE
+    assert "198.51.100.1" in info.value.detail and "'vm-b'" in info.value.detail
+    assert f"{BOOT_A:#x}" in info.value.detail and f"{BOOT_B:#x}" in info.value.detail
+    # from anywhere else it is never looked at
+    assert refused(b, twin.seal(ADVERT, 1.1, T0), source="198.51.100.9") is Reject.UNKNOWN_PEER
 
 
 def test_unknown_source() -> None:
@@ -468,6 +488,93 @@ def test_freshness_window_follows_max_skew() -> None:
     assert refused(session("vm-b", BOOT_B, max_skew=0.25), data, T0 + 250_000_001) \
         is Reject.STALE
     assert session("vm-b", BOOT_B, max_skew=0.25).open(data, 1.0, T0 + 250_000_000)
+
+
+# --- freshness by the echo: wall clocks need not agree --------------------------------------
+
+HOUR_NS = 3600 * SKEW_NS
+
+
+def exchange(a: Session, b: Session, now: float, a_wall: int, b_wall: int) -> tuple[Any, Any]:
+    """a sends to b, b answers a, each stamped with its own wall clock."""
+    rx_b = b.open(a.seal(ADVERT, now, a_wall), now + 0.001, b_wall)
+    rx_a = a.open(b.seal(ADVERT, now + 0.001, b_wall), now + 0.002, a_wall)
+    return rx_b, rx_a
+
+
+@pytest.mark.parametrize("step_ns", [3 * SKEW_NS, -3 * SKEW_NS, HOUR_NS, -HOUR_NS])
+def test_a_wall_clock_step_on_one_node_keeps_the_pair_talking(step_ns: int) -> None:
+    """Datagrams that echo a heartbeat we sent within max_skew are fresh by construction:
+    a step of one node's clock (NTP, a resumed VM) changes the offset, not acceptance."""
+    a, b = session("vm-a", BOOT_A), session("vm-b", BOOT_B)
+    exchange(a, b, 1.0, T0, T0)
+    exchange(a, b, 1.04, T0, T0)
+    for i in range(5):
+        now = 1.1 + 0.04 * i
+        rx_b, rx_a = exchange(a, b, now, T0 + round(now * 1e9),
+                              T0 + round(now * 1e9) + step_ns)
+        assert rx_b.confirmed and rx_a.confirmed
+    assert b.clock_offset == pytest.approx(-step_ns / 1e9, abs=0.01)
+    assert a.clock_offset == pytest.approx(step_ns / 1e9, abs=0.01)
+
+
+def test_the_learned_offset_judges_datagrams_without_a_fresh_echo() -> None:
+    """Over a one-way link (or at start) there is no fresh echo: the send time is judged
+    against our clock corrected by the offset learned while the echo worked."""
+    a, b = session("vm-a", BOOT_A), session("vm-b", BOOT_B)
+    ahead = HOUR_NS
+    # Both fresh, an hour apart: a's first datagram is stale to b, which echoes it; b's
+    # answer is then fresh to a, and a's next one fresh to b.
+    assert refused(b, a.seal(ADVERT, 1.0, T0 + ahead), T0) is Reject.STALE
+    assert a.open(b.seal(ADVERT, 1.01, T0), 1.02, T0 + ahead).confirmed
+    assert b.open(a.seal(ADVERT, 1.03, T0 + ahead), 1.04, T0).confirmed
+    assert b.clock_offset == pytest.approx(3600, abs=0.05)
+    assert a.clock_offset == pytest.approx(-3600, abs=0.05)
+    # b stops hearing a's answers... a keeps echoing b's last heartbeat, which ages
+    later = a.seal(ADVERT, 3.0, T0 + ahead + 2 * SKEW_NS)
+    assert b.open(later, 3.0, T0 + 2 * SKEW_NS).heartbeat.seq == 3
+    too_old = a.seal(ADVERT, 4.0, T0 + ahead + 2 * SKEW_NS)  # sent "2 s ago" by a's clock
+    with pytest.raises(Rejected) as info:
+        b.open(too_old, 4.0, T0 + 4 * SKEW_NS + 1)
+    assert info.value.reason is Reject.STALE
+
+
+def test_an_old_echo_does_not_make_a_datagram_fresh() -> None:
+    """A datagram delayed (or queued while we were paused) for longer than max_skew echoes
+    an old heartbeat of ours: it is judged by its send time and dropped as stale."""
+    a, b = session("vm-a", BOOT_A), session("vm-b", BOOT_B)
+    b.open(a.seal(ADVERT, 1.0, T0), 1.0, T0)
+    delayed = b.seal(ADVERT, 1.01, T0 + 10_000_000)  # echoes a's seq 1, sent at 1.0
+    with pytest.raises(Rejected) as info:
+        a.open(delayed, 1.0 + 3.0, T0 + 3 * SKEW_NS)
+    assert info.value.reason is Reject.STALE
+
+
+def test_a_fresh_receiver_echoes_a_stale_datagram_so_the_peer_can_prove_freshness() -> None:
+    """b restarted and its clock is an hour behind a's and behind its own previous run:
+    a refuses b's new boot by send time, b refuses a's datagrams as stale. b echoes the
+    stale datagram without accepting it; a's answer to that echo is fresh, and a accepts
+    b's new boot once b's heartbeat echoes a heartbeat a sent just now."""
+    a, b_old = session("vm-a", BOOT_A), session("vm-b", BOOT_B)
+    exchange(a, b_old, 1.0, T0, T0)
+    b = session("vm-b", BOOT_B + 1)
+    behind = T0 - HOUR_NS
+    assert refused(a, b.seal(ADVERT, 2.0, behind), T0) is Reject.STALE
+    with pytest.raises(Rejected) as info:
+        b.open(a.seal(ADVERT, 2.01, T0), 2.01, behind)
+    assert info.value.reason is Reject.STALE
+    rx_a = a.open(b.seal(ADVERT, 2.02, behind), 2.03, T0)  # echoes a's seq 2
+    assert rx_a.confirmed and rx_a.heartbeat.boot_id == BOOT_B + 1
+    rx_b = b.open(a.seal(ADVERT, 2.04, T0), 2.05, behind)
+    assert rx_b.confirmed and b.clock_offset == pytest.approx(3600, abs=0.05)
+
+
+def test_a_stale_datagram_is_not_echoed_once_something_was_accepted() -> None:
+    a, b = session("vm-a", BOOT_A), session("vm-b", BOOT_B)
+    b.open(a.seal(ADVERT, 1.0, T0), 1.0, T0)
+    assert refused(b, a.seal(ADVERT, 1.1, T0 + 5 * SKEW_NS), T0) is Reject.STALE
+    echoed = decode(b.seal(ADVERT, 1.2, T0), KeyRing({1: SECRET}))
+    assert (echoed.echo_boot, echoed.echo_seq) == (BOOT_A, 1)
 
 
 def test_lower_sequence_is_replay() -> None:
@@ -581,7 +688,7 @@ def test_session_check_order() -> None:
     assert refused(b, session("vm-b", BOOT_A).seal(ADVERT, 1.0, stale)) is Reject.OWN_NODE
     b.open(session("vm-a", BOOT_A).seal(ADVERT, 1.0, T0), 1.0, T0)
     # own node before peer pin, peer pin before freshness, freshness before replay
-    assert refused(b, session("vm-b", BOOT_A).seal(ADVERT, 1.0, T0)) is Reject.OWN_NODE
+    assert refused(b, b.seal(ADVERT, 1.0, T0)) is Reject.OWN_NODE
     assert refused(b, session("vm-c", BOOT_A).seal(ADVERT, 1.0, stale)) is Reject.UNKNOWN_PEER
     assert refused(b, session("vm-a", BOOT_A).seal(ADVERT, 1.0, stale)) is Reject.STALE
 

@@ -31,7 +31,16 @@ authenticated heartbeat), so they agree without a third party:
   so a false suspicion costs one brief double announcement, never a move. A node that
   hears an active peer which does not hear it (the peer's echo is stale: a one-way link)
   yields after one dead interval, because the peer can never learn it should yield.
-* FAULT and MAINTENANCE never hold VIPs: leaving ACTIVE always releases first.
+  Whenever the peer may have announced the VIPs since our last announcement (we saw it
+  ACTIVE, or its term rose), the holder announces again as soon as it alone claims them,
+  so clients that followed the other node's gratuitous ARP come back at once.
+* A node's own stall is never its peer's silence. When an event arrives more than
+  STALL_INTERVALS intervals after the deadline we asked for (a paused VM, SIGSTOP, a
+  starved loop), the node listens before it judges: no takeover until a heartbeat
+  answers one it sent after the stall, or one dead interval has passed. A holder whose
+  VIP lease lapsed meanwhile (VipsLost) steps down and re-validates the same way.
+* FAULT and MAINTENANCE never hold VIPs: leaving ACTIVE always releases first. Two live
+  nodes with the same name (DuplicateNode) are a configuration error: both go FAULT.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     Command,
     CommandKind,
     CommandResult,
+    DuplicateNode,
     Event,
     HealthChanged,
     HeartbeatReceived,
@@ -56,6 +66,7 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     Tick,
     Transition,
     VipFailed,
+    VipsLost,
     Warn,
 )
 from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State, flag_of
@@ -107,6 +118,7 @@ BURST = 2  # extra copies of a changed heartbeat, at interval / 8 spacing
 ANSWER_WINDOW = 0.5  # a heartbeat due within this share of an interval goes out with a peer's
 ANSWER_GRACE = 1.25  # ...and the next one is due this many intervals later, unless answered
 ANSWER_HOLD = 0.25  # a peer heartbeat sent this soon after it heard our latest is an answer
+STALL_INTERVALS = 2.0  # an event this many intervals past our deadline means we were stalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +161,9 @@ class _Timers:
     winner_idle_since: float | None = None
     winner_idle_limit: float = 0.0
     active_since: float | None = None
+    listen_until: float | None = None  # after a stall: no takeover before this ...
+    listen_from: float = 0.0  # ... unless a heartbeat echoes one we sent since this
+    duplicate_until: float | None = None  # FAULT: another node uses our name
 
 
 @dataclass(slots=True)
@@ -171,7 +186,10 @@ class Election:
     timers: _Timers = field(default_factory=_Timers)
     _heard_peer: bool = False
     _dual_announced: bool = False
+    _peer_announced: bool = False  # the peer may have announced since our last announcement
+    _vips_lost: str = ""  # why the holder's VIPs may be gone (VipsLost), until acted on
     _fault_detail: str = ""
+    _duplicate_detail: str = ""
     _next_send: float | None = None
     _burst_left: int = 0
     _digest_warned: bytes | None = None
@@ -184,8 +202,10 @@ class Election:
     # --- public interface ----------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Action]:
-        self._now = max(self._now, now)
         actions: list[Action] = []
+        if now - self._now > self.cfg.interval * STALL_INTERVALS and self.state is not State.INIT:
+            actions += self._check_stall(now)
+        self._now = max(self._now, now)
         answering = False
         match event:
             case Start():
@@ -210,6 +230,13 @@ class Election:
             case VipFailed(detail=detail):
                 self._fault_detail = f"VIP operation failed: {detail}"
                 self.timers.vip_fault_until = now + self.cfg.vip_retry
+            case VipsLost(detail=detail):
+                if self.state is State.ACTIVE:
+                    self._vips_lost = detail
+                    self._listen(now)
+            case DuplicateNode(detail=detail):
+                self._duplicate_detail = detail
+                self.timers.duplicate_until = now + self.cfg.dead_interval
         if self.state is not State.INIT:
             actions += self._evaluate(now)
             actions += self._maybe_send(now, answering=answering)
@@ -231,6 +258,7 @@ class Election:
                 candidates.append(t.holddown_until)
             if t.preempt_since is not None and not self.want_active:
                 candidates.append(t.preempt_since + self.cfg.preempt_delay)
+            candidates += [t.listen_until, t.duplicate_until]
             if t.winner_idle_since is not None:
                 candidates.append(t.winner_idle_since + t.winner_idle_limit)
             if self.handover is not None:
@@ -307,11 +335,20 @@ class Election:
 
     def _on_heartbeat(self, rx: Received) -> list[Action]:
         hb = rx.heartbeat
+        t = self.timers
+        if hb.state is State.ACTIVE and not (
+                Flag.RESIGNING in hb.flags and hb.term < self.term):  # not handing over to us
+            self._peer_announced = True
+        elif self.peer is not None and hb.term > self.peer_term_seen:
+            self._peer_announced = True  # it took over (and announced) since we last heard it
         self.peer = PeerView(hb, rx.received_at, rx.echo_sent_at)
         # Only a heartbeat that echoes our own boot ends the start-up hold-down: a
         # datagram replayed from before we started cannot.
         self._heard_peer = self._heard_peer or rx.confirmed
         self.peer_term_seen = max(self.peer_term_seen, hb.term)
+        if (t.listen_until is not None and rx.echo_sent_at is not None
+                and rx.echo_sent_at >= t.listen_from):
+            t.listen_until = None  # the peer answered us after the stall: judge again
         if self.cfg.digest and hb.settings_digest != self.cfg.digest:
             if self._digest_warned != hb.settings_digest:
                 self._digest_warned = hb.settings_digest
@@ -354,6 +391,9 @@ class Election:
         if self.timers.vip_fault_until is not None and now < self.timers.vip_fault_until:
             return [CommandResult(kind, False, f"this node cannot hold VIPs now: "
                                                f"{self._fault_detail}")]
+        if self.timers.duplicate_until is not None:
+            return [CommandResult(kind, False, f"this node cannot hold VIPs now: "
+                                               f"{self._duplicate_detail}")]
         if self._health is not True:
             if not cmd.force:
                 return [CommandResult(kind, False, f"this node is not eligible: "
@@ -403,6 +443,8 @@ class Election:
             return State.STOPPED, "shutdown", []
         if self.maintenance:
             return State.MAINTENANCE, "maintenance on", []
+        if self._duplicated(now):
+            return State.FAULT, self._duplicate_detail, []
         if self.timers.vip_fault_until is not None:
             if now < self.timers.vip_fault_until:
                 return State.FAULT, self._fault_detail, []
@@ -426,6 +468,10 @@ class Election:
                 return "operator promote"
             if not self._heard_peer and now < t.holddown_until:
                 return ""
+            if t.listen_until is not None:
+                if now < t.listen_until:
+                    return ""  # stalled: listen to the peer before judging it
+                t.listen_until = None
             if self.peer is None:
                 return f"no peer heard within {dead_ms} ms of start"
             hb = self.peer.heartbeat
@@ -474,6 +520,10 @@ class Election:
             return State.FAULT, f"health check failing: {self.health_detail}", extra
         if t.vip_fault_until is not None and now < t.vip_fault_until:
             return State.FAULT, self._fault_detail, extra
+        if self._duplicated(now):
+            return State.FAULT, self._duplicate_detail, extra
+        if self._vips_lost:
+            return State.STANDBY, f"VIPs lost: {self._vips_lost}; re-validating with the peer", extra
         peer_alive = self.peer_alive(now)
         hb = self.peer.heartbeat if self.peer is not None else None
         if self.handover is not None:
@@ -498,7 +548,7 @@ class Election:
             return leaving, f"{leaving.name.lower()} and no eligible peer to hand over to", extra
         if not (peer_alive and hb is not None):
             t.concede_at = None
-            return State.ACTIVE, "", extra
+            return State.ACTIVE, self._reannounce(extra, now), extra
         if hb.state is State.ACTIVE and Flag.RESIGNING not in hb.flags:
             if not self.peer_hears_us(now):
                 if t.concede_at is None:
@@ -522,7 +572,19 @@ class Election:
                 self._start_handover(State.STANDBY, now, switchover=True)
             elif Flag.WANT_ACTIVE in hb.flags and not self.preferred:
                 self._start_handover(State.STANDBY, now, switchover=False)
-        return State.ACTIVE, "", extra
+                return State.ACTIVE, "", extra
+        return State.ACTIVE, self._reannounce(extra, now), extra
+
+    def _reannounce(self, extra: list[Action], now: float) -> str:
+        """We alone claim the VIPs: announce again if the peer may have announced them
+        since we last did. Returns "" (the caller's transition reason: none)."""
+        if self._peer_announced and self.handover is None:
+            self._peer_announced = False
+            name = self.peer.heartbeat.node if self.peer is not None else "the peer"
+            extra.append(Announce(f"{name} may have announced the VIPs since we last did "
+                                  f"(it was ACTIVE or its term rose): we keep them"))
+            self._send_now(now)
+        return ""
 
     def _wins_fresh(self, hb: Heartbeat) -> bool:
         """Both healthy standbys: higher effective priority, then the smaller name."""
@@ -553,11 +615,12 @@ class Election:
             self.timers.active_since = now
             self.timers.promote_until = None
             self._promote_now = self.want_active = False
-            self._dual_announced = False
+            self._dual_announced = self._peer_announced = False  # the takeover announces
         if old is State.STANDBY:
             self.want_active = False
             self.timers.preempt_since = self.timers.winner_idle_since = None
         if old is State.ACTIVE:
+            self._vips_lost = ""
             self.preferred = self.health_override = False
             self.timers.active_since = None
             self._settled_sent = False
@@ -577,6 +640,30 @@ class Election:
             else:
                 actions.append(RunHook(effect, new, self.term))
         return actions
+
+    def _check_stall(self, now: float) -> list[Action]:
+        """Called when `now` is far past the last event: were we stalled past our own
+        deadline? Then what we know of the peer is old, through no fault of the peer."""
+        due = self.next_deadline()
+        late = now - due if due is not None else 0.0
+        if late <= self.cfg.interval * STALL_INTERVALS:
+            return []
+        if not self.peer_alive(self._now):
+            return []  # the peer was silent before the stall already: nothing to protect
+        self._listen(now)
+        return [Warn(f"this node stalled for {round(late * 1000)} ms (paused or starved): "
+                     f"listening to the peer before judging it")]
+
+    def _listen(self, now: float) -> None:
+        self.timers.listen_until = now + self.cfg.dead_interval
+        self.timers.listen_from = now
+        self._send_now(now)  # the heartbeat whose echo ends the listening
+
+    def _duplicated(self, now: float) -> bool:
+        t = self.timers
+        if t.duplicate_until is not None and now >= t.duplicate_until:
+            t.duplicate_until = None
+        return t.duplicate_until is not None
 
     def _start_handover(self, target: State, now: float, *, switchover: bool) -> None:
         self.handover = Handover(target, now + self.cfg.dead_interval, switchover)

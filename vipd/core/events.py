@@ -57,7 +57,23 @@ class VipFailed:
     detail: str
 
 
-Event = Start | Tick | HeartbeatReceived | HealthChanged | Command | Shutdown | VipFailed
+@dataclass(frozen=True, slots=True)
+class VipsLost:
+    """The holder's VIPs may be gone by the kernel's hand (the lease lapsed while the
+    process stalled): another node may hold them now, so they are not simply re-added."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateNode:
+    """Another live node sends heartbeats under our node name (a configuration error)."""
+
+    detail: str
+
+
+Event = (Start | Tick | HeartbeatReceived | HealthChanged | Command | Shutdown | VipFailed
+         | VipsLost | DuplicateNode)
 
 
 # --- actions -----------------------------------------------------------------------------
@@ -124,6 +140,8 @@ _REASON_CODES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^(maintenance off|healthy again|eligible again)$", "recovered"),
         (r"^health check failing", "health"),
         (r"^VIP operation failed", "vip_error"),
+        (r"^VIPs lost", "vip_lost"),
+        (r"^duplicate node name", "duplicate_node"),
         (r"^handed over to ", "handed_over"),
         (r"^handover timed out", "handover_timeout"),
         (r"^operator promote$", "promote"),

@@ -13,9 +13,15 @@ clock: the caller passes `now` (monotonic seconds) and `wall_ns` (epoch nanoseco
 
 Replay protection: a receiver remembers the peer's boot id, last sequence number and
 last send time. Within one boot id the sequence must strictly increase; a new boot id is
-accepted only with a send time newer than anything accepted before, and every datagram
-must carry a send time within `max_skew` of the receiver's clock. A captured datagram can
-therefore neither be replayed to a running receiver nor, after the window, to a fresh one.
+accepted only with a send time newer than anything accepted before (the peer's clock
+against itself), or when it proves its freshness by the echo. Freshness: a datagram must
+be at most `max_skew` old. The echo proves that without any wall clock (it answers a
+heartbeat we sent at most `max_skew` ago on our monotonic clock); a datagram without such
+an echo (at start, over a one-way link) is judged by its send time against our wall clock
+corrected by the clock offset learned from the last fresh echo. So the nodes' wall
+clocks need not agree: a step on either side changes the offset, which is exported, not
+the liveness of the pair. A captured datagram can therefore neither be replayed to a
+running receiver nor, after the window, to a fresh one.
 
 Echo: each heartbeat carries the (boot id, sequence) of the newest heartbeat accepted from
 the peer and how long ago that was. The sender of the echoed heartbeat looks up when it
@@ -110,6 +116,7 @@ class Reject(enum.StrEnum):
     STALE = "stale"
     REPLAY = "replay"
     DUPLICATE = "duplicate"  # a redundant copy of the last accepted datagram: benign
+    DUPLICATE_NODE = "duplicate_node"  # another live node uses our node name: misconfigured
 
 
 class Rejected(VipdError):
@@ -162,6 +169,7 @@ class Received:
     received_at: float
     echo_sent_at: float | None  # when we sent the heartbeat the peer last accepted
     rtt: float | None
+    clock_offset: float | None = None  # peer wall clock minus ours, from a fresh echo
 
     @property
     def confirmed(self) -> bool:
@@ -362,7 +370,11 @@ class Session:
         self._peer_send_ns = 0  # newest send time ever accepted, across boots
         self._retired_boots: OrderedDict[int, None] = OrderedDict()
         self._peer_mac = b""
-        self._peer_rx_at: float | None = None
+        # What our heartbeats echo: (boot, seq, when) of the peer's newest accepted
+        # datagram, or of a stale one while nothing was accepted yet (see open()).
+        self._echo: tuple[int, int, float] | None = None
+        self._offset_ns = 0  # peer wall clock minus ours, learned from fresh echoes
+        self.clock_offset: float | None = None  # the same in seconds, once learned
 
     def seal(self, advert: Advert, now: float, wall_ns: int) -> bytes:
         """Sign ``advert`` as our next heartbeat: the bytes `encode` would make of it,
@@ -373,15 +385,15 @@ class Session:
         sent[seq] = now
         if len(sent) > _SENT_MEMORY:
             sent.popitem(last=False)
-        hold_us = 0
-        if self._peer_rx_at is not None:
-            hold_us = min(max(round((now - self._peer_rx_at) * 1e6), 0), 0xFFFF_FFFF)
+        echo_boot = echo_seq = hold_us = 0
+        if self._echo is not None:
+            echo_boot, echo_seq, rx_at = self._echo
+            hold_us = min(max(round((now - rx_at) * 1e6), 0), 0xFFFF_FFFF)
         keys = self.keys
         key_id = keys.signing_id(self.peer_newest_key)
         body = _body(self._names, advert.state, advert.flags, key_id, keys.newest_id,
                      self.boot_id, seq, wall_ns, advert.term, advert.priority,
-                     advert.effective_priority, self.digest, self._peer_boot or 0,
-                     self._peer_seq, hold_us)
+                     advert.effective_priority, self.digest, echo_boot, echo_seq, hold_us)
         mac = keys.mac(key_id, body)
         assert mac is not None
         return body + mac
@@ -397,15 +409,25 @@ class Session:
             raise Rejected(Reject.WRONG_CLUSTER,
                            f"cluster {hb.cluster!r}, expected {self.cluster!r}")
         if hb.node == self.node:
-            raise Rejected(Reject.OWN_NODE, f"sender claims our own node name {hb.node!r}")
+            self._own_name(hb, wall_ns, source)
         if self.peer_node is not None and hb.node != self.peer_node:
             raise Rejected(Reject.UNKNOWN_PEER, f"node {hb.node!r}, the peer is {self.peer_node!r}")
-        skew_ns = hb.send_time_ns - wall_ns
-        if abs(skew_ns) > self._max_skew_ns:
-            raise Rejected(Reject.STALE, f"send time {skew_ns / 1e9:+.3f}s from our clock, "
-                           f"at most {self._max_skew_ns / 1e9:g}s allowed")
+        sent_at = self._sent.get(hb.echo_seq) if hb.echo_boot == self.boot_id else None
+        # Fresh by the echo: made after a heartbeat we sent at most max_skew ago.
+        fresh = sent_at is not None and now - sent_at <= self._max_skew_ns / 1e9
+        if not fresh:
+            skew_ns = hb.send_time_ns - wall_ns - self._offset_ns
+            if abs(skew_ns) > self._max_skew_ns:
+                if self._peer_boot is None:
+                    # Nothing accepted yet: echo it (without accepting it), so that the
+                    # peer's answer can prove its freshness even if the clocks disagree.
+                    self._echo = (hb.boot_id, hb.seq, now)
+                raise Rejected(Reject.STALE, f"send time {skew_ns / 1e9:+.3f}s from our clock "
+                               f"(corrected by the learned offset "
+                               f"{self._offset_ns / 1e9:+.3f}s), at most "
+                               f"{self._max_skew_ns / 1e9:g}s allowed without a fresh echo")
         mac = data[-MAC_SIZE:]
-        self._check_replay(hb, mac)
+        self._check_replay(hb, mac, fresh)
         self.peer_node = hb.node
         self.peer_newest_key = hb.newest_key_id
         if self._peer_boot is not None and hb.boot_id != self._peer_boot:
@@ -415,14 +437,29 @@ class Session:
         self._peer_boot, self._peer_seq = hb.boot_id, hb.seq
         self._peer_send_ns = max(self._peer_send_ns, hb.send_time_ns)
         self._peer_mac = mac
-        self._peer_rx_at = now
-        sent_at = self._sent.get(hb.echo_seq) if hb.echo_boot == self.boot_id else None
-        rtt = None
+        self._echo = (hb.boot_id, hb.seq, now)
+        rtt = offset = None
         if sent_at is not None:
             rtt = max(now - sent_at - hb.echo_hold_us / 1e6, 0.0)
-        return Received(heartbeat=hb, received_at=now, echo_sent_at=sent_at, rtt=rtt)
+            if fresh:
+                # The peer sent this about half a round trip ago, by our clock.
+                self._offset_ns = hb.send_time_ns - wall_ns + round(rtt * 5e8)
+                offset = self.clock_offset = self._offset_ns / 1e9
+        return Received(heartbeat=hb, received_at=now, echo_sent_at=sent_at, rtt=rtt,
+                        clock_offset=offset)
 
-    def _check_replay(self, hb: Heartbeat, mac: bytes) -> None:
+    def _own_name(self, hb: Heartbeat, wall_ns: int, source: Hashable | None) -> None:
+        """Always raises. A datagram of our own boot is a reflection; one of another boot,
+        sent within max_skew of our clock from a peer address, is a second live node
+        configured with our name (a replay of one of our own earlier boots is older)."""
+        if hb.boot_id != self.boot_id and abs(hb.send_time_ns - wall_ns) <= self._max_skew_ns:
+            raise Rejected(Reject.DUPLICATE_NODE,
+                           f"the node at {source} also calls itself {hb.node!r} (boot "
+                           f"{hb.boot_id:#x}, ours {self.boot_id:#x}): two configs use the "
+                           f"same node name")
+        raise Rejected(Reject.OWN_NODE, f"sender claims our own node name {hb.node!r}")
+
+    def _check_replay(self, hb: Heartbeat, mac: bytes, fresh: bool) -> None:
         if hb.boot_id == self._peer_boot:
             if hb.seq == self._peer_seq and hmac.compare_digest(mac, self._peer_mac):
                 raise Rejected(Reject.DUPLICATE, f"copy of sequence {hb.seq}")
@@ -431,6 +468,7 @@ class Session:
         elif hb.boot_id in self._retired_boots:
             raise Rejected(Reject.REPLAY, f"boot {hb.boot_id:#x} of {hb.node!r} was superseded "
                            f"by boot {self._peer_boot:#x}")
-        elif self._peer_boot is not None and hb.send_time_ns <= self._peer_send_ns:
+        elif (self._peer_boot is not None and hb.send_time_ns <= self._peer_send_ns
+              and not fresh):  # a fresh echo proves a new boot new, whatever its clock says
             raise Rejected(Reject.REPLAY, f"boot {hb.boot_id:#x} is older than the current "
                            f"boot {self._peer_boot:#x} of {hb.node!r}")
