@@ -40,7 +40,7 @@ from vipd.core.election import (
     VipFailed,
     Warn,
 )
-from vipd.core.events import UNPLANNED_TAKEOVERS, reason_code
+from vipd.core.events import UNPLANNED_TAKEOVERS, DuplicateNode, VipsLost, reason_code
 from vipd.core.protocol import Advert, Flag, Heartbeat, KeyRing, Received, Session, State
 
 S, F, K = State, Flag, CommandKind
@@ -1678,3 +1678,198 @@ def test_the_advert_follows_a_reloaded_priority() -> None:
     assert before.priority == 100 and e.advert() is before  # reused while unchanged
     e.cfg = dataclasses.replace(e.cfg, priority=180)
     assert e.advert().priority == 180
+
+
+# --- a node's own stall is not its peer's silence (issue 10) -------------------------------
+
+PAUSE = 5.0
+
+
+def sent_at(actions: Sequence[Action], now: float) -> float | None:
+    """`now` if a heartbeat went out in `actions` (the runtime seals it at `now`)."""
+    return now if adverts(actions) else None
+
+
+@pytest.mark.parametrize("backlog_first", [True, False], ids=["backlog-first", "timer-first"])
+def test_a_paused_standby_listens_before_it_judges(backlog_first: bool) -> None:
+    """SIGSTOP of the standby for 5 s: on resume the overdue timer and the queued
+    heartbeats arrive in either order; none makes it take over while the peer lives."""
+    e, now = standby_with_active_peer()
+    advance(e, now + 0.2)
+    e.handle(peer(now + 0.2, S.ACTIVE, F.HEALTHY, term=1), now + 0.2)
+    resume = now + 0.2 + PAUSE
+    acts: list[Action] = []
+    old_echo = now + 0.2 - ECHO_AGE  # the queued ones echo what we sent before the pause
+    if backlog_first:
+        acts += e.handle(peer(resume, S.ACTIVE, F.HEALTHY, term=1, hears=old_echo), resume)
+    acts += e.handle(Tick(), resume)
+    if not backlog_first:
+        acts += e.handle(peer(resume, S.ACTIVE, F.HEALTHY, term=1, hears=old_echo), resume)
+    assert transitions(acts) == [] and e.state is S.STANDBY
+    (warn,) = only(acts, Warn)
+    assert "stalled for" in warn.message and "listening" in warn.message
+    assert adverts(acts), "the heartbeat whose echo ends the listening goes out at once"
+    # The peer's answer to that heartbeat ends the listening: still STANDBY.
+    acts = advance(e, resume + 0.01)
+    acts += e.handle(peer(resume + 0.01, S.ACTIVE, F.HEALTHY, term=1, hears=resume),
+                     resume + 0.01)
+    assert e.timers.listen_until is None
+    acts += feed(e, resume + 0.05, resume + 3 * DEAD, S.ACTIVE, term=1)[0]
+    assert transitions(acts) == [] and e.state is S.STANDBY
+
+
+def test_after_a_stall_a_silent_peer_is_judged_after_one_dead_interval_of_listening() -> None:
+    e, now = standby_with_active_peer()
+    resume = now + PAUSE
+    acts = e.handle(Tick(), resume)
+    assert transitions(acts) == []
+    assert due(e) <= resume + DEAD
+    acts = advance(e, resume + DEAD - EPS)
+    assert transitions(acts) == [], "listening: no judgement of the peer yet"
+    acts = advance(e, resume + DEAD)
+    assert transitions(acts) == [(S.STANDBY, S.ACTIVE)]
+    assert takeover_reason(acts).startswith("peer b silent for")
+
+
+def test_an_echo_of_a_heartbeat_from_before_the_stall_does_not_end_the_listening() -> None:
+    e, now = standby_with_active_peer()
+    resume = now + PAUSE
+    e.handle(Tick(), resume)
+    e.handle(peer(resume + 0.01, S.STANDBY, F.NONE, term=1, hears=now), resume + 0.01)
+    assert e.timers.listen_until == resume + DEAD
+    acts = advance(e, resume + DEAD - EPS)
+    assert transitions(acts) == [], "an old echo proves nothing about the peer now"
+
+
+def test_a_small_delay_is_not_a_stall() -> None:
+    e, now = standby_with_active_peer()
+    later = due(e) + INTERVAL * 1.5  # late, but under STALL_INTERVALS intervals
+    acts = e.handle(Tick(), later)
+    assert not only(acts, Warn) and e.timers.listen_until is None
+
+
+def test_a_stall_while_the_peer_was_already_silent_changes_nothing() -> None:
+    e = started()
+    e.handle(peer(T0 + 0.01, S.STANDBY, F.HEALTHY, term=0, priority=200), T0 + 0.01)
+    advance(e, T0 + 0.01 + DEAD + INTERVAL)  # the peer went silent: we took over
+    assert e.state is S.ACTIVE
+    acts = e.handle(Tick(), T0 + 10)
+    assert not only(acts, Warn) and e.timers.listen_until is None
+
+
+# --- the holder re-validates when its VIPs may be gone ----------------------------------------
+
+def test_vips_lost_steps_down_and_takes_over_again_only_after_hearing_the_peer() -> None:
+    e, now = standby_with_active_peer(priority=150)
+    e.handle(peer(now + 0.01, S.ACTIVE, F.HEALTHY | F.RESIGNING, term=1), now + 0.01)
+    assert e.state is S.ACTIVE and e.term == 2
+    t = now + 0.05
+    advance(e, t)
+    e.handle(peer(t, S.STANDBY, F.HEALTHY, term=1, hears=t - ECHO_AGE), t)
+    t2 = t + 0.02
+    advance(e, t2)
+    acts = e.handle(VipsLost("lease lapsed: last renewal 5012 ms ago"), t2)
+    assert acts[:2] == [
+        Transition(S.ACTIVE, S.STANDBY, "VIPs lost: lease lapsed: last renewal 5012 ms ago; "
+                   "re-validating with the peer", 2),
+        ReleaseVips(),
+    ]
+    assert reason_code(only(acts, Transition)[0].reason) == "vip_lost"
+    # The peer's old view (STANDBY, we have priority) is not enough: listen first.
+    acts = advance(e, t2 + 0.01)
+    acts += e.handle(peer(t2 + 0.01, S.STANDBY, F.HEALTHY, term=1, hears=t), t2 + 0.01)
+    assert transitions(acts) == []
+    acts = e.handle(peer(t2 + 0.02, S.STANDBY, F.HEALTHY, term=1, hears=t2), t2 + 0.02)
+    assert transitions(acts) == [(S.STANDBY, S.ACTIVE)]
+    assert only(acts, AcquireVips) == [AcquireVips(3)]
+
+
+def test_vips_lost_while_the_peer_took_over_leaves_the_vips_with_the_peer() -> None:
+    e, now = active(term=1)
+    t = now + 0.02
+    acts = e.handle(VipsLost("lease lapsed"), t)
+    assert transitions(acts) == [(S.ACTIVE, S.STANDBY)]
+    acts = e.handle(peer(t + 0.01, S.ACTIVE, F.HEALTHY | F.SETTLED, term=3, hears=t),
+                    t + 0.01)
+    acts += feed(e, t + 0.05, t + 3 * DEAD, S.ACTIVE, F.HEALTHY | F.SETTLED, term=3)[0]
+    assert transitions(acts) == [] and e.state is S.STANDBY
+
+
+def test_vips_lost_is_ignored_when_not_active() -> None:
+    e, now = standby_with_active_peer()
+    acts = e.handle(VipsLost("lease lapsed"), now)
+    assert transitions(acts) == [] and not only(acts, ReleaseVips)
+    assert e.timers.listen_until is None
+
+
+# --- the winner announces again when the peer may have announced ------------------------------
+
+def test_a_term_rise_seen_only_in_a_standby_heartbeat_makes_the_holder_announce() -> None:
+    """The peer took over while we did not hear it, announced, and yielded: all we see is
+    its STANDBY heartbeat with a higher term. Its GARP may have moved clients: announce."""
+    e, now = active(term=1)
+    e.handle(peer(now + 0.01, S.STANDBY, F.HEALTHY, term=1), now + 0.01)
+    advance(e, now + 0.05)
+    acts = e.handle(peer(now + 0.05, S.STANDBY, F.HEALTHY, term=3), now + 0.05)
+    (ann,) = only(acts, Announce)
+    assert "term rose" in ann.reason and transitions(acts) == []
+    advance(e, now + 0.09)
+    acts = e.handle(peer(now + 0.09, S.STANDBY, F.HEALTHY, term=3), now + 0.09)
+    assert not only(acts, Announce), "once per episode"
+
+
+def test_the_winner_of_a_dual_active_announces_again_when_the_loser_yields() -> None:
+    e, now = active(term=4)
+    acts = e.handle(peer(now + 0.01, S.ACTIVE, F.HEALTHY, term=5), now + 0.01)
+    assert transitions(acts) == [] and len(only(acts, Announce)) == 1  # we win: settled
+    advance(e, now + 0.02)
+    acts = e.handle(peer(now + 0.02, S.STANDBY, F.HEALTHY, term=5), now + 0.02)
+    assert len(only(acts, Announce)) == 1, "the loser may have announced after our first"
+
+
+def test_an_active_peer_that_does_not_hear_us_is_announced_over_once_it_yields() -> None:
+    e, now = active(term=4)
+    acts = e.handle(peer(now + 0.01, S.ACTIVE, F.HEALTHY, term=5, hears=False), now + 0.01)
+    assert not only(acts, Announce)
+    advance(e, now + 0.03)
+    acts = e.handle(peer(now + 0.03, S.STANDBY, F.HEALTHY, term=5), now + 0.03)
+    assert len(only(acts, Announce)) == 1
+
+
+def test_a_handover_to_us_does_not_announce_twice() -> None:
+    e, now = standby_with_active_peer()
+    acts = e.handle(peer(now + 0.01, S.ACTIVE, F.HEALTHY | F.RESIGNING | F.SWITCHOVER,
+                         term=1), now + 0.01)
+    assert transitions(acts) == [(S.STANDBY, S.ACTIVE)]
+    acts = e.handle(peer(now + 0.012, S.ACTIVE, F.HEALTHY | F.RESIGNING | F.SWITCHOVER,
+                         term=1), now + 0.012)
+    acts += advance(e, now + 0.03)
+    acts += e.handle(peer(now + 0.03, S.STANDBY, F.HEALTHY, term=1), now + 0.03)
+    acts += advance(e, now + 1.0)
+    assert not only(acts, Announce)
+
+
+def test_no_announcement_while_we_hand_over() -> None:
+    e, now = active(term=4)
+    e.handle(peer(now + 0.01, S.STANDBY, F.HEALTHY, term=1), now + 0.01)
+    e.handle(Command(K.SWITCHOVER), now + 0.02)
+    acts = e.handle(peer(now + 0.03, S.ACTIVE, F.HEALTHY | F.PREFERRED, term=e.term + 1),
+                    now + 0.03)
+    assert transitions(acts) == [(S.ACTIVE, S.STANDBY)] and not only(acts, Announce)
+
+
+# --- two nodes with one name ----------------------------------------------------------------
+
+def test_a_duplicate_node_name_faults_and_releases_until_it_is_gone() -> None:
+    e, now = active(term=1)
+    detail = "duplicate node name 'a': the node at 198.51.100.2 also uses it"
+    acts = e.handle(DuplicateNode(detail), now + 0.01)
+    assert acts[:2] == [Transition(S.ACTIVE, S.FAULT, detail, e.term), ReleaseVips()]
+    assert reason_code(detail) == "duplicate_node"
+    refused = e.handle(Command(K.PROMOTE, force=True), now + 0.02)
+    assert only(refused, CommandResult)[0].accepted is False
+    acts = e.handle(DuplicateNode(detail), now + 0.1)  # still heard: stays FAULT
+    acts += advance(e, now + 0.1 + DEAD - EPS)
+    assert transitions(acts) == [] and e.state is S.FAULT
+    acts = advance(e, now + 0.1 + DEAD)
+    assert (S.FAULT, S.STANDBY) in transitions(acts)
