@@ -17,6 +17,12 @@ client (10 s timeout = a failed trial). The outage is
 `vipd.pairlab.outage(samples, fault_time)`: from the first unanswered request at or after
 the fault to the next answered one.
 
+Disturbances (pause-standby, pause-active, clock-step; `simulations.disturb`) start
+from the same stable pair but measure something else: whether two nodes ever answer for
+the VIP (an ARP oracle in the client namespace, `simulations.arpwatch`), whether the VIP
+moves, and how soon the winner announces after a dual-active episode; --pause sets how
+long the pause faults freeze a daemon. They have their own tables.
+
 Idle resources: with a stable pair and no probe, each daemon's CPU % of one core (the
 scheduler's own accounting, /proc/PID/task/*/schedstat; the median of 5 windows over
 --idle-seconds, 30 by default) and its VmRSS.
@@ -48,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulations import disturb
 from vipd.config import load_config
 from vipd.lab import list_namespaces
 from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
@@ -59,7 +66,9 @@ FAULTS = {
     "health": "the health check starts failing",
     "link-down": "the node's link goes down",
     "switchover": "planned switchover through the control API (POST /v1/switchover)",
+    **disturb.DISTURBANCES,
 }
+OUTAGE_FAULTS = [kind for kind in FAULTS if kind not in disturb.DISTURBANCES]
 # The operate token of the switchover lab (the API needs one; made per run, never stored).
 _TOKEN, _TOKEN_LINE = new_token("bench", "operate")
 ACTIVE, OTHER = "node1", "node2"
@@ -300,6 +309,45 @@ def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.R
     return trial
 
 
+def outage_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
+                  rng: random.Random, interval: float, dead_interval: float) -> list[Trial]:
+    """args.trials failovers of kind (`run_trial`), each from a freshly reset stable pair."""
+    trials = []
+    for i in range(1, args.trials + 1):
+        try:
+            reset(pair, asker, dead_interval)
+        except RuntimeError as exc:
+            t = Trial(kind, i, error=f"no stable pair to start from: {exc}")
+        else:
+            t = run_trial(pair, asker, kind, i, rng, interval)
+        trials.append(t)
+        res = f"{t.outage_ms:7.1f} ms" if t.outage_ms is not None else f"FAILED: {t.error}"
+        log(f"{kind:<9} #{i:<3} {res}  {json.dumps(t.detail)}")
+    return trials
+
+
+def disturbance_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
+                       rng: random.Random, interval: float, dead_interval: float
+                       ) -> list[disturb.Trial]:
+    """args.trials disturbances of kind (`disturb.run_trial`), each from a freshly reset
+    stable pair; the trial stops the probe, and an error leaves none running."""
+    trials = []
+    for i in range(1, args.trials + 1):
+        try:
+            reset(pair, asker, dead_interval)
+        except RuntimeError as exc:
+            t = disturb.Trial(kind, i, error=f"no stable pair to start from: {exc}")
+        else:
+            try:
+                t = disturb.run_trial(pair, kind, i, rng, interval, args.pause)
+            finally:
+                kill_probe(pair)
+        trials.append(t)
+        log(f"{kind:<13} #{i:<3} {'FAILED: ' + t.error if t.error else 'ok'}  "
+            f"{json.dumps(t.detail)}")
+    return trials
+
+
 # --- idle resources -----------------------------------------------------------------------
 
 IDLE_SAMPLES = 5  # the idle window is cut into this many; the table shows their median
@@ -401,11 +449,13 @@ def table(report: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.1f}"
 
     hb = report["heartbeat"]
-    lines = [f"failover outage seen by the client (probe every "
-             f"{report['probe_interval_ms']:g} ms; heartbeat {hb['interval_ms']:g} ms x "
-             f"{hb['dead_after']}; {report['trials']} trials per fault)",
-             f"{'fault':<10} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'max ms':>8} "
-             f"{'failed':>6}"]
+    lines = [f"heartbeat {hb['interval_ms']:g} ms x {hb['dead_after']}; "
+             f"{report['trials']} trials per fault"]
+    if report["faults"]:
+        lines += [f"failover outage seen by the client (probe every "
+                  f"{report['probe_interval_ms']:g} ms)",
+                  f"{'fault':<10} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'max ms':>8} "
+                  f"{'failed':>6}"]
     for kind, s in report["faults"].items():
         lines.append(f"{kind:<10} {s['n']:>3} {cell(s['median_ms']):>10} "
                      f"{cell(s['p95_ms']):>8} {cell(s['max_ms']):>8} {s['failed']:>6}")
@@ -425,6 +475,8 @@ def table(report: dict[str, Any]) -> str:
                 windows = " ".join(f"{v:.2f}" for v in r.get("cpu_percent_samples", []))
                 lines.append(f"{node:<6} {r['cpu_percent']:>7.2f} {r['rss_mib']:>8.1f}  "
                              f"{windows}")
+    if report.get("disturbance_trials"):
+        lines += ["", disturb.table(report["disturbance_trials"], report["pause_s"])]
     return "\n".join(lines)
 
 
@@ -449,8 +501,11 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20, help="trials per fault (default 20)")
-    ap.add_argument("--faults", type=_faults, default=list(FAULTS),
-                    help=f"comma-separated fault kinds (default {','.join(FAULTS)})")
+    ap.add_argument("--faults", type=_faults, default=OUTAGE_FAULTS,
+                    help=f"comma-separated fault kinds: {', '.join(FAULTS)} (default "
+                         f"{','.join(OUTAGE_FAULTS)})")
+    ap.add_argument("--pause", type=float, default=5.0,
+                    help="seconds pause-standby and pause-active freeze a daemon (default 5)")
     ap.add_argument("--idle-seconds", type=float, default=30.0,
                     help="idle CPU/RSS sampling time, 0 to skip (default 30)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault phases")
@@ -463,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.trials < 1:
         ap.error("--trials must be at least 1")
+    if args.pause <= 0:
+        ap.error("--pause must be positive")
     if os.geteuid() != 0:
         log("bench_failover: needs root (it creates network namespaces)")
         return 1
@@ -474,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="vipd-bench-"))
     started = time.monotonic()
     results: dict[str, list[Trial]] = {}
+    disturbed: dict[str, list[disturb.Trial]] = {}
     idle: dict[str, dict[str, float]] = {}
     idle_bare: dict[str, dict[str, float]] = {}
     hb = None
@@ -494,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             prefixes.append(pair.lab.prefix)
             try:
                 hb = load_config(pair.nodes[ACTIVE].config).heartbeat
+                if kind in disturb.DISTURBANCES:
+                    disturb.prepare(pair, kind)
                 asker = Asker(pair)
                 try:
                     if kind_no == 0 and args.idle_seconds > 0:
@@ -505,18 +565,12 @@ def main(argv: list[str] | None = None) -> int:
                         clear_daemons(pair)  # alone: no exec-check pair running beside
                         idle_bare = measure_idle_without_checks(workdir, args, prefixes)
                         log("idle without health checks: " + json.dumps(idle_bare))
-                    trials = results[kind] = []
-                    for i in range(1, args.trials + 1):
-                        try:
-                            reset(pair, asker, hb.dead_interval)
-                        except RuntimeError as exc:
-                            t = Trial(kind, i, error=f"no stable pair to start from: {exc}")
-                        else:
-                            t = run_trial(pair, asker, kind, i, rng, hb.interval)
-                        trials.append(t)
-                        res = (f"{t.outage_ms:7.1f} ms" if t.outage_ms is not None
-                               else f"FAILED: {t.error}")
-                        log(f"{kind:<9} #{i:<3} {res}  {json.dumps(t.detail)}")
+                    if kind in disturb.DISTURBANCES:
+                        disturbed[kind] = disturbance_trials(pair, asker, kind, args, rng,
+                                                             hb.interval, hb.dead_interval)
+                    else:
+                        results[kind] = outage_trials(pair, asker, kind, args, rng,
+                                                      hb.interval, hb.dead_interval)
                 finally:
                     asker.close()
             finally:
@@ -543,12 +597,19 @@ def main(argv: list[str] | None = None) -> int:
         # the same pair with no health check (the lab's check is an exec every 100 ms)
         "idle_without_checks": idle_bare,
     }
+    if disturbed:
+        report["pause_s"] = args.pause
+        report["disturbances"] = {
+            kind: {"summary": disturb.summarize(trials),
+                   "trials": [{"error": t.error, **t.detail} for t in trials]}
+            for kind, trials in disturbed.items()}
     runtime = time.monotonic() - started
+    shown = {**report, "idle_seconds": args.idle_seconds, "disturbance_trials": disturbed}
     if args.json:
         print(json.dumps(report))
-        log(table({**report, "idle_seconds": args.idle_seconds}))
+        log(table(shown))
     else:
-        print(table({**report, "idle_seconds": args.idle_seconds}))
+        print(table(shown))
     if RESPONDER_DEATHS:
         log(f"responders that died and were restarted: {len(RESPONDER_DEATHS)} "
             f"({'; '.join(RESPONDER_DEATHS)})")

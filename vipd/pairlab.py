@@ -8,6 +8,10 @@ The responder answers UDP requests to the VIP with its node name (bound with
 IP_FREEBIND, so it runs on both nodes and answers wherever the VIP is). The probe sends a
 request every few ms from the client namespace and records (send time, answering node),
 which gives the client-visible outage and who answers.
+
+A node's daemon can run with a faked wall clock (`fake_clock`, `step_clock`: libfaketime
+preloaded into that process only, its monotonic clock left alone) and be frozen and
+thawed (`pause`, `resume`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ VIP4 = "198.51.100.100"
 VIP6 = "2001:db8:1::100"
 PORT = 5405
 ECHO_PORT = 7000
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 FAULTS = {
     "kill": "SIGKILL of vipd and the service on the active node (a node crash)",
     "link-down": "the active node's network link goes down",
@@ -51,6 +56,8 @@ class Node:
     health_file: Path
     daemon: subprocess.Popen[str] | None = None
     responder: subprocess.Popen[str] | None = None
+    clock_file: Path | None = None  # the daemon runs under libfaketime (fake_clock)
+    faked_pids: list[int] = field(default_factory=list)  # whose shm libfaketime leaves
 
 
 @dataclass
@@ -112,9 +119,13 @@ class PairLab:
 
     def start(self, name: str, *, responder: bool = True) -> None:
         node = self.nodes[name]
+        self._drop_faketime_shm(node)
         with node.log.open("a") as log:  # the children keep their own copies of the fd
             node.daemon = self.lab[name].spawn(
-                sys.executable, "-m", "vipd.cli", "run", "-c", str(node.config), stderr=log)
+                sys.executable, "-m", "vipd.cli", "run", "-c", str(node.config), stderr=log,
+                env=_faketime_env(node.clock_file) if node.clock_file else None)
+            if node.clock_file:
+                node.faked_pids.append(node.daemon.pid)
             if responder and node.responder is None:
                 node.responder = self.lab[name].spawn(
                     sys.executable, "-m", "vipd.pairlab", "responder", name, stderr=log)
@@ -137,12 +148,62 @@ class PairLab:
                 proc.wait()
         if with_service:
             node.responder = None
+        self._drop_faketime_shm(node)
 
     def stop(self, name: str, timeout: float = 5.0) -> int:
         node = self.nodes[name]
         assert node.daemon is not None
         node.daemon.send_signal(signal.SIGTERM)
-        return node.daemon.wait(timeout)
+        code = node.daemon.wait(timeout)
+        self._drop_faketime_shm(node)
+        return code
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP to the daemon alone (a VM stall, a stuck process): its kernel keeps
+        the addresses and answers ARP for them until their lifetime runs out."""
+        self._running_daemon(name).send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self._running_daemon(name).send_signal(signal.SIGCONT)
+
+    def _running_daemon(self, name: str) -> subprocess.Popen[str]:
+        proc = self.nodes[name].daemon
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"{name}: no running daemon to signal")
+        return proc  # `ip netns exec` execs the daemon: this pid is the daemon's
+
+    # --- a faked wall clock --------------------------------------------------------------
+
+    def fake_clock(self, name: str) -> None:
+        """From its next start on, node ``name``'s daemon runs with libfaketime preloaded:
+        its wall clock is offset by what `step_clock` sets (0 to begin with), at once,
+        and its monotonic clock is the real one. The host's clock is never touched; only
+        that process (and the checks it spawns) see the offset."""
+        if not FAKETIME_LIB.exists():
+            raise RuntimeError(f"{FAKETIME_LIB} not found: a faked clock needs libfaketime "
+                               f"(Debian package libfaketime)")
+        self.nodes[name].clock_file = self.workdir / f"{name}.faketime"
+        self.step_clock(name, 0)
+
+    def step_clock(self, name: str, offset: float) -> None:
+        """Set node ``name``'s wall-clock offset in seconds; libfaketime rereads the file
+        on every clock read (FAKETIME_NO_CACHE), so the step takes effect at once."""
+        path = self.nodes[name].clock_file
+        if path is None:
+            raise RuntimeError(f"{name}: the clock is not faked (call fake_clock first)")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{offset:+g}\n")
+        tmp.replace(path)  # a clock read never sees a half-written file
+
+    def _drop_faketime_shm(self, node: Node) -> None:
+        """libfaketime leaves a semaphore and a shared-memory file per process that loaded
+        it (named by its pid) and removes neither when the process is killed; remove
+        those of this node's daemons that have ended."""
+        alive = node.daemon.pid if node.daemon and node.daemon.poll() is None else None
+        for pid in [p for p in node.faked_pids if p != alive]:
+            for path in (f"/dev/shm/faketime_shm_{pid}", f"/dev/shm/sem.faketime_sem_{pid}"):
+                Path(path).unlink(missing_ok=True)
+            node.faked_pids.remove(pid)
 
     def link(self, name: str, up: bool) -> None:
         self.lab[name].ip("link", "set", "eth0", "up" if up else "down")
@@ -210,7 +271,17 @@ class PairLab:
     def destroy(self) -> None:
         """Daemons, responders and the probe were all spawned through the lab's hosts,
         so the lab kills them with its namespaces."""
-        self.lab.destroy()
+        try:
+            self.lab.destroy()
+        finally:
+            for node in self.nodes.values():
+                self._drop_faketime_shm(node)
+
+
+def _faketime_env(clock_file: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "FAKETIME"}  # it would win
+    return {**env, "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME_TIMESTAMP_FILE": str(clock_file),
+            "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def failed_runs(samples: list[tuple[float, str | None]], after: float) -> list[float]:

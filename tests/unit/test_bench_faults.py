@@ -1,0 +1,134 @@
+"""The disturbance benchmark's definitions (simulations.arpwatch, simulations.disturb) on
+hand-made observations: what counts as dual-active, a move, a resolution, a late GARP."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+
+import pytest
+
+from simulations import arpwatch, disturb
+from simulations.arpwatch import Observations
+
+M1, M2 = "02:76:64:00:00:01", "02:76:64:00:00:02"
+MACS = {M1: "node1", M2: "node2"}
+VIP = "198.51.100.100"
+
+
+def _arp(op: int, sender_mac: str, sender_ip: str, target_ip: str) -> bytes:
+    mac = bytes.fromhex(sender_mac.replace(":", ""))
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, mac, socket.inet_aton(sender_ip),
+                      b"\0" * 6, socket.inet_aton(target_ip))
+    return b"\xff" * 6 + mac + b"\x08\x06" + arp
+
+
+def test_classify_tells_garps_from_replies_to_the_prober_and_ignores_the_rest() -> None:
+    vip = socket.inet_aton(VIP)
+    assert arpwatch.classify(_arp(1, M2, VIP, VIP), vip) == ("garp", M2)
+    assert arpwatch.classify(_arp(2, M1, VIP, arpwatch.PROBER_IP), vip) == ("reply", M1)
+    # the client's own ARP and the replies to it are not the oracle's
+    assert arpwatch.classify(_arp(1, "02:76:64:00:00:03", "198.51.100.3", VIP), vip) is None
+    assert arpwatch.classify(_arp(2, M1, VIP, "198.51.100.3"), vip) is None
+    assert arpwatch.classify(b"\0" * 20, vip) is None
+
+
+def _addr_message(kind: int, address: str) -> bytes:
+    attr = struct.pack("=HH", 8, arpwatch.IFA_LOCAL) + socket.inet_aton(address)
+    body = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, 2) + attr
+    return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
+
+
+def test_address_events_follow_the_vip_only() -> None:
+    data = (_addr_message(arpwatch.RTM_NEWADDR, VIP)
+            + _addr_message(arpwatch.RTM_NEWADDR, "198.51.100.1")
+            + _addr_message(arpwatch.RTM_DELADDR, VIP))
+    assert arpwatch.address_events(data, socket.inet_aton(VIP)) == [True, False]
+
+
+def _obs(rounds: list[tuple[float, set[str]]], garps: Sequence[tuple[float, str]] = (),
+         addr: Sequence[tuple[float, str, bool]] = ()) -> Observations:
+    """Probes at the given times, each answered 1 ms later by the given MACs."""
+    return Observations(probes=[t for t, _ in rounds],
+                        replies=sorted((t + 0.001, mac) for t, macs in rounds for mac in macs),
+                        garps=list(garps), addr=list(addr))
+
+
+def test_dual_active_is_the_length_of_the_rounds_answered_by_two_macs() -> None:
+    obs = _obs([(0.00, {M1}), (0.01, {M1, M2}), (0.02, {M1, M2}), (0.03, {M2}),
+                (0.04, {M2})])
+    rounds = obs.rounds(0.0, 0.05)
+    dual = [nxt - t for t, nxt, seen in rounds if len(seen) == 2]
+    assert sum(dual) == pytest.approx(0.02)
+    (episode,) = obs.dual_episodes(0.0, 0.05)
+    assert (episode.start, episode.end, episode.winner) == (0.01, 0.03, M2)
+    assert episode.resolved_at == pytest.approx(0.021)  # node1's last reply
+
+
+def test_a_late_reply_counts_in_the_round_it_arrives_in() -> None:
+    obs = Observations(probes=[0.0, 0.01], replies=[(0.001, M1), (0.012, M2)])
+    assert [seen for *_, seen in obs.rounds(0.0, 0.02)] == [{M1}, {M2}]
+
+
+def test_the_winners_garp_is_timed_from_the_losers_last_reply() -> None:
+    obs = _obs([(0.00, {M1, M2}), (0.01, {M1}), (0.02, {M1})],
+               garps=[(0.0005, M1), (0.030, M2), (0.045, M1)])
+    (episode,) = obs.dual_episodes(0.0, 0.03)
+    assert episode.winner == M1
+    w = disturb.Window(0.0, 0.0, 0.0, 0.05)
+    detail = disturb.measure(obs, [], w, MACS)
+    # node1's GARP while node2 still answers does not count; the one 44 ms after node2's
+    # last reply (at 1 ms) does
+    assert detail["garp_after_resolution_ms"] == [44.0]
+    assert detail["garps_after_fault"] == {"node1": 2, "node2": 1}
+
+
+def test_an_episode_still_open_at_the_end_has_no_winner() -> None:
+    obs = _obs([(0.00, {M1}), (0.01, {M1, M2})])
+    (episode,) = obs.dual_episodes(0.0, 0.02)
+    assert episode.winner is None and episode.resolved_at is None
+
+
+def test_holders_start_with_the_state_at_the_window_and_skip_renewals() -> None:
+    obs = Observations(addr=[(0.0, "node1", True), (0.5, "node1", True), (1.0, "node2", True),
+                             (1.1, "node1", False), (3.0, "node1", True)])
+    points = obs.holders(0.2, 2.0)
+    assert points == [(0.2, {"node1"}), (1.0, {"node1", "node2"}), (1.1, {"node2"})]
+    assert disturb.time_where(points, 0.2, 2.0, lambda s: len(s) > 1) == pytest.approx(0.1)
+    assert disturb.moves(points) == 1
+    assert Observations().holders(0.0, 1.0) == [(0.0, frozenset())]
+
+
+@pytest.mark.parametrize(("sets", "moves"), [
+    ([{"node1"}, {"node1", "node2"}, {"node1"}], 0),
+    ([{"node1"}, set(), {"node2"}], 1),
+    ([{"node1"}, {"node2"}, {"node1", "node2"}, {"node1"}], 2),
+])
+def test_a_move_is_a_change_of_the_sole_holder(sets: list[set[str]], moves: int) -> None:
+    points = [(float(i), frozenset(s)) for i, s in enumerate(sets)]
+    assert disturb.moves(points) == moves
+
+
+def test_longest_unanswered_reports_a_run_open_at_the_end_as_a_lower_bound() -> None:
+    samples: list[tuple[float, str | None]] = [
+        (0.0, None), (1.0, "node1"), (2.0, None), (2.5, None), (3.0, "node2"), (4.0, None),
+        (4.2, None)]
+    assert disturb.longest_unanswered(samples, 0.5) == (pytest.approx(1.0), True)
+    assert disturb.longest_unanswered(samples[:5], 0.5) == (pytest.approx(1.0), False)
+    assert disturb.longest_unanswered(samples[:2], 0.5) == (0.0, False)
+
+
+def test_tracebacks_yield_the_exception_lines() -> None:
+    lines = ["2026 INFO node1 ok", "Traceback (most recent call last):",
+             '  File "x.py", line 1, in <module>', "    boom()", "ValueError: boom",
+             "2026 INFO node1 later"]
+    assert disturb.tracebacks(lines) == ["ValueError: boom"]
+
+
+def test_the_baseline_must_show_node1_alone() -> None:
+    obs = _obs([(i / 100, {M1}) for i in range(20)], addr=[(-1.0, "node1", True)])
+    assert disturb._implausible(obs, disturb.Window(0.0, 0.2, 0.2, 0.3), MACS) == ""
+    silent = _obs([(i / 100, set()) for i in range(20)], addr=[(-1.0, "node1", True)])
+    assert "probe rounds" in disturb._implausible(silent, disturb.Window(0.0, 0.2, 0.2, 0.3),
+                                                  MACS)
