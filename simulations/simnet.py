@@ -4,6 +4,15 @@ Each `SimNode` runs the real `Election` and `Session` (the same code as the daem
 virtual clock; the `SimNet` delivers sealed datagrams with per-direction loss, delay,
 jitter, reordering, duplication and partitions; an attacker can replay captured datagrams
 and inject forged ones. `Checker` evaluates the invariants after every event.
+
+A node can also be frozen (SIGSTOP, a paused VM): the clock runs on, the node processes
+nothing, datagrams queue in its socket (up to SOCKET_BACKLOG, then they are dropped, as
+the kernel does), and its VIPs stay until the kernel lease removes them. On thaw the
+runtime sees what the daemon sees: the queued datagrams first (the reader callback and
+the timer's drain), then, in either order, the overdue election timer and the VIP
+upkeep, which finds a lapsed lease and reports VipsLost. Wall clocks can be stepped per
+node (`skew_ns`). Announcements are modelled as bursts of rounds, so the checker can
+tell who announced last.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from vipd.core import election as el
 from vipd.core.protocol import (
     Flag,
     KeyRing,
+    Reject,
     Rejected,
     Session,
     State,
@@ -29,6 +39,11 @@ from vipd.core.protocol import (
 
 WALL_EPOCH_NS = 1_800_000_000 * 10**9
 CLUSTER = "web"
+SOCKET_BACKLOG = 256  # datagrams a default socket buffer holds (measured: 256 of 150 bytes)
+LEASE = 3.0  # vip_lease; the kernel removes the address a little early:
+KERNEL_EARLY = 0.3  # measured 2.6-2.9 s for 3 s
+LAPSE_MARGIN = 0.5  # the daemon's renewal check (vipd.daemon.LAPSE_MARGIN)
+ANNOUNCE_ROUNDS, ANNOUNCE_GAP = 3, 0.1  # the default burst: 3 rounds 100 ms apart
 
 
 @dataclass
@@ -83,6 +98,13 @@ class SimNode:
     timer_gen: int = 0
     boots: int = 0
     eligible_since: float | None = None
+    frozen: bool = False
+    backlog: list[bytes] = field(default_factory=list)
+    timer_due: bool = False  # the election timer came due while frozen
+    last_renew: float = 0.0
+    lease_gen: int = 0
+    burst_gen: int = 0
+    last_round: float | None = None  # when this node last announced (a burst round)
     rejects: Counter[str] = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
     results: list[el.CommandResult] = field(default_factory=list)
@@ -109,6 +131,62 @@ class SimNode:
         """Process dies: no more sends or receipts. Its VIPs stay until the lease."""
         self.up = False
         self.timer_gen += 1
+        self.burst_gen += 1
+
+    def freeze(self) -> None:
+        """SIGSTOP: nothing runs, the kernel keeps the VIPs until the lease runs out."""
+        self.frozen = True
+        now = self.sim.clock.now
+        if self.held:
+            self.last_renew = now  # the upkeep renewed it just before the stop, at best
+            self.lease_gen += 1
+            gen = self.lease_gen
+            self.sim.clock.at(now + LEASE - KERNEL_EARLY, lambda: self._kernel_expiry(gen))
+
+    def _kernel_expiry(self, gen: int) -> None:
+        if gen == self.lease_gen and self.frozen:
+            self.held = False
+
+    def thaw(self, upkeep_first: bool) -> None:
+        """SIGCONT: the queued datagrams, then the overdue timer and the VIP upkeep."""
+        self.frozen = False
+        self.lease_gen += 1
+        backlog, self.backlog = self.backlog, []
+        for data in backlog:
+            self.deliver(data)
+        if upkeep_first:
+            self.upkeep()
+        if self.timer_due:
+            self.timer_due = False
+            self.handle(el.Tick())
+        if not upkeep_first:
+            self.upkeep()
+
+    def upkeep(self) -> None:
+        """The VIP worker's wake-up after a stall: a lease that may have lapsed (or a VIP
+        the kernel removed) is reported, never renewed."""
+        if not self.up or self.election is None or self.election.state is not State.ACTIVE:
+            return
+        now = self.sim.clock.now
+        if now - self.last_renew >= LEASE - LAPSE_MARGIN or not self.held:
+            self.held = False
+            self.burst_gen += 1
+            self.handle(el.VipsLost(f"lease lapsed: last renewal "
+                                    f"{round(1000 * (now - self.last_renew))} ms ago"))
+        else:
+            self.last_renew = now
+
+    def announce(self) -> None:
+        """A burst of rounds; a newer burst or a release ends the older one."""
+        self.burst_gen += 1
+        gen, now = self.burst_gen, self.sim.clock.now
+        for i in range(ANNOUNCE_ROUNDS):
+            self.sim.clock.at(now + i * ANNOUNCE_GAP, functools.partial(self._round, gen))
+
+    def _round(self, gen: int) -> None:
+        # A round due while frozen is dropped: the daemon's burst stops when it wakes late.
+        if gen == self.burst_gen and self.up and self.held and not self.frozen:
+            self.last_round = self.sim.clock.now
 
     def handle(self, event: el.Event) -> None:
         if not self.up or self.election is None:
@@ -131,7 +209,10 @@ class SimNode:
 
     def _fire(self, gen: int) -> None:
         if gen == self.timer_gen:
-            self.handle(el.Tick())
+            if self.frozen:
+                self.timer_due = True
+            else:
+                self.handle(el.Tick())
 
     def apply(self, action: el.Action, now: float) -> None:
         match action:
@@ -141,26 +222,40 @@ class SimNode:
                 self.sim.transmit(self.name, data)
             case el.AcquireVips(term=term):
                 self.held = True
+                self.last_renew = now
                 self.persisted_term = term
+                self.sim.checker.on_acquire(self, now)
+                self.announce()
             case el.ReleaseVips():
                 self.held = False
+                self.burst_gen += 1
             case el.Transition():
                 self.sim.checker.on_transition(self, action, now)
             case el.CommandResult():
                 self.results.append(action)
             case el.Warn(message=message):
                 self.warnings.append(message)
-            case el.Announce() | el.RunHook():
+            case el.Announce(reason=reason):
+                if reason != "takeover":  # the takeover burst follows the acquire
+                    self.announce()
+            case el.RunHook():
                 pass
 
     def deliver(self, data: bytes, attack: Attack | None = None) -> None:
         if not self.up or self.session is None or self.election is None:
+            return
+        if self.frozen:
+            if len(self.backlog) < SOCKET_BACKLOG:
+                self.backlog.append(data)
             return
         now = self.sim.clock.now
         try:
             rx = self.session.open(data, now, self.wall_ns(now))
         except Rejected as exc:
             self.rejects[exc.reason.value] += 1
+            if exc.reason is Reject.DUPLICATE_NODE:  # as the daemon does
+                self.handle(el.DuplicateNode(f"duplicate node name {self.name!r}: "
+                                             f"{exc.detail}"))
             return
         self.sim.checker.on_accept(self, rx, data, attack, now)
         before = self.election.state
@@ -228,10 +323,19 @@ class Checker:
     dual_since: float | None = None
     seen: dict[str, set[bytes]] = field(default_factory=dict)
     newest: dict[str, tuple[int, int]] = field(default_factory=dict)
+    boots_left: set[int] = field(default_factory=set)
     terms: dict[str, int] = field(default_factory=dict)
     no_holder_since: float | None = None
     gaps: list[tuple[float, float]] = field(default_factory=list)  # (start, length)
     releases: list[tuple[float, str, str]] = field(default_factory=list)
+    # (when, node, whether the other node held the VIPs and was not handing them over)
+    acquires: list[tuple[float, str, bool]] = field(default_factory=list)
+
+    def on_acquire(self, node: SimNode, now: float) -> None:
+        other = self.sim.peer_of(node.name)
+        claims = other.up and other.held and not (
+            other.election is not None and other.election.handover is not None)
+        self.acquires.append((now, node.name, claims))
 
     def violation(self, text: str) -> None:
         self.violations.append(f"t={self.sim.clock.now:.4f}s: {text}")
@@ -262,10 +366,17 @@ class Checker:
         seen.add(data)
         if len(seen) > 5000:
             seen.clear()
-        key = (hb.send_time_ns, hb.seq)
-        if node.name in self.newest and key <= self.newest[node.name]:
-            self.violation(f"{node.name} accepted an older heartbeat (seq {hb.seq})")
-        self.newest[node.name] = key
+        # Within a boot the sequence orders heartbeats (wall clocks may be stepped); a boot
+        # once left is never heard again.
+        boot, seq = hb.boot_id, hb.seq
+        newest = self.newest.get(node.name)
+        if newest is not None:
+            same_boot = boot == newest[0]
+            if (same_boot and seq <= newest[1]) or (not same_boot and boot in self.boots_left):
+                self.violation(f"{node.name} accepted an older heartbeat (seq {seq})")
+            if not same_boot:
+                self.boots_left.add(newest[0])
+        self.newest[node.name] = (boot, seq)
         if attack is not None and attack.kind == "forged":
             self.violation(f"{node.name} accepted a forged datagram")
         interval = node.cfg.interval
@@ -278,7 +389,7 @@ class Checker:
         now = self.sim.clock.now
         nodes = list(self.sim.nodes.values())
         for n in nodes:
-            if n.up and n.election is not None:
+            if n.up and n.election is not None and not n.frozen:
                 state = n.election.state
                 if n.held != (state is State.ACTIVE):
                     self.violation(f"{n.name} is {state.name} but holds VIPs={n.held}")
@@ -290,13 +401,13 @@ class Checker:
             else:
                 n.eligible_since = None
         claiming = [n for n in nodes if n.state is State.ACTIVE and n.election is not None
-                    and n.election.handover is None]
+                    and n.election.handover is None and n.held]
         if len(claiming) == 2:
             self.dual_since = now if self.dual_since is None else self.dual_since
             self._check_dual(nodes, now)
         else:
             self.dual_since = None
-        holders = [n for n in nodes if n.state is State.ACTIVE]
+        holders = [n for n in nodes if n.state is State.ACTIVE and n.held]
         if holders:
             if self.no_holder_since is not None:
                 self.gaps.append((self.no_holder_since, now - self.no_holder_since))

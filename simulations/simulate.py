@@ -22,7 +22,11 @@ from vipd.core.protocol import KeyRing, Session, State
 
 DEFAULTS = el.ElectionConfig(node="x")
 KINDS = ["crash", "crash_restart", "stop", "health_fail", "health_flap", "partition",
-         "oneway", "attack", "switchover", "maintenance", "promote", "standby_restart"]
+         "oneway", "attack", "switchover", "maintenance", "promote", "standby_restart",
+         "freeze_standby", "freeze_active", "clock_step"]
+# s: shorter and longer than the dead interval, longer than the lease, than the socket buffer
+FREEZES = [0.2, 0.7, 1.5, 5.0, 12.0]
+CLOCK_STEPS = [3.0, -3.0, 3600.0, -3600.0]  # s, on one node's wall clock
 MEASURED = {"crash", "crash_restart", "stop", "health_fail", "switchover", "maintenance",
             "promote"}
 LOSSES = [0.0, 0.01, 0.05, 0.05, 0.2]
@@ -80,6 +84,8 @@ def scenario(seed: int, interval: float, dead_after: int) -> Outcome:
     _inject(kind, sim, rng, active, other, t_fault, interval, out)
     if kind == "crash_restart":
         end += 1.5
+    if "thaw_at" in out.notes:
+        end = max(end, out.notes["thaw_at"] + 2.0)
     sim.run_until(end)
     _measure(kind, sim, active, other, t_fault, out)
     _check_end(kind, sim, active, other, out)
@@ -137,6 +143,18 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
     elif kind == "standby_restart":
         other.crash()
         sim.call(t + rng.uniform(0.1, 1.0), lambda: _disturbed(chk, other.start))
+    elif kind in ("freeze_standby", "freeze_active"):
+        node = other if kind == "freeze_standby" else active
+        pause = rng.choice(FREEZES)
+        out.notes.update(pause_s=pause, thaw_at=t + pause)
+        node.freeze()
+        upkeep_first = rng.random() < 0.5
+        sim.call(t + pause, lambda: _disturbed(chk, lambda: node.thaw(upkeep_first)))
+    elif kind == "clock_step":
+        node = rng.choice([active, other])
+        step = rng.choice(CLOCK_STEPS)
+        out.notes.update(step_s=step, stepped=node.name)
+        node.skew_ns += int(step * 1e9)
 
 
 def _schedule_attacks(sim: Sim, rng: Any, t: float) -> None:
@@ -214,6 +232,54 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
                                   f"{expected} ACTIVE at the end, got {states}")
     if kind == "switchover" and actives != [other.name]:
         sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
+    if len(actives) == 1:
+        _check_last_announcement(sim, sim.nodes[actives[0]])
+    if kind == "freeze_standby":
+        _check_frozen_standby(sim, active, other, out)
+    elif kind == "freeze_active":
+        _check_frozen_active(sim, active, out)
+    elif kind == "clock_step":
+        _check_clock_step(sim, out)
+
+
+def _check_last_announcement(sim: Sim, holder: SimNode) -> None:
+    """Clients follow the last gratuitous ARP: the holder's must be the last one."""
+    loser = sim.peer_of(holder.name)
+    if loser.last_round is not None and (holder.last_round is None
+                                         or holder.last_round < loser.last_round):
+        sim.checker.violation(f"{holder.name} holds the VIPs but {loser.name} announced them "
+                              f"last (at {loser.last_round:.3f}s; {holder.name} at "
+                              f"{holder.last_round}s)")
+
+
+def _check_frozen_standby(sim: Sim, active: SimNode, frozen: SimNode, out: Outcome) -> None:
+    """A frozen standby never takes over from a peer that was alive throughout."""
+    t0 = out.notes["thaw_at"] - out.notes["pause_s"]
+    took = [when for when, name, _ in sim.checker.takeovers if when >= t0 and name == frozen.name]
+    if took and active.up:
+        sim.checker.violation(f"{frozen.name} took over at {took[0]:.3f}s after a "
+                              f"{out.notes['pause_s']}s freeze although {active.name} was alive")
+
+
+def _check_frozen_active(sim: Sim, frozen: SimNode, out: Outcome) -> None:
+    """After a freeze, the old holder never adds the VIPs while the other node holds them."""
+    for when, name, peer_claims in sim.checker.acquires:
+        if name == frozen.name and when >= out.notes["thaw_at"] and peer_claims:
+            sim.checker.violation(f"{frozen.name} added the VIPs at {when:.3f}s after a "
+                                  f"{out.notes['pause_s']}s freeze while its peer held them")
+
+
+def _check_clock_step(sim: Sim, out: Outcome) -> None:
+    """A wall-clock step on one node moves nothing and drops no heartbeat as stale."""
+    t = sim.clock.now - RUN_AFTER  # the step
+    moved = [x for x in sim.checker.takeovers + sim.checker.releases if x[0] >= t]
+    if moved and out.loss < 0.2:
+        sim.checker.violation(f"clock step of {out.notes['step_s']:+g}s on "
+                              f"{out.notes['stepped']}: the VIPs moved: {moved[:2]}")
+    stale = sum(n.rejects["stale"] for n in sim.nodes.values())
+    if stale:
+        sim.checker.violation(f"clock step of {out.notes['step_s']:+g}s on "
+                              f"{out.notes['stepped']}: {stale} heartbeats dropped as stale")
 
 
 def quantiles(values: list[float]) -> dict[str, float | int]:

@@ -27,7 +27,7 @@ from vipd.config import Config, load_config
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core.events import UNPLANNED_TAKEOVERS, reason_code
-from vipd.core.protocol import KeyRing, Rejected, Session, State, settings_digest
+from vipd.core.protocol import KeyRing, Reject, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
 from vipd.health import CheckSpec, HealthMonitor, ProbeResult
 from vipd.keys import load_keys
@@ -36,12 +36,15 @@ from vipd.privileges import resolve_exec_user
 from vipd.systemd import Notifier
 from vipd.tokens import load_tokens
 from vipd.transport import HeartbeatTransport
-from vipd.vip import NetlinkMover, VipMover, announce_burst
+from vipd.vip import NetlinkMover, VipMover, announce_burst, lifetime_seconds
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 0.8  # SIGTERM must end the process within a second
 RECONCILE_EVERY = 2.0  # a standby checks this often that none of its VIPs is on the interface
+# The kernel removes an address up to about 0.4 s before its lifetime runs out (measured:
+# 2.6-2.9 s for 3 s), so a renewal this close to the lifetime may come too late.
+LAPSE_MARGIN = 0.5
 
 
 def election_config(cfg: Config) -> el.ElectionConfig:
@@ -119,6 +122,7 @@ class Daemon:
         self._done = asyncio.Event()
         self._fatal: BaseException | None = None
         self._took_over_at: float | None = None
+        self._offset_warned = False
         saved = self.state_file.load()
         self.election = el.Election(election_config(config), term=int(saved.get("term", 0)),
                                     maintenance=bool(saved.get("maintenance", False)))
@@ -380,6 +384,8 @@ class Daemon:
         self._timer = None
         self._last_timer_fire = time.monotonic()
         self.metrics.hot.lateness.observe(max(self._loop.time() - deadline, 0.0))
+        if self.transport is not None:
+            self.transport.drain()  # after a stall the peer's heartbeats are heard first
         self._handle(el.Tick())
 
     def _on_datagram(self, data: bytes, source: str) -> None:
@@ -390,7 +396,9 @@ class Daemon:
             rejected = self.metrics.hot.rejected
             count = rejected[exc.reason.value] + 1
             rejected[exc.reason.value] = count
-            if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
+            if exc.reason is Reject.DUPLICATE_NODE:
+                self._on_duplicate_node(source, count)
+            elif count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
                 log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
             return
         hot = self.metrics.hot
@@ -398,7 +406,35 @@ class Daemon:
         if rx.rtt is not None:
             self.last_rtt = rx.rtt
             hot.rtt.observe(rx.rtt)
+        if rx.clock_offset is not None:
+            self._watch_clock_offset(rx.clock_offset)
         self._handle(el.HeartbeatReceived(rx))
+
+    def _on_duplicate_node(self, source: str, count: int) -> None:
+        """Another live node sends heartbeats under our name: a configuration error that
+        would otherwise leave both nodes ACTIVE. The election goes FAULT while it lasts."""
+        node, bind = self.config.node, self.config.heartbeat.bind
+        detail = (f"duplicate node name {node!r}: the node at {source} uses it too (this "
+                  f"node sends from {bind}); give each node its own name")
+        if count & (count - 1) == 0:
+            log.error("%s; FAULT and no VIPs here while it is heard (%d heartbeats so far)",
+                      detail, count)
+        self._handle(el.DuplicateNode(detail))
+
+    def _watch_clock_offset(self, offset: float) -> None:
+        """The wall clocks may disagree (heartbeats stay fresh by the echo); say so once
+        when the offset crosses max_clock_skew, and once when it is back."""
+        limit = self.config.heartbeat.max_clock_skew
+        far = abs(offset) > limit
+        if far == self._offset_warned:
+            return
+        self._offset_warned = far
+        if far:
+            log.warning("the peer's wall clock is %+.3f s from ours (more than "
+                        "max_clock_skew %g s): check NTP on both nodes; heartbeats stay "
+                        "valid, their freshness is proven by the echo", offset, limit)
+        else:
+            log.info("the peer's wall clock agrees with ours again (%+.3f s)", offset)
 
     def _on_health(self, healthy: bool, check: str, result: ProbeResult) -> None:
         detail = f"{check}: {result.detail}" if check else result.detail
@@ -467,8 +503,9 @@ class Daemon:
                     woke = time.monotonic()
                     # Loop lag seen by a timer that runs on every node, also on one that
                     # answers heartbeats and so seldom fires its election timer.
-                    self.metrics.hot.lateness.observe(max(woke - (now + delay), 0.0))
-                    await self._upkeep(woke)
+                    late = max(woke - (now + delay), 0.0)
+                    self.metrics.hot.lateness.observe(late)
+                    await self._upkeep(woke, late)
                 elif isinstance(op, el.AcquireVips):
                     await self._acquire()
                 else:
@@ -533,23 +570,57 @@ class Daemon:
             due = [self._last_reconcile + RECONCILE_EVERY]
         return max(min(due) - now, 0.0)
 
-    async def _upkeep(self, now: float) -> None:
+    async def _upkeep(self, now: float, late: float) -> None:
         """While holding: renew the lease, re-announce every `refresh`. While not: a
-        standby that finds its VIPs on the interface removes them."""
-        if self._holding:
-            if self.config.vip_lease and now >= self._last_renew + self.renew_period():
-                self._last_renew = now
-                await self.mover.acquire(self.config.vip_lease)
-            refresh = self.config.announce.refresh
-            if refresh and now >= self._last_announce + refresh:
+        standby that finds its VIPs on the interface removes them. ``late``: how late
+        this wake-up is; a stall means another node may have taken over meanwhile."""
+        stalled = late > el.STALL_INTERVALS * self.config.heartbeat.interval
+        if not self._holding:
+            if now >= self._last_reconcile + RECONCILE_EVERY:
+                self._last_reconcile = now
+                if await self.mover.held():
+                    log.warning("found VIPs on %s while not active: removing them",
+                                self.config.interface)
+                    self.metrics.vip_corrections.labels("removed").inc()
+                    await self.mover.release()
+            return
+        lease = self.config.vip_lease
+        if lease and now - self._last_renew >= lifetime_seconds(lease) - LAPSE_MARGIN:
+            await self._lost(f"lease lapsed: last renewal {1000 * (now - self._last_renew):.0f}"
+                             f" ms ago, lease {lease:g} s")
+            return
+        if stalled:
+            missing = set(self.config.vips) - await self.mover.held()
+            if missing:
+                await self._lost(f"{', '.join(map(str, missing))} gone from "
+                                 f"{self.config.interface} after a stall of {late * 1000:.0f} ms")
+                return
+        if lease and now >= self._last_renew + self.renew_period():
+            self._last_renew = now
+            added = await self.mover.acquire(lease)
+            if added:
+                log.warning("VIP %s was missing from %s while ACTIVE (removed by someone "
+                            "else): re-added", ", ".join(map(str, added)),
+                            self.config.interface)
+                self.metrics.vip_corrections.labels("readded").inc(len(added))
+        refresh = self.config.announce.refresh
+        if refresh and now >= self._last_announce + refresh:
+            if stalled:  # the election re-validates first and asks if the peer announced
+                self._last_announce = now + self.config.heartbeat.dead_interval - refresh
+            else:
                 self._last_announce = now
                 self._start_announcer()
-        elif now >= self._last_reconcile + RECONCILE_EVERY:
-            self._last_reconcile = now
-            if await self.mover.held():
-                log.warning("found VIPs on %s while not active: removing them",
-                            self.config.interface)
-                await self.mover.release()
+
+    async def _lost(self, detail: str) -> None:
+        """The VIPs may be gone and another node may hold them: stop renewing (a renewal
+        would add them back) and let the election re-validate with the peer."""
+        self._holding = False
+        if self._announcer is not None:
+            self._announcer.cancel()
+        log.warning("VIPs may be lost (%s): not re-adding them before the election has "
+                    "heard the peer", detail)
+        self.metrics.vip_corrections.labels("lapsed").inc()
+        self._handle(el.VipsLost(detail))
 
     # --- hooks ---------------------------------------------------------------------------
 

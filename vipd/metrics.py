@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from vipd.daemon import Daemon
 
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# readded: a VIP missing on the holder was added again; removed: a VIP found on a node
+# that does not hold was removed; lapsed: the holder's lease ran out while it stalled, so
+# it stepped down to re-validate instead of re-adding.
+VIP_CORRECTIONS = ("readded", "removed", "lapsed")
 FAILOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
 
 
@@ -120,6 +124,7 @@ class Metrics:
     reloads: Counter
     api_requests: Counter
     vip_errors: Counter
+    vip_corrections: Counter
     scrape: Histogram
 
 
@@ -154,12 +159,17 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
                              ["route", "code"], registry=registry),
         vip_errors=Counter("vipd_vip_errors_total", "Failed VIP operations (netlink, "
                            "announce)", registry=registry),
+        vip_corrections=Counter("vipd_vip_corrections_total", "Differences the VIP upkeep "
+                                "found between what this node should hold and what the "
+                                "kernel had, by what it did", ["action"], registry=registry),
         scrape=Histogram("vipd_metrics_scrape_duration_seconds", "Daemon time spent on one "
                          "/metrics request (gauges and rendering)", buckets=FAST_BUCKETS,
                          registry=registry),
     )
     for result in ("ok", "error", "refused"):
         m.reloads.labels(result)
+    for action in VIP_CORRECTIONS:
+        m.vip_corrections.labels(action)
     return m
 
 
@@ -238,6 +248,12 @@ class DaemonCollector(Collector):
         errors.add_metric(["send"], transport.send_errors if transport else 0)
         errors.add_metric(["receive"], transport.receive_errors if transport else 0)
         yield errors
+        offset = GaugeMetricFamily("vipd_peer_clock_offset_seconds", "The peer's wall clock "
+                                   "minus ours, measured through the heartbeat echo (absent "
+                                   "before the first); liveness does not depend on it")
+        if d.session.clock_offset is not None:
+            offset.add_metric([], d.session.clock_offset)
+        yield offset
         match = GaugeMetricFamily("vipd_peer_settings_match", "0 when the peer's pair "
                                   "settings digest differs")
         if e.peer is not None:

@@ -71,12 +71,14 @@ class FakeMover:
                 self._failures[method] = (error, times - 1)
         raise error
 
-    async def acquire(self, lease: float) -> None:
+    async def acquire(self, lease: float) -> set[VipInterface]:
         self._enter("acquire", lease)
         if lease < 0:
             raise ValueError(f"VIP lease must be >= 0, got {lease!r}")
+        added = set(self.vips) - self.addresses
         self.addresses.update(self.vips)
         self.lease = lease
+        return added
 
     async def release(self) -> None:
         self._enter("release")

@@ -21,6 +21,7 @@ OnDatagram = Callable[[bytes, str], None]
 
 IP_FREEBIND = 15  # not in Python 3.11's socket module
 RECV_SIZE = 2048  # more than any heartbeat (protocol.MAX_DATAGRAM); longer ones are cut
+DRAIN_LIMIT = 1024  # more than a socket buffer holds: a flood cannot keep drain() busy
 
 
 class TransportError(VipdError):
@@ -76,6 +77,23 @@ class HeartbeatTransport:
             self.receive_errors += 1
             return
         self._on_datagram(data, addr[0])
+
+    def drain(self) -> None:
+        """Read every queued datagram now. The runtime calls this before a timer decision:
+        after a stall (a paused VM) the peer's heartbeats wait in the socket, and they
+        must be heard before the overdue timer judges the peer silent."""
+        sock = self._sock
+        for _ in range(DRAIN_LIMIT):
+            if sock is None or self._sock is None:
+                return
+            try:
+                data, addr = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.receive_errors += 1
+                continue
+            self._on_datagram(data, addr[0])
 
     def send(self, data: bytes, peers: Iterable[tuple[str, int]]) -> int:
         """Send to each of ``peers`` ((host, port) tuples, made once: this runs for every

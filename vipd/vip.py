@@ -34,10 +34,15 @@ what the namespace tests rely on.
 Renewals: the active node renews the lease every second, and pyroute2's request path
 costs about 0.8 ms of CPU per call (a cold process pays more): at idle that was a
 fifth of vipd's whole CPU use. So once a renewal has gone through the full path with
-the same interface index and lifetime, pyroute2 compiles the same replace requests into
+the same interface index and lifetime, pyroute2 compiles the same requests into
 bytes (`IPBatch`, its request compiler) and later renewals send those bytes on a raw
 netlink socket and check the kernel's acknowledgements: about 10 us. Any failure there
 (interface re-created, address refused) falls back to the full path, which reports it.
+
+Every acquire first sends an exclusive add (NLM_F_EXCL) and only then the replace that
+renews: the kernel answers EEXIST for a VIP that is present, and adds one that is not.
+So a renewal knows, at no extra round trip, that a VIP had gone missing (deleted by
+hand, or by a lapsed lease) and says so: the daemon logs and counts every such repair.
 
 Announcing: one AF_PACKET socket per round, bound to the interface, which also tells
 us the interface's MAC. Gratuitous ARP is a broadcast ARP request with sender IP =
@@ -104,8 +109,10 @@ SEND_TIMEOUT = 1.0
 class VipMover(Protocol):
     """Adds, removes, reports and announces the VIPs of one config on one interface."""
 
-    async def acquire(self, lease: float) -> None:
-        """Add the VIPs, or renew their lifetime to ``lease`` seconds (0 = permanent)."""
+    async def acquire(self, lease: float) -> set[VipInterface]:
+        """Add the VIPs, or renew their lifetime to ``lease`` seconds (0 = permanent).
+        Returns the VIPs that were absent and have been added (a renewal that returns
+        some found them removed by someone else)."""
         ...
 
     async def release(self) -> None:
@@ -267,31 +274,38 @@ class NetlinkMover:
         # (index, lifetime) of the last full acquire that succeeded, and the requests
         # compiled for the fast renewal path once a second one succeeded with the same.
         self._last_full: tuple[int, int] | None = None
-        self._compiled: tuple[int, int, bytes] | None = None
+        self._compiled: tuple[int, int, bytes, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"NetlinkMover({self.ifname!r}, {[str(v) for v in self.vips]})"
 
-    async def acquire(self, lease: float) -> None:
+    async def acquire(self, lease: float) -> set[VipInterface]:
         lifetime = lifetime_seconds(lease)
         compiled = self._compiled
         if compiled is not None and compiled[:2] == (self._ifindex, lifetime):
             try:
-                _send_compiled(compiled[2], len(self.vips))
-                return
+                return self._send_renewal(compiled[2], compiled[3])
             except OSError as exc:  # the full path below reports what is wrong
                 log.debug("fast VIP renewal on %s failed (%s); using the full request",
                           self.ifname, _reason(exc))
                 self._compiled = None
                 self._ifindex = None
+        added: set[VipInterface] = set()
         async with self._netlink("add VIPs") as ipr:
             index = self._ifindex
             if index is None:
                 index = await self._require_index(ipr, "add VIPs")
             failures: list[tuple[VipInterface, Exception]] = []
             for vip in self.vips:
+                request = self._add_request(index, vip, lifetime)
                 try:
-                    await ipr.addr("replace", **self._add_request(index, vip, lifetime))
+                    try:
+                        await ipr.addr("add", **request)
+                        added.add(vip)
+                    except NetlinkError as exc:
+                        if exc.code != errno.EEXIST:
+                            raise
+                        await ipr.addr("replace", **request)  # present: renew it
                 except (NetlinkError, OSError) as exc:
                     failures.append((vip, exc))
             self._ifindex = None if failures else index
@@ -302,9 +316,23 @@ class NetlinkMover:
         # never on a takeover's path, where the few ms it takes would delay announcing.
         if self._last_full == (index, lifetime):
             requests = [self._add_request(index, vip, lifetime) for vip in self.vips]
-            self._compiled = (index, lifetime,
-                              await asyncio.to_thread(_compile_replace, requests))
+            excl, replace = await asyncio.to_thread(_compile_requests, requests)
+            self._compiled = (index, lifetime, excl, replace)
         self._last_full = (index, lifetime)
+        return added
+
+    def _send_renewal(self, excl: bytes, replace: bytes) -> set[VipInterface]:
+        """The compiled exclusive adds (EEXIST: present), then the compiled replaces."""
+        added = set()
+        for vip, error in zip(self.vips, _send_compiled(excl, len(self.vips)), strict=True):
+            if error == 0:
+                added.add(vip)
+            elif error != errno.EEXIST:
+                raise OSError(error, os.strerror(error))
+        for error in _send_compiled(replace, len(self.vips)):
+            if error:
+                raise OSError(error, os.strerror(error))
+        return added
 
     async def release(self) -> None:
         async with self._netlink("remove VIPs") as ipr:
@@ -427,27 +455,32 @@ class NetlinkMover:
             _raise_failures("announce VIPs", self.ifname, failures)
 
 
-def _compile_replace(requests: list[dict[str, Any]]) -> bytes:
-    """The RTM_NEWADDR replace requests for ``requests`` as bytes, by pyroute2's compiler.
+def _compile_requests(requests: list[dict[str, Any]]) -> tuple[bytes, bytes]:
+    """The RTM_NEWADDR exclusive-add and replace requests for ``requests`` as bytes, by
+    pyroute2's compiler. IPBatch runs its own event loop, so this belongs in a worker
+    thread."""
+    compiled = []
+    for command in ("add", "replace"):
+        batch = IPBatch()
+        try:
+            for request in requests:
+                batch.addr(command, **request)
+            compiled.append(bytes(batch.batch))
+        finally:
+            batch.close()
+    return compiled[0], compiled[1]
 
-    IPBatch runs its own event loop, so this belongs in a worker thread."""
-    batch = IPBatch()
-    try:
-        for request in requests:
-            batch.addr("replace", **request)
-        return bytes(batch.batch)
-    finally:
-        batch.close()
 
-
-def _send_compiled(data: bytes, count: int) -> None:
-    """Send ``count`` compiled requests on a raw netlink socket and check every ack.
+def _send_compiled(data: bytes, count: int) -> list[int]:
+    """Send ``count`` compiled requests on a raw netlink socket; the errno of each ack
+    (0 = done), in request order.
 
     rtnetlink handles a request inside the sending call, so the acks are queued by the
-    time send() returns: no waiting. Raises OSError for any refusal or surprise."""
+    time send() returns: no waiting. Raises OSError for any surprise in the replies."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
         sock.send(data)
+        errors = []
         for _ in range(count):
             reply = sock.recv(65536, socket.MSG_DONTWAIT)
             if len(reply) < _NLMSG_ACK.size:
@@ -455,5 +488,5 @@ def _send_compiled(data: bytes, count: int) -> None:
             _, kind, _, _, _, error = _NLMSG_ACK.unpack_from(reply)
             if kind != NLMSG_ERROR:
                 raise OSError(errno.EPROTO, f"netlink reply of type {kind}, expected an ack")
-            if error:
-                raise OSError(-error, os.strerror(-error))
+            errors.append(-error)
+        return errors

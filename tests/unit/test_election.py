@@ -1742,7 +1742,7 @@ def test_an_echo_of_a_heartbeat_from_before_the_stall_does_not_end_the_listening
 
 
 def test_a_small_delay_is_not_a_stall() -> None:
-    e, now = standby_with_active_peer()
+    e, _ = standby_with_active_peer()
     later = due(e) + INTERVAL * 1.5  # late, but under STALL_INTERVALS intervals
     acts = e.handle(Tick(), later)
     assert not only(acts, Warn) and e.timers.listen_until is None

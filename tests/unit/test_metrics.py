@@ -23,11 +23,11 @@ from test_daemon import VIP_SET, VIPS, Node, Pair, eventually, exec_check
 
 import simulations.simnet as simnet
 from simulations import simulate
-from simulations.simnet import Sim, SimNode
+from simulations.simnet import CLUSTER, Sim, SimNode
 from vipd import __version__
 from vipd.core import election as el
 from vipd.core.events import REASON_CODES, reason_code
-from vipd.core.protocol import Advert, Flag, Reject, State
+from vipd.core.protocol import Advert, Flag, Reject, Session, State
 from vipd.metrics import FAST_BUCKETS, HotMetrics, build_metrics
 
 RELOAD_RESULTS = ("ok", "error", "refused")  # every result vipd/daemon.py counts
@@ -351,6 +351,25 @@ def _scripted() -> None:
     sim.run_until(1.0)
     _disguise(a, lambda ad: Advert(ad.state, ad.flags & ~Flag.HEALTHY, ad.term,
                                    ad.priority, ad.effective_priority))
+    sim.run_until(2.0)
+
+    sim, a, b = _sim()  # the holder frozen past its lease: its VIPs lapsed (VipsLost)
+    a.start()
+    b.start()
+    sim.run_until(1.0)
+    a.freeze()
+    sim.run_until(5.0)
+    a.thaw(upkeep_first=True)
+    sim.run_until(6.0)
+
+    sim, a, b = _sim()  # a second live node under a's name
+    a.start()
+    b.start()
+    sim.run_until(1.0)
+    assert a.election is not None
+    twin = Session(cluster=CLUSTER, node="node-a", keys=sim.keys, boot_id=7,
+                   digest=a.cfg.digest)
+    a.deliver(twin.seal(a.election.advert(), sim.clock.now, a.wall_ns(sim.clock.now)))
     sim.run_until(2.0)
 
     sim, a, b = _sim()  # a winning peer that never takes over

@@ -523,7 +523,8 @@ class Election:
         if self._duplicated(now):
             return State.FAULT, self._duplicate_detail, extra
         if self._vips_lost:
-            return State.STANDBY, f"VIPs lost: {self._vips_lost}; re-validating with the peer", extra
+            why = f"VIPs lost: {self._vips_lost}; re-validating with the peer"
+            return State.STANDBY, why, extra
         peer_alive = self.peer_alive(now)
         hb = self.peer.heartbeat if self.peer is not None else None
         if self.handover is not None:
