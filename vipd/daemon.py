@@ -538,8 +538,9 @@ class Daemon:
 
     async def _announce(self, count: int, interval: float) -> None:
         try:
-            await announce_burst(self.mover, count, interval)
-            self.metrics.announcements.inc(count)
+            late_limit = el.STALL_INTERVALS * self.config.heartbeat.interval
+            sent = await announce_burst(self.mover, count, interval, late_limit)
+            self.metrics.announcements.inc(sent)
         except VipError as exc:
             self.metrics.vip_errors.inc()
             log.error("announcing VIPs failed: %s", exc)

@@ -128,21 +128,32 @@ class VipMover(Protocol):
         ...
 
 
-async def announce_burst(mover: VipMover, count: int, interval: float) -> None:
-    """Announce ``count`` times, ``interval`` seconds apart (no sleep after the last).
+async def announce_burst(mover: VipMover, count: int, interval: float,
+                         late_limit: float | None = None) -> int:
+    """Announce ``count`` times, ``interval`` seconds apart (no sleep after the last);
+    returns how many rounds went out.
 
     A single announcement can be lost (a switch still learning the port, a busy
     receiver), so takeovers send a burst, like keepalived's five. A failed round does
     not stop the burst, since the next one may get through; the first error is raised
-    at the end, with a note of how many rounds failed.
+    at the end, with a note of how many rounds failed. A burst that wakes more than
+    ``late_limit`` seconds late stops: the process stalled (a paused VM), another node
+    may hold the VIPs by now, and the election asks for a new burst if we keep them.
     """
     if count < 0 or interval < 0:
         raise ValueError(f"announce burst needs count >= 0 and interval >= 0, "
                          f"got count={count} interval={interval}")
+    loop = asyncio.get_running_loop()
     errors: list[VipError] = []
     for i in range(count):
         if i:
+            due = loop.time() + interval
             await asyncio.sleep(interval)
+            if late_limit is not None and loop.time() - due > late_limit:
+                log.info("announcement burst stopped after %d of %d rounds: woke %.0f ms "
+                         "late", i, count, 1000 * (loop.time() - due))
+                count = i
+                break
         try:
             await mover.announce()
         except VipError as exc:
@@ -151,6 +162,7 @@ async def announce_burst(mover: VipMover, count: int, interval: float) -> None:
         first = errors[0]
         first.add_note(f"{len(errors)} of {count} announcement rounds failed")
         raise first
+    return count
 
 
 def lifetime_seconds(lease: float) -> int:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from vipd.cli import COMMANDS, main
+from vipd.config import parse_duration
 from vipd.keys import generate_key_line, load_keys
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -58,6 +59,17 @@ def test_examples_differ_only_in_node_priority_bind_and_peers() -> None:
     assert hb_a["peers"] == [hb_b["bind"]] and hb_b["peers"] == [hb_a["bind"]]
     assert {k: v for k, v in hb_a.items() if k not in ("bind", "peers")} == \
         {k: v for k, v in hb_b.items() if k not in ("bind", "peers")}
+
+
+@pytest.mark.parametrize("name", ["node-a.yaml", "node-b.yaml"])
+def test_examples_preempt_only_after_a_conservative_delay(name: str) -> None:
+    """With preempt_delay 0 a flapping check moved the VIPs 34 times in 10 s (issue 10):
+    an example that preempts must show a delay long enough to damp that, and say why."""
+    text = (CONFIGS / name).read_text()
+    config = yaml.safe_load(text)
+    assert config["preempt"] is True
+    assert parse_duration(config["preempt_delay"]) >= 30.0
+    assert "flapping" in text
 
 
 def test_relative_key_file_is_found_next_to_the_config(

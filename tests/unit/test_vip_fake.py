@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from ipaddress import IPv4Interface, IPv6Interface
 
 import pytest
@@ -121,6 +122,20 @@ async def test_announce_burst_counts_and_spaces_rounds(monkeypatch):
     assert sleeps == [0.1, 0.1]
     await announce_burst(mover, 0, 0.1)
     assert mover.announcements == 3
+
+
+@pytest.mark.asyncio
+async def test_announce_burst_stops_when_it_wakes_late(monkeypatch):
+    """A process frozen mid-burst (SIGSTOP, a paused VM) must not finish the burst when it
+    resumes: another node may hold the VIPs by then."""
+    async def stalled_sleep(delay: float) -> None:
+        time.sleep(delay + 0.15)  # the whole process stops, the clock runs on
+
+    mover = FakeMover([V4])
+    assert await announce_burst(mover, 3, 0.01, late_limit=1.0) == 3
+    monkeypatch.setattr(asyncio, "sleep", stalled_sleep)
+    assert await announce_burst(mover, 3, 0.01, late_limit=0.1) == 1
+    assert mover.announcements == 4
 
 
 @pytest.mark.asyncio
