@@ -7,15 +7,25 @@ interpreter), fail over when the active is SIGKILLed, announce (gratuitous ARP a
 unsolicited NA need CAP_NET_RAW), and release the VIPs on SIGTERM; `vipd release` (the
 unit's ExecStopPost) works unprivileged too. Their hooks run with no capability at all.
 
-The interpreter lives under /root (mode 0700), which ``nobody`` cannot traverse. Nothing
-outside this test's temp dir is changed: each daemon runs in a private mount namespace
-(made inside the lab namespace's own, so /sys stays that namespace's) where /root is a
-fresh 0755 tmpfs with only the interpreter's top directory bound back in:
+The daemons run the tests' own interpreter path, ``sys.executable`` (a virtualenv's
+``bin/python`` stays a virtualenv's: Python finds its ``pyvenv.cfg`` from that path, not
+from the symlink's target). What that interpreter needs (each hop of its symlinks, its
+prefixes, every ``sys.path`` entry: the venv's site-packages, the base installation,
+the editable install) may sit below a directory ``nobody`` cannot traverse, e.g. /root
+(0700) holding a pyenv interpreter. Nothing outside this test's temp dir is changed:
+each daemon then runs in a private mount namespace (made inside the lab namespace's own,
+so /sys stays that namespace's) where every such directory is a fresh 0755 tmpfs with
+only the entries on those paths bound back in, from a stash of the originals on a
+private tmpfs over TMP/pyenv. For a pyenv interpreter (outermost hidden directories
+first, nested ones the same way):
 
     ip netns exec NS unshare --mount --propagation private -- /bin/sh -c '
-        mount --bind "$2" "$1" && mount -t tmpfs -o mode=0755 tmpfs /root &&
-        mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && exec "$@"
-    ' sh TMP/pyenv /root/.pyenv setpriv --reuid=65534 --regid=65534 --clear-groups
+        mount -t tmpfs -o mode=0700 tmpfs TMP/pyenv &&
+        mkdir TMP/pyenv/0 && mount --bind /root TMP/pyenv/0 &&
+        mount -t tmpfs -o mode=0755 tmpfs /root &&
+        mkdir /root/.pyenv && mount --bind TMP/pyenv/0/.pyenv /root/.pyenv &&
+        exec "$@"
+    ' sh setpriv --reuid=65534 --regid=65534 --clear-groups
         --inh-caps=-all,+net_admin,+net_raw --ambient-caps=-all,+net_admin,+net_raw
         --bounding-set=-all,+net_admin,+net_raw --no-new-privs --
         PYTHON -m vipd.cli run -c TMP/node1.yaml
@@ -29,6 +39,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -58,22 +69,58 @@ NO_CAPS = "0" * 16
 FAILOVER = 5.0
 CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-PYTHON = os.path.realpath(sys.executable)  # the interpreter itself, not a pyenv shim
-HIDDEN = Path("/root")  # 0700: the unprivileged user cannot traverse it
-MOUNTS = ('mount --bind "$2" "$1" && mount -t tmpfs -o mode=0755 tmpfs /root && '
-          'mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && exec "$@"')
+PYTHON = sys.executable  # the path the tests run with (a venv's python, a symlink, stays one)
 
 
 def others_can_traverse(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
 
 
-def interpreter_root() -> Path | None:
-    """The directory under /root that holds the interpreter (None: not under /root)."""
-    real = Path(PYTHON)
-    if not real.is_relative_to(HIDDEN) or others_can_traverse(real.parent):
-        return None
-    return HIDDEN / real.relative_to(HIDDEN).parts[0]
+def interpreter_paths() -> set[Path]:
+    """Every path the interpreter needs: each hop of its symlinks, its prefixes, and
+    sys.path (its site-packages, a virtualenv's and the base installation's)."""
+    paths: set[Path] = set()
+    hop = Path(os.path.abspath(PYTHON))
+    for _ in range(40):  # the kernel's own limit on symlink hops
+        paths.add(hop)
+        if not hop.is_symlink():
+            break
+        hop = Path(os.path.normpath(hop.parent / os.readlink(hop)))
+    paths.add(Path(os.path.realpath(PYTHON)))
+    for entry in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+                  *sys.path):
+        if entry and os.path.isabs(entry) and os.path.exists(entry):
+            paths |= {Path(entry), Path(os.path.realpath(entry))}
+    return paths
+
+
+def hidden_dirs() -> dict[Path, set[str]]:
+    """The directories on those paths that others cannot traverse, each with its entries
+    that lead to them (empty: the interpreter is reachable by USER as it is)."""
+    hidden: dict[Path, set[str]] = {}
+    for path in interpreter_paths():
+        for parent in reversed(path.parents):
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                hidden.setdefault(parent, set()).add(path.relative_to(parent).parts[0])
+    return hidden
+
+
+def mount_script(stash: Path, hidden: dict[Path, set[str]]) -> str:
+    """sh commands that replace each hidden directory (outermost first) with a 0755 tmpfs
+    holding only its needed entries, bound back from a stash of the original on a private
+    tmpfs over ``stash``, then exec "$@"."""
+    q = shlex.quote
+    steps = [f"mount -t tmpfs -o mode=0700 tmpfs {q(str(stash))}"]
+    for i, directory in enumerate(sorted(hidden, key=lambda d: len(d.parts))):
+        saved = stash / str(i)
+        steps += [f"mkdir {q(str(saved))}", f"mount --bind {q(str(directory))} {q(str(saved))}",
+                  f"mount -t tmpfs -o mode=0755 tmpfs {q(str(directory))}"]
+        for name in sorted(hidden[directory]):
+            target = directory / name
+            make = "mkdir" if target.is_dir() else ": >"
+            steps += [f"{make} {q(str(target))}",
+                      f"mount --bind {q(str(saved / name))} {q(str(target))}"]
+    return " && ".join([*steps, 'exec "$@"'])
 
 
 class Setup:
@@ -86,7 +133,7 @@ class Setup:
         self.hooks = workdir / "hooks"
         self.hooks.mkdir()
         self.hooks.chmod(0o777)  # world-writable: the hooks run as the unprivileged user
-        self.pyenv = workdir / "pyenv"  # mount point for the interpreter tree
+        self.pyenv = workdir / "pyenv"  # mount point for the stash of hidden directories
         self.pyenv.mkdir(mode=0o711)
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
@@ -137,12 +184,11 @@ class Setup:
                    "--ambient-caps=-all,+net_admin,+net_raw",
                    "--bounding-set=-all,+net_admin,+net_raw", "--no-new-privs", "--"]
         daemon = [PYTHON, "-m", "vipd.cli", command, "-c", str(config)]
-        hidden = interpreter_root()
-        if hidden is None:
+        hidden = hidden_dirs()
+        if not hidden:
             return [*setpriv, *daemon]
         return ["unshare", "--mount", "--propagation", "private", "--",
-                "/bin/sh", "-c", MOUNTS, "sh", str(self.pyenv), str(hidden),
-                *setpriv, *daemon]
+                "/bin/sh", "-c", mount_script(self.pyenv, hidden), "sh", *setpriv, *daemon]
 
     def release(self, node: str) -> subprocess.CompletedProcess[str]:
         """`vipd release` (the unit's ExecStopPost), unprivileged like the daemon."""
