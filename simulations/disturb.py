@@ -30,7 +30,8 @@ heartbeat timer, disturbs, and keeps watching AFTER s past the end of the distur
   how many gratuitous ARPs for the VIP from node2's MAC reached the client.
 * GARP after resolution: per dual-active episode (`arpwatch.Episode`), from the loser's
   last ARP reply to the winner's first gratuitous ARP after it; None when there was none
-  within the trial. Target: <= GARP_TARGET.
+  within the trial; 0 when the winner's GARP was already the last one (the loser sent
+  none after it). Target: <= GARP_TARGET.
 * longest unanswered: the longest run of unanswered UDP probe requests from the fault
   on; if the client was still unanswered at the end, the run so far, flagged open (a
   client whose neighbour entry points at the loser waits for its ARP to re-resolve).
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from simulations.arpwatch import ArpWatch, Observations
+from simulations.arpwatch import ArpWatch, Episode, Observations
 from vipd.pairlab import VIP4, PairLab
 
 ACTIVE, STANDBY = "node1", "node2"
@@ -168,8 +169,7 @@ def measure(obs: Observations, samples: list[tuple[float, str | None]], w: Windo
     dual = [(t, nxt) for t, nxt, seen in obs.rounds(w.start, w.end) if len(seen) >= 2]
     points = obs.holders(w.start, w.end)
     longest, open_at_end = longest_unanswered(samples, w.fault)
-    delays = [_garp_delay(obs, e.winner, e.resolved_at) for e in
-              obs.dual_episodes(w.start, w.end)]
+    delays = [_garp_delay(obs, e) for e in obs.dual_episodes(w.start, w.end)]
     return {
         "dual_active_ms": _ms(sum(nxt - t for t, nxt in dual)),
         "dual_active_after_ms": _ms(sum(nxt - t for t, nxt in dual if t >= w.ended)),
@@ -207,11 +207,22 @@ def longest_unanswered(samples: list[tuple[float, str | None]], since: float
     return max(longest, samples[-1][0] - run_start), True
 
 
-def _garp_delay(obs: Observations, winner: str | None, resolved_at: float | None
-                ) -> float | None:
+def _garp_delay(obs: Observations, episode: Episode) -> float | None:
+    """From the resolution until the winner's GARP is the last one the client saw: 0 when
+    it already was (the loser sent none after the winner's latest, e.g. a frozen node
+    whose kernel answered ARP until its lease ran out, while clients followed the
+    winner's takeover GARP); None when the winner sent none within the trial."""
+    winner, resolved_at = episode.winner, episode.resolved_at
     if winner is None or resolved_at is None:
         return None
-    return next((t - resolved_at for t, mac in obs.garps if mac == winner and t > resolved_at),
+    since = [(t, mac) for t, mac in obs.garps if t >= episode.start]
+    loser_last = max((t for t, mac in since if mac != winner), default=None)
+    winner_before = max((t for t, mac in obs.garps if mac == winner and t <= resolved_at),
+                        default=None)
+    if winner_before is not None and (loser_last is None or loser_last < winner_before):
+        return 0.0
+    after = max(resolved_at, loser_last if loser_last is not None else resolved_at)
+    return next((t - resolved_at for t, mac in obs.garps if mac == winner and t > after),
                 None)
 
 

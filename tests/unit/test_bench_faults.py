@@ -84,6 +84,19 @@ def test_the_winners_garp_is_timed_from_the_losers_last_reply() -> None:
     assert detail["garps_after_fault"] == {"node1": 2, "node2": 1}
 
 
+def test_no_garp_is_owed_when_the_winners_was_already_the_last() -> None:
+    """A frozen node's kernel answers ARP until its lease runs out, but it announced
+    nothing: the client follows the winner's takeover GARP all along."""
+    obs = _obs([(0.00, {M1}), (0.01, {M1, M2}), (0.02, {M1, M2}), (0.03, {M2})],
+               garps=[(0.011, M2), (0.111, M2)])
+    detail = disturb.measure(obs, [], disturb.Window(0.0, 0.0, 0.0, 0.05), MACS)
+    assert detail["garp_after_resolution_ms"] == [0.0]
+    obs.garps.append((0.025, M1))  # ... unless the loser announced after the winner
+    obs.garps.sort()
+    detail = disturb.measure(obs, [], disturb.Window(0.0, 0.0, 0.0, 0.2), MACS)
+    assert detail["garp_after_resolution_ms"] == [pytest.approx(90.0, abs=1)]
+
+
 def test_an_episode_still_open_at_the_end_has_no_winner() -> None:
     obs = _obs([(0.00, {M1}), (0.01, {M1, M2})])
     (episode,) = obs.dual_episodes(0.0, 0.02)
