@@ -51,3 +51,61 @@ def test_report_has_the_promised_fields() -> None:
     assert set(report["false_failovers_per_hour"]) == {"0.01", "0.05", "0.2"}
     assert report["failover_ms"]["crash"]["n"] == 2
     assert report["heartbeat"]["dead_interval_ms"] == pytest.approx(320.0)
+
+
+def _kind_seeds(kind: str, count: int, start: int = 0) -> list[int]:
+    """Seeds whose scenario is `kind` (the kind is the seed modulo the number of kinds)."""
+    n = len(simulate.KINDS)
+    first = start - start % n + simulate.KINDS.index(kind)
+    return [first + n * i for i in range(count)]
+
+
+def _violations(seeds: list[int]) -> list[str]:
+    return [v for seed in seeds
+            for v in simulate.scenario(seed, DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER).violations]
+
+
+def test_the_checker_catches_a_standby_that_judges_its_peer_by_its_own_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the stall rule, a standby frozen for longer than its socket buffer holds
+    (the newest heartbeats dropped, the queued ones stale) takes over on waking."""
+    from vipd.core import election
+
+    seeds = _kind_seeds("freeze_standby", 40)
+    assert _violations(seeds) == []
+    monkeypatch.setattr(election.Election, "_check_stall", lambda self, now: [])
+    assert any("took over" in v and "freeze although" in v for v in _violations(seeds))
+
+
+def test_the_checker_catches_a_holder_that_does_not_announce_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the re-announcement, after partitions and freezes the loser's gratuitous
+    ARP is sometimes the last one clients saw."""
+    from vipd.core import election
+
+    seeds = [s for kind in ("partition", "oneway", "freeze_active")
+             for s in _kind_seeds(kind, 40, start=1_000_000)]
+    assert _violations(seeds) == []
+    monkeypatch.setattr(election.Election, "_reannounce", lambda self, extra, now: "")
+    assert any("announced them last" in v for v in _violations(seeds))
+
+
+def test_the_checker_catches_liveness_that_depends_on_wall_clocks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule before issue 10: every datagram within max_skew of the receiver's wall
+    clock. A clock step on one node then drops every heartbeat and moves the VIPs."""
+    from vipd.core import protocol
+
+    seeds = _kind_seeds("clock_step", 20)
+    assert _violations(seeds) == []
+    fresh_open = protocol.Session.open
+
+    def wall_clock_open(self: protocol.Session, data: bytes, now: float, wall_ns: int,
+                        source: object = None) -> protocol.Received:
+        hb = protocol.decode(data, self.keys)
+        if hb.node != self.node and abs(hb.send_time_ns - wall_ns) > 1e9:
+            raise protocol.Rejected(protocol.Reject.STALE, "the old wall-clock rule")
+        return fresh_open(self, data, now, wall_ns, source)
+
+    monkeypatch.setattr(protocol.Session, "open", wall_clock_open)
+    assert any("dropped as stale" in v for v in _violations(seeds))
