@@ -114,6 +114,7 @@ class Daemon:
         self._ready_sent = False
         self._last_timer_fire = time.monotonic()
         self._last_renew = self._last_announce = self._last_reconcile = time.monotonic()
+        self._quiet_until = 0.0  # after a stall the upkeep waits for the election
         self._announcer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hooks: set[asyncio.Task[None]] = set()
@@ -161,7 +162,7 @@ class Daemon:
         except VipError as exc:
             log.error("cannot remove stale VIPs: %s", exc)
         self.transport = await HeartbeatTransport.open(self.config.heartbeat.bind,
-                                                       self._on_datagram)
+                                                       self._on_datagrams)
         try:
             self._api_runner = await start_api(self)
             self._metrics_runner = await serve_metrics(self, self.collector)
@@ -388,19 +389,30 @@ class Daemon:
             self.transport.drain()  # after a stall the peer's heartbeats are heard first
         self._handle(el.Tick())
 
-    def _on_datagram(self, data: bytes, source: str) -> None:
+    def _on_datagrams(self, batch: list[tuple[bytes, str]]) -> None:
+        """Authenticate the whole batch, then let the election act on each in order: a
+        heartbeat sent in reaction to the first already echoes the newest. (After a
+        stall the peer then sees at once that we hear it again.)"""
         assert self._loop is not None
+        now, wall_ns = self._loop.time(), time.time_ns()
+        events = [event for data, source in batch
+                  if (event := self._open(data, source, now, wall_ns)) is not None]
+        for event in events:
+            self._handle(event)
+
+    def _open(self, data: bytes, source: str, now: float,
+              wall_ns: int) -> el.HeartbeatReceived | el.DuplicateNode | None:
         try:
-            rx = self.session.open(data, self._loop.time(), time.time_ns(), source)
+            rx = self.session.open(data, now, wall_ns, source)
         except Rejected as exc:
             rejected = self.metrics.hot.rejected
             count = rejected[exc.reason.value] + 1
             rejected[exc.reason.value] = count
             if exc.reason is Reject.DUPLICATE_NODE:
-                self._on_duplicate_node(source, count)
-            elif count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
+                return self._duplicate_node(source, count)
+            if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
                 log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
-            return
+            return None
         hot = self.metrics.hot
         hot.received += 1
         if rx.rtt is not None:
@@ -408,9 +420,9 @@ class Daemon:
             hot.rtt.observe(rx.rtt)
         if rx.clock_offset is not None:
             self._watch_clock_offset(rx.clock_offset)
-        self._handle(el.HeartbeatReceived(rx))
+        return el.HeartbeatReceived(rx)
 
-    def _on_duplicate_node(self, source: str, count: int) -> None:
+    def _duplicate_node(self, source: str, count: int) -> el.DuplicateNode:
         """Another live node sends heartbeats under our name: a configuration error that
         would otherwise leave both nodes ACTIVE. The election goes FAULT while it lasts."""
         node, bind = self.config.node, self.config.heartbeat.bind
@@ -419,7 +431,7 @@ class Daemon:
         if count & (count - 1) == 0:
             log.error("%s; FAULT and no VIPs here while it is heard (%d heartbeats so far)",
                       detail, count)
-        self._handle(el.DuplicateNode(detail))
+        return el.DuplicateNode(detail)
 
     def _watch_clock_offset(self, offset: float) -> None:
         """The wall clocks may disagree (heartbeats stay fresh by the echo); say so once
@@ -524,6 +536,7 @@ class Daemon:
         await self.mover.acquire(self.config.vip_lease)
         self._holding = True
         self._last_renew = self._last_announce = time.monotonic()
+        self._quiet_until = 0.0
         if self._took_over_at is not None:
             self.metrics.acquisition.observe(self.loop_time() - self._took_over_at)
         log.info("VIPs added on %s in %.1f ms: %s", self.config.interface,
@@ -569,7 +582,7 @@ class Daemon:
                 return None
         else:
             due = [self._last_reconcile + RECONCILE_EVERY]
-        return max(min(due) - now, 0.0)
+        return max(max(min(due), self._quiet_until) - now, 0.0)
 
     async def _upkeep(self, now: float, late: float) -> None:
         """While holding: renew the lease, re-announce every `refresh`. While not: a
@@ -591,11 +604,18 @@ class Daemon:
                              f" ms ago, lease {lease:g} s")
             return
         if stalled:
-            missing = set(self.config.vips) - await self.mover.held()
-            if missing:
-                await self._lost(f"{', '.join(map(str, missing))} gone from "
-                                 f"{self.config.interface} after a stall of {late * 1000:.0f} ms")
-                return
+            # The peer may hold the VIPs by now: leave the election one dead interval to
+            # hear it (and release) before renewing, which would re-add a VIP that is
+            # gone. The lease has that long left (it did not lapse, and it outlives the
+            # dead interval by the config's own rule); a refresh waits as well.
+            wait = self.config.heartbeat.dead_interval
+            if lease:
+                left = self._last_renew + lifetime_seconds(lease) - LAPSE_MARGIN - now
+                wait = min(wait, left / 2)
+            self._quiet_until = now + wait
+            return
+        if now < self._quiet_until:
+            return
         if lease and now >= self._last_renew + self.renew_period():
             self._last_renew = now
             added = await self.mover.acquire(lease)
@@ -606,11 +626,8 @@ class Daemon:
                 self.metrics.vip_corrections.labels("readded").inc(len(added))
         refresh = self.config.announce.refresh
         if refresh and now >= self._last_announce + refresh:
-            if stalled:  # the election re-validates first and asks if the peer announced
-                self._last_announce = now + self.config.heartbeat.dead_interval - refresh
-            else:
-                self._last_announce = now
-                self._start_announcer()
+            self._last_announce = now
+            self._start_announcer()
 
     async def _lost(self, detail: str) -> None:
         """The VIPs may be gone and another node may hold them: stop renewing (a renewal

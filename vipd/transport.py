@@ -17,7 +17,7 @@ from vipd.errors import VipdError
 
 log = logging.getLogger(__name__)
 
-OnDatagram = Callable[[bytes, str], None]
+OnDatagrams = Callable[[list[tuple[bytes, str]]], None]
 
 IP_FREEBIND = 15  # not in Python 3.11's socket module
 RECV_SIZE = 2048  # more than any heartbeat (protocol.MAX_DATAGRAM); longer ones are cut
@@ -38,17 +38,17 @@ class HeartbeatTransport:
     dropped and counted, like a datagram lost on the wire.
     """
 
-    def __init__(self, sock: socket.socket, on_datagram: OnDatagram,
+    def __init__(self, sock: socket.socket, on_datagrams: OnDatagrams,
                  loop: asyncio.AbstractEventLoop) -> None:
         self._sock: socket.socket | None = sock
-        self._on_datagram = on_datagram
+        self._on_datagrams = on_datagrams
         self._loop = loop
         self.send_errors = 0
         self.receive_errors = 0
         loop.add_reader(sock.fileno(), self._read_ready)
 
     @classmethod
-    async def open(cls, bind: Endpoint, on_datagram: OnDatagram) -> HeartbeatTransport:
+    async def open(cls, bind: Endpoint, on_datagrams: OnDatagrams) -> HeartbeatTransport:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if bind.host.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -60,40 +60,33 @@ class HeartbeatTransport:
             raise TransportError(f"cannot bind the heartbeat socket to {bind}: "
                                  f"{exc.strerror or exc}") from exc
         sock.setblocking(False)
-        return cls(sock, on_datagram, loop)
+        return cls(sock, on_datagrams, loop)
 
     def _read_ready(self) -> None:
-        """One datagram per wakeup, as asyncio's own transport does: the selector is
-        level-triggered, so more queued ones come next round, between the timers."""
-        if self._sock is None:
-            return
-        try:
-            data, addr = self._sock.recvfrom(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            # An ICMP error queued on the socket (peer port unreachable while it
-            # restarts) surfaces here; counted, never fatal.
-            self.receive_errors += 1
-            return
-        self._on_datagram(data, addr[0])
+        self.drain()
 
     def drain(self) -> None:
-        """Read every queued datagram now. The runtime calls this before a timer decision:
-        after a stall (a paused VM) the peer's heartbeats wait in the socket, and they
-        must be heard before the overdue timer judges the peer silent."""
+        """Read every queued datagram and hand them over as one batch, in order.
+
+        Usually that is one datagram (then one more recvfrom says the queue is empty).
+        After a stall (a paused VM) the peer's heartbeats of the pause wait in the
+        socket: the batch lets the runtime authenticate them all before the election
+        acts on the first, and the runtime drains before a timer decision too."""
         sock = self._sock
-        for _ in range(DRAIN_LIMIT):
-            if sock is None or self._sock is None:
-                return
+        batch: list[tuple[bytes, str]] = []
+        while sock is not None and len(batch) < DRAIN_LIMIT:
             try:
                 data, addr = sock.recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
+                # An ICMP error queued on the socket (peer port unreachable while it
+                # restarts) surfaces here; counted, never fatal.
                 self.receive_errors += 1
                 continue
-            self._on_datagram(data, addr[0])
+            batch.append((data, addr[0]))
+        if batch:
+            self._on_datagrams(batch)
 
     def send(self, data: bytes, peers: Iterable[tuple[str, int]]) -> int:
         """Send to each of ``peers`` ((host, port) tuples, made once: this runs for every
