@@ -152,8 +152,7 @@ class SimNode:
         self.frozen = False
         self.lease_gen += 1
         backlog, self.backlog = self.backlog, []
-        for data in backlog:
-            self.deliver(data)
+        self.deliver_batch(backlog)
         if upkeep_first:
             self.upkeep()
         if self.timer_due:
@@ -235,9 +234,8 @@ class SimNode:
                 self.results.append(action)
             case el.Warn(message=message):
                 self.warnings.append(message)
-            case el.Announce(reason=reason):
-                if reason != "takeover":  # the takeover burst follows the acquire
-                    self.announce()
+            case el.Announce():
+                self.announce()
             case el.RunHook():
                 pass
 
@@ -248,20 +246,36 @@ class SimNode:
             if len(self.backlog) < SOCKET_BACKLOG:
                 self.backlog.append(data)
             return
+        event = self._open(data, attack)
+        if event is None:
+            return
+        before = self.election.state
+        self.handle(event)
+        if attack is not None and self.election is not None and self.election.state != before:
+            self.sim.checker.violation(f"{attack.kind} datagram changed {self.name}'s state")
+
+    def deliver_batch(self, batch: list[bytes]) -> None:
+        """Queued datagrams as the daemon reads them: all authenticated first, then the
+        election acts on each in order."""
+        if not self.up or self.session is None or self.election is None:
+            return
+        events = [event for data in batch if (event := self._open(data, None)) is not None]
+        for event in events:
+            self.handle(event)
+
+    def _open(self, data: bytes, attack: Attack | None
+              ) -> el.HeartbeatReceived | el.DuplicateNode | None:
+        assert self.session is not None
         now = self.sim.clock.now
         try:
             rx = self.session.open(data, now, self.wall_ns(now))
         except Rejected as exc:
             self.rejects[exc.reason.value] += 1
             if exc.reason is Reject.DUPLICATE_NODE:  # as the daemon does
-                self.handle(el.DuplicateNode(f"duplicate node name {self.name!r}: "
-                                             f"{exc.detail}"))
-            return
+                return el.DuplicateNode(f"duplicate node name {self.name!r}: {exc.detail}")
+            return None
         self.sim.checker.on_accept(self, rx, data, attack, now)
-        before = self.election.state
-        self.handle(el.HeartbeatReceived(rx))
-        if attack is not None and self.election is not None and self.election.state != before:
-            self.sim.checker.violation(f"{attack.kind} datagram changed {self.name}'s state")
+        return el.HeartbeatReceived(rx)
 
 
 class Sim:

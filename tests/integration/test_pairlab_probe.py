@@ -53,6 +53,10 @@ def test_probe_records_replies_that_arrive_after_sigterm_within_the_window(
     out = tmp_path / "probe.jsonl"
     probe = lab.client.spawn(sys.executable, "-m", "vipd.pairlab", "probe", "198.51.100.1",
                              "0.005", str(out))
+    ready = Path(f"{out}.ready")  # the probe's first request is out (its import is slow
+    deadline = time.monotonic() + 15  # on a loaded machine)
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(1.0)
     probe.send_signal(signal.SIGTERM)
     assert probe.wait(5) == 0
