@@ -41,6 +41,7 @@ from pydantic import (
 from pydantic_core import core_schema
 
 from vipd.core.election import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL
+from vipd.core.events import Hook
 from vipd.errors import ConfigError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/vipd")
@@ -370,6 +371,16 @@ class HooksConfig(_Model):
     on_standby: Argv = Field(default_factory=list)
     on_fault: Argv = Field(default_factory=list)
     timeout: PositiveDuration = 10.0
+
+    def argv(self, hook: Hook) -> list[str]:
+        """The command configured for ``hook`` (empty: none)."""
+        match hook:
+            case Hook.ON_ACTIVE:
+                return list(self.on_active)
+            case Hook.ON_STANDBY:
+                return list(self.on_standby)
+            case Hook.ON_FAULT:
+                return list(self.on_fault)
 
 
 class Config(_Model):

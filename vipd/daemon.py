@@ -26,7 +26,7 @@ from vipd.api import Api
 from vipd.config import Config, load_config
 from vipd.control import start_api
 from vipd.core import election as el
-from vipd.core.events import UNPLANNED_TAKEOVERS, reason_code
+from vipd.core.events import UNPLANNED_TAKEOVERS
 from vipd.core.protocol import KeyRing, Reject, Rejected, Session, State, settings_digest
 from vipd.errors import VipdError, VipError
 from vipd.health import CheckSpec, HealthMonitor, ProbeResult
@@ -458,13 +458,12 @@ class Daemon:
                 assert self.transport is not None
                 data = self.session.seal(advert, now, time.time_ns())
                 self.metrics.hot.sent += self.transport.send(data, self._peer_addresses)
-            case el.Transition(old=old, new=new, reason=reason, term=term):
+            case el.Transition(old=old, new=new, why=why, reason=reason, term=term):
                 self._log_transition(old, new, reason, term, now)
-                self.notifier.notify(STATUS=f"{new.name} term {term} ({reason or old.name})")
-                code = reason_code(reason)
-                self.metrics.transitions.labels(old.name, new.name, code).inc()
+                self.notifier.notify(STATUS=f"{new.name} term {term} ({reason})")
+                self.metrics.transitions.labels(old.name, new.name, why.value).inc()
                 peer = self.election.peer
-                if new is State.ACTIVE and peer is not None and code in UNPLANNED_TAKEOVERS:
+                if new is State.ACTIVE and peer is not None and why in UNPLANNED_TAKEOVERS:
                     self.metrics.detection.observe(max(now - peer.received_at, 0.0))
                 self.state_file.save(term=term, maintenance=self.election.maintenance)
             case el.AcquireVips():
@@ -473,9 +472,8 @@ class Daemon:
             case el.ReleaseVips():
                 self._vip_queue.put_nowait(action)
             case el.Announce(reason=reason):
-                if action.reason != "takeover":  # the takeover burst follows the acquire
-                    log.info("re-announcing VIPs: %s", reason)
-                    self._start_announcer()
+                log.info("re-announcing VIPs: %s", reason)
+                self._start_announcer()
             case el.RunHook():
                 hook = self._spawn(self._run_hook(action), f"hook {action.hook}")
                 self._hooks.add(hook)
@@ -493,7 +491,7 @@ class Daemon:
         peer = self.election.peer
         if new is State.ACTIVE and peer is not None:
             detail = f", peer last heard {1000 * (now - peer.received_at):.0f} ms ago"
-        log.info("%s -> %s (%s), term %d%s", old.name, new.name, reason or "-", term, detail)
+        log.info("%s -> %s (%s), term %d%s", old.name, new.name, reason, term, detail)
 
     # --- VIPs ----------------------------------------------------------------------------
 
@@ -643,7 +641,7 @@ class Daemon:
     # --- hooks ---------------------------------------------------------------------------
 
     async def _run_hook(self, hook: el.RunHook) -> None:
-        argv = list(getattr(self.config.hooks, hook.hook))
+        argv = self.config.hooks.argv(hook.hook)
         if not argv:
             return
         env = {**os.environ, "VIPD_STATE": hook.state.name, "VIPD_TERM": str(hook.term),

@@ -40,7 +40,7 @@ from vipd.core.election import (
     VipFailed,
     Warn,
 )
-from vipd.core.events import UNPLANNED_TAKEOVERS, DuplicateNode, VipsLost, reason_code
+from vipd.core.events import UNPLANNED_TAKEOVERS, DuplicateNode, Effect, Hook, VipsLost, Why
 from vipd.core.protocol import Advert, Flag, Heartbeat, KeyRing, Received, Session, State
 
 S, F, K = State, Flag, CommandKind
@@ -249,7 +249,7 @@ def test_scenarios_cover_every_reachable_transition() -> None:
     assert not set(SCENARIOS) & UNREACHABLE
 
 
-_EFFECT_TYPES = {"acquire": AcquireVips, "release": ReleaseVips, "announce": Announce}
+_EFFECT_TYPES = {Effect.ACQUIRE: AcquireVips, Effect.RELEASE: ReleaseVips}
 
 
 @pytest.mark.parametrize("edge", list(SCENARIOS), ids=lambda k: f"{k[0].name}->{k[1].name}")
@@ -264,23 +264,23 @@ def test_transition_side_effects_follow_the_table(edge: tuple[State, State]) -> 
     effects = TRANSITIONS[edge]
     # The non-heartbeat effects, in table order, follow the Transition.
     expected: list[tuple[type, Any]] = []
-    for name in effects:
-        if name in _EFFECT_TYPES:
-            expected.append((_EFFECT_TYPES[name], None))
-        elif name != "heartbeat":
-            expected.append((RunHook, name))
+    for effect in effects:
+        if isinstance(effect, Hook):
+            expected.append((RunHook, effect))
+        elif effect is not Effect.HEARTBEAT:
+            expected.append((_EFFECT_TYPES[effect], None))
     got = [(type(a), a.hook if isinstance(a, RunHook) else None) for a in actions[1:]
            if not isinstance(a, SendHeartbeat | CommandResult)]
     assert got == expected
     for hook in only(actions, RunHook):
         assert (hook.state, hook.term) == (new, e.term)
     sends = adverts(actions)
-    if "heartbeat" in effects:
+    if Effect.HEARTBEAT in effects:
         assert len(sends) == 1
         assert sends[0].state is new
     else:
         assert sends == []
-    if "release" in effects:
+    if Effect.RELEASE in effects:
         kinds = [type(a) for a in actions]
         assert kinds.index(ReleaseVips) < kinds.index(SendHeartbeat)
 
@@ -296,7 +296,8 @@ def test_init_only_leaves_via_start() -> None:
 
 
 def test_takeover_actions_exact_order() -> None:
-    """Takeover: Transition, AcquireVips, Announce, on_active hook, SendHeartbeat (ACTIVE).
+    """Takeover: Transition, AcquireVips (whose executor announces), on_active hook,
+    SendHeartbeat (ACTIVE).
 
     A step ends with its one heartbeat, carrying the step's final state (see TRANSITIONS);
     the runtime starts hooks as background tasks, so they never delay it.
@@ -306,16 +307,16 @@ def test_takeover_actions_exact_order() -> None:
     e.handle(HealthChanged(True), T0)
     now = T0 + 0.05
     actions = e.handle(peer(now, S.ACTIVE, F.HEALTHY | F.RESIGNING, term=7), now)
-    assert [type(a) for a in actions] == [Transition, AcquireVips, Announce, RunHook,
-                                          SendHeartbeat]
-    tr, acq, _, hook, send = actions
+    assert [type(a) for a in actions] == [Transition, AcquireVips, RunHook, SendHeartbeat]
+    tr, acq, hook, send = actions
     assert isinstance(tr, Transition) and isinstance(acq, AcquireVips)
     assert isinstance(send, SendHeartbeat) and isinstance(hook, RunHook)
     assert (tr.old, tr.new, tr.term) == (S.STANDBY, S.ACTIVE, 8)
     assert tr.reason == "peer b hands over"
     assert acq.term == 8
     assert (send.advert.state, send.advert.term) == (S.ACTIVE, 8)
-    assert (hook.hook, hook.state, hook.term) == ("on_active", S.ACTIVE, 8)
+    assert (hook.hook, hook.state, hook.term) == (Hook.ON_ACTIVE, S.ACTIVE, 8)
+    assert tr.why is Why.PEER_HANDOVER
 
 
 @pytest.mark.parametrize(
@@ -364,7 +365,7 @@ def test_start_enters_standby_and_sends() -> None:
     e = Election(cfg())
     assert e.next_deadline() is None
     actions = e.handle(Start(), T0)
-    assert actions == [Transition(S.INIT, S.STANDBY, "started", 0),
+    assert actions == [Transition(S.INIT, S.STANDBY, Why.START, "started", 0),
                        SendHeartbeat(Advert(S.STANDBY, F.PREEMPT | F.HEALTH_PENDING, 0,
                                             100, 100))]
 
@@ -446,7 +447,8 @@ def test_unknown_health_never_takes_over() -> None:
 def test_health_false_from_standby() -> None:
     e = started()
     actions = e.handle(HealthChanged(False, "probe web: 503"), T0 + 0.1)
-    assert actions[0] == Transition(S.STANDBY, S.FAULT, "health check failing: probe web: 503",
+    assert actions[0] == Transition(S.STANDBY, S.FAULT, Why.HEALTH,
+                                    "health check failing: probe web: 503",
                                     0)
     assert only(actions, RunHook) == [RunHook("on_fault", S.FAULT, 0)]
     assert adverts(actions)[0].flags == F.PREEMPT
@@ -455,7 +457,8 @@ def test_health_false_from_standby() -> None:
 def test_health_false_from_active_releases_then_fault_hook() -> None:
     e, now = active()
     actions = e.handle(HealthChanged(False, "probe web: 503"), now + 0.1)
-    assert actions[0] == Transition(S.ACTIVE, S.FAULT, "health check failing: probe web: 503",
+    assert actions[0] == Transition(S.ACTIVE, S.FAULT, Why.HEALTH,
+                                    "health check failing: probe web: 503",
                                     1)
     assert actions[1] == ReleaseVips()
     assert only(actions, RunHook) == [RunHook("on_fault", S.FAULT, 1)]
@@ -658,7 +661,8 @@ def test_active_grants_want_active_with_make_before_break() -> None:
     assert sent.state is S.ACTIVE
     now += 0.01
     actions = e.handle(peer(now, S.ACTIVE, F.HEALTHY, term=2, priority=150), now)
-    assert actions[:2] == [Transition(S.ACTIVE, S.STANDBY, "handed over to b (term 2)", 1),
+    assert actions[:2] == [Transition(S.ACTIVE, S.STANDBY, Why.HANDED_OVER,
+                                      "handed over to b (term 2)", 1),
                            ReleaseVips()]
     assert only(actions, RunHook) == [RunHook("on_standby", S.STANDBY, 1)]
     assert F.RESIGNING not in e.advert().flags
@@ -747,7 +751,8 @@ def test_leaving_handover_times_out_and_releases(event: Event, target: State,
     assert transitions(advance(e, now + DEAD - EPS)) == []
     assert e.next_deadline() == now + DEAD
     actions = e.handle(Tick(), now + DEAD)
-    assert actions[:2] == [Transition(S.ACTIVE, target, "handover timed out, releasing anyway",
+    assert actions[:2] == [Transition(S.ACTIVE, target, Why.HANDOVER_TIMEOUT,
+                                      "handover timed out, releasing anyway",
                                       1), ReleaseVips()]
     assert only(actions, RunHook) == [RunHook(hook, target, 1)]
 
@@ -768,7 +773,8 @@ def test_handover_completes_when_peer_active_with_higher_term(event: Event,
     assert e.state is S.ACTIVE
     now += 0.01
     actions = e.handle(peer(now, S.ACTIVE, F.HEALTHY, term=2), now)
-    assert actions[:2] == [Transition(S.ACTIVE, target, "handed over to b (term 2)", 1),
+    assert actions[:2] == [Transition(S.ACTIVE, target, Why.HANDED_OVER,
+                                      "handed over to b (term 2)", 1),
                            ReleaseVips()]
 
 
@@ -890,7 +896,8 @@ def test_forced_promote_overrides_failing_health_until_checks_recover() -> None:
     assert transitions(e.handle(HealthChanged(True), T0 + 0.2)) == []
     assert not e.health_override
     actions = e.handle(HealthChanged(False, "probe web: 500"), T0 + 0.3)
-    assert actions[:2] == [Transition(S.ACTIVE, S.FAULT, "health check failing: probe web: 500",
+    assert actions[:2] == [Transition(S.ACTIVE, S.FAULT, Why.HEALTH,
+                                      "health check failing: probe web: 500",
                                       1), ReleaseVips()]
 
 
@@ -986,7 +993,7 @@ def test_maintenance_on_standby() -> None:
     e = started()
     actions = e.handle(Command(K.MAINTENANCE_ON), T0 + 0.1)
     assert actions[0] == CommandResult(K.MAINTENANCE_ON, True, "maintenance on")
-    assert actions[1] == Transition(S.STANDBY, S.MAINTENANCE, "maintenance on", 0)
+    assert actions[1] == Transition(S.STANDBY, S.MAINTENANCE, Why.MAINTENANCE, "maintenance on", 0)
     assert transitions(advance(e, T0 + 3)) == []
 
 
@@ -1004,7 +1011,8 @@ def test_maintenance_on_active_without_peer_releases_at_once() -> None:
     e, now = active()
     actions = e.handle(Command(K.MAINTENANCE_ON), now + 0.1)
     assert actions[1:3] == [
-        Transition(S.ACTIVE, S.MAINTENANCE, "maintenance and no eligible peer to hand over to",
+        Transition(S.ACTIVE, S.MAINTENANCE, Why.MAINTENANCE,
+                   "maintenance and no eligible peer to hand over to",
                    1),
         ReleaseVips(),
     ]
@@ -1016,7 +1024,8 @@ def test_maintenance_off() -> None:
     e.handle(HealthChanged(True), T0)
     actions = e.handle(Command(K.MAINTENANCE_OFF), T0 + 0.1)
     assert actions[:2] == [CommandResult(K.MAINTENANCE_OFF, True, "maintenance off"),
-                           Transition(S.MAINTENANCE, S.STANDBY, "maintenance off", 0)]
+                           Transition(S.MAINTENANCE, S.STANDBY, Why.RECOVERED,
+                                      "maintenance off", 0)]
     assert only(actions, RunHook) == [RunHook("on_standby", S.STANDBY, 0)]
 
 
@@ -1100,7 +1109,8 @@ def test_active_peer_that_does_not_hear_us_wins_after_one_dead_interval() -> Non
     assert transitions(e.handle(Tick(), first + DEAD - EPS)) == []
     actions = e.handle(Tick(), first + DEAD)
     assert actions[:2] == [
-        Transition(S.ACTIVE, S.STANDBY, "peer b is active and has not heard us for 320 ms", 1),
+        Transition(S.ACTIVE, S.STANDBY, Why.ONE_WAY_LINK,
+                   "peer b is active and has not heard us for 320 ms", 1),
         ReleaseVips(),
     ]
     later, _ = feed(e, first + DEAD + INTERVAL / 2, first + 3 * DEAD, S.ACTIVE, term=5,
@@ -1146,7 +1156,7 @@ def test_shutdown_standby_sends_final_burst_then_finishes() -> None:
     now = T0 + 0.1
     advance(e, now)
     actions = e.handle(Shutdown(), now)
-    assert actions == [Transition(S.STANDBY, S.STOPPED, "shutdown", 0),
+    assert actions == [Transition(S.STANDBY, S.STOPPED, Why.SHUTDOWN, "shutdown", 0),
                        SendHeartbeat(Advert(S.STOPPED, F.HEALTHY | F.PREEMPT, 0, 100, 100))]
     assert not e.finished
     second = now + INTERVAL / 8
@@ -1166,7 +1176,8 @@ def test_shutdown_active_hands_over_first() -> None:
     assert e.state is S.ACTIVE and not e.finished
     assert F.RESIGNING in adverts(actions)[0].flags
     actions = e.handle(peer(now + 0.01, S.ACTIVE, F.HEALTHY, term=2), now + 0.01)
-    assert actions[:2] == [Transition(S.ACTIVE, S.STOPPED, "handed over to b (term 2)", 1),
+    assert actions[:2] == [Transition(S.ACTIVE, S.STOPPED, Why.HANDED_OVER,
+                                      "handed over to b (term 2)", 1),
                            ReleaseVips()]
     assert only(actions, RunHook) == [RunHook("on_standby", S.STOPPED, 1)]
     advance(e, now + 1)
@@ -1177,7 +1188,8 @@ def test_shutdown_active_without_peer_releases_at_once() -> None:
     e, now = active()
     actions = e.handle(Shutdown(), now + 0.1)
     assert actions[:2] == [
-        Transition(S.ACTIVE, S.STOPPED, "stopped and no eligible peer to hand over to", 1),
+        Transition(S.ACTIVE, S.STOPPED, Why.SHUTDOWN,
+                   "stopped and no eligible peer to hand over to", 1),
         ReleaseVips(),
     ]
     advance(e, now + 1)
@@ -1281,7 +1293,8 @@ def test_digest_mismatch_still_processes_the_heartbeat() -> None:
 def test_vip_failure_faults_for_vip_retry_then_recovers() -> None:
     e, now = active(vip_retry=1.0)
     actions = e.handle(VipFailed("netlink: EPERM"), now)
-    assert actions[:2] == [Transition(S.ACTIVE, S.FAULT, "VIP operation failed: netlink: EPERM",
+    assert actions[:2] == [Transition(S.ACTIVE, S.FAULT, Why.VIP_ERROR,
+                                      "VIP operation failed: netlink: EPERM",
                                       1), ReleaseVips()]
     assert transitions(advance(e, now + 1.0 - EPS)) == []
     assert e.next_deadline() == now + 1.0
@@ -1318,6 +1331,7 @@ class Pair:
         self.echo: dict[str, float | None] = {"a": None, "b": None}  # peer's send time seen
         self.held = {"a": False, "b": False}
         self.takeovers: list[tuple[float, str, str]] = []
+        self.takeover_whys: list[Why] = []
         self.ever_held = False
         self.gap_allowed = False
 
@@ -1333,6 +1347,7 @@ class Pair:
                 self.held[name] = False
             elif isinstance(a, Transition) and a.new is S.ACTIVE:
                 self.takeovers.append((now, name, a.reason))
+                self.takeover_whys.append(a.why)
         for a in actions:
             if isinstance(a, SendHeartbeat):
                 self._deliver(name, a.advert, now)
@@ -1405,7 +1420,7 @@ def test_winning_over_a_peer_whose_health_is_pending_is_an_election_not_a_failur
     assert p.states() == (S.ACTIVE, S.STANDBY)
     assert [(n, r) for _, n, r in p.takeovers] == [
         ("a", "election: we have priority over the standby peer")]
-    assert reason_code(p.takeovers[0][2]) not in UNPLANNED_TAKEOVERS
+    assert p.takeover_whys == [Why.ELECTION] and Why.ELECTION not in UNPLANNED_TAKEOVERS
 
 
 def test_pair_late_higher_priority_node_preempts_make_before_break() -> None:
@@ -1770,11 +1785,12 @@ def test_vips_lost_steps_down_and_takes_over_again_only_after_hearing_the_peer()
     advance(e, t2)
     acts = e.handle(VipsLost("lease lapsed: last renewal 5012 ms ago"), t2)
     assert acts[:2] == [
-        Transition(S.ACTIVE, S.STANDBY, "VIPs lost: lease lapsed: last renewal 5012 ms ago; "
+        Transition(S.ACTIVE, S.STANDBY, Why.VIP_LOST,
+                   "VIPs lost: lease lapsed: last renewal 5012 ms ago; "
                    "re-validating with the peer", 2),
         ReleaseVips(),
     ]
-    assert reason_code(only(acts, Transition)[0].reason) == "vip_lost"
+    assert only(acts, Transition)[0].why is Why.VIP_LOST
     # The peer's old view (STANDBY, we have priority) is not enough: listen first.
     acts = advance(e, t2 + 0.01)
     acts += e.handle(peer(t2 + 0.01, S.STANDBY, F.HEALTHY, term=1, hears=t), t2 + 0.01)
@@ -1864,8 +1880,8 @@ def test_a_duplicate_node_name_faults_and_releases_until_it_is_gone() -> None:
     e, now = active(term=1)
     detail = "duplicate node name 'a': the node at 198.51.100.2 also uses it"
     acts = e.handle(DuplicateNode(detail), now + 0.01)
-    assert acts[:2] == [Transition(S.ACTIVE, S.FAULT, detail, e.term), ReleaseVips()]
-    assert reason_code(detail) == "duplicate_node"
+    assert acts[:2] == [Transition(S.ACTIVE, S.FAULT, Why.DUPLICATE_NODE,
+                                   detail, e.term), ReleaseVips()]
     refused = e.handle(Command(K.PROMOTE, force=True), now + 0.02)
     assert only(refused, CommandResult)[0].accepted is False
     acts = e.handle(DuplicateNode(detail), now + 0.1)  # still heard: stays FAULT

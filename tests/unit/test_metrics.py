@@ -26,7 +26,7 @@ from simulations import simulate
 from simulations.simnet import CLUSTER, Sim, SimNode
 from vipd import __version__
 from vipd.core import election as el
-from vipd.core.events import REASON_CODES, reason_code
+from vipd.core.events import REASON_CODES
 from vipd.core.protocol import Advert, Flag, Reject, Session, State
 from vipd.metrics import FAST_BUCKETS, HotMetrics, build_metrics
 
@@ -166,7 +166,7 @@ async def test_settled_pair_gauges_and_counters(pair: Pair) -> None:
     took = {code: n for code, n in transitions(a, State.STANDBY, State.ACTIVE).items() if n}
     assert len(took) == 1 and sum(took.values()) == 1.0, took
     (code,) = took
-    assert code in REASON_CODES and code != "other", code
+    assert code in REASON_CODES, code
     assert transitions(a, State.INIT, State.STANDBY) == {"start": 1.0}
     assert transitions(b, State.INIT, State.STANDBY) == {"start": 1.0}
     assert transitions(b, State.STANDBY, State.ACTIVE) == {}
@@ -381,21 +381,22 @@ def _scripted() -> None:
 
 
 @pytest.fixture
-def sim_reasons(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every transition reason any simulated node produces while the fixture is active."""
-    seen: list[str] = []
+def sim_reasons(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[el.Transition]]:
+    """Every transition any simulated node makes while the fixture is active."""
+    seen: list[el.Transition] = []
     original = simnet.Checker.on_transition
 
     def on_transition(self: simnet.Checker, node: SimNode, tr: el.Transition,
                       now: float) -> None:
-        seen.append(tr.reason)
+        seen.append(tr)
         original(self, node, tr, now)
 
     monkeypatch.setattr(simnet.Checker, "on_transition", on_transition)
     yield seen
 
 
-def test_every_transition_reason_maps_to_a_reason_code(sim_reasons: list[str]) -> None:
+def test_every_reason_code_is_reachable(sim_reasons: list[el.Transition]) -> None:
+    """Every code of the transitions metric is produced by some (simulated) situation."""
     seeds = range(5 * len(simulate.KINDS))  # 60: every kind five times
     kinds = set()
     for seed in seeds:
@@ -403,15 +404,11 @@ def test_every_transition_reason_maps_to_a_reason_code(sim_reasons: list[str]) -
         kinds.add(out.kind)
         assert out.violations == [], (seed, out.kind, out.violations)
     assert kinds == set(simulate.KINDS)
-    random_codes = {reason_code(r) for r in sim_reasons}
+    random_codes = {tr.why.value for tr in sim_reasons}
     _scripted()
-    unmapped = sorted({r for r in sim_reasons if reason_code(r) == "other"})
-    assert unmapped == [], f"transition reasons without a reason code: {unmapped}"
-    codes = {reason_code(r) for r in sim_reasons}
-    assert len(codes) >= 12, codes
-    # Every code but "other" is reachable; the random scenarios alone see only some.
-    assert codes == set(REASON_CODES) - {"other"}, (
-        f"never produced: {set(REASON_CODES) - {'other'} - codes}")
+    codes = {tr.why.value for tr in sim_reasons}
+    # Every code is reachable; the random scenarios alone see only some.
+    assert codes == set(REASON_CODES), f"never produced: {set(REASON_CODES) - codes}"
     assert {"start", "election", "peer_dead", "health", "handed_over"} <= random_codes
 
 

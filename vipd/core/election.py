@@ -55,9 +55,11 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     CommandKind,
     CommandResult,
     DuplicateNode,
+    Effect,
     Event,
     HealthChanged,
     HeartbeatReceived,
+    Hook,
     ReleaseVips,
     RunHook,
     SendHeartbeat,
@@ -68,6 +70,7 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     VipFailed,
     VipsLost,
     Warn,
+    Why,
 )
 from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State, flag_of
 
@@ -83,34 +86,37 @@ _WANT_ACTIVE, _SETTLED, _PROMOTE = (int(f) for f in (
 
 
 S = State
+A, R, H = Effect.ACQUIRE, Effect.RELEASE, Effect.HEARTBEAT
 # Side effects of each allowed transition, in order (a Transition action always comes
-# first). A transition missing here is a bug and raises. "heartbeat" does not emit at
+# first). A transition missing here is a bug and raises. HEARTBEAT does not emit at
 # once: it marks the heartbeat due, and every step ends with at most one SendHeartbeat, so
 # the peer always learns the final state of a step (FAULT -> STANDBY -> ACTIVE sends one
-# ACTIVE heartbeat). The runtime starts hooks as background tasks, so they never delay it.
-TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
-    (S.INIT, S.STANDBY): ("heartbeat",),
-    (S.INIT, S.FAULT): ("heartbeat", "on_fault"),
-    (S.INIT, S.MAINTENANCE): ("heartbeat",),
+# ACTIVE heartbeat). ACQUIRE includes the announcement burst. The runtime starts hooks as
+# background tasks, so they never delay it.
+TRANSITIONS: dict[tuple[State, State], tuple[Effect | Hook, ...]] = {
+    (S.INIT, S.STANDBY): (H,),
+    (S.INIT, S.FAULT): (H, Hook.ON_FAULT),
+    (S.INIT, S.MAINTENANCE): (H,),
     (S.INIT, S.STOPPED): (),
-    (S.STANDBY, S.ACTIVE): ("acquire", "announce", "heartbeat", "on_active"),
-    (S.STANDBY, S.FAULT): ("heartbeat", "on_fault"),
-    (S.STANDBY, S.MAINTENANCE): ("heartbeat",),
-    (S.STANDBY, S.STOPPED): ("heartbeat",),
-    (S.ACTIVE, S.STANDBY): ("release", "heartbeat", "on_standby"),
-    (S.ACTIVE, S.FAULT): ("release", "heartbeat", "on_fault"),
-    (S.ACTIVE, S.MAINTENANCE): ("release", "heartbeat", "on_standby"),
-    (S.ACTIVE, S.STOPPED): ("release", "heartbeat", "on_standby"),
-    (S.FAULT, S.STANDBY): ("heartbeat", "on_standby"),
-    (S.FAULT, S.MAINTENANCE): ("heartbeat",),
-    (S.FAULT, S.STOPPED): ("heartbeat",),
-    (S.MAINTENANCE, S.STANDBY): ("heartbeat", "on_standby"),
-    (S.MAINTENANCE, S.FAULT): ("heartbeat", "on_fault"),
-    (S.MAINTENANCE, S.STOPPED): ("heartbeat",),
+    (S.STANDBY, S.ACTIVE): (A, H, Hook.ON_ACTIVE),
+    (S.STANDBY, S.FAULT): (H, Hook.ON_FAULT),
+    (S.STANDBY, S.MAINTENANCE): (H,),
+    (S.STANDBY, S.STOPPED): (H,),
+    (S.ACTIVE, S.STANDBY): (R, H, Hook.ON_STANDBY),
+    (S.ACTIVE, S.FAULT): (R, H, Hook.ON_FAULT),
+    (S.ACTIVE, S.MAINTENANCE): (R, H, Hook.ON_STANDBY),
+    (S.ACTIVE, S.STOPPED): (R, H, Hook.ON_STANDBY),
+    (S.FAULT, S.STANDBY): (H, Hook.ON_STANDBY),
+    (S.FAULT, S.MAINTENANCE): (H,),
+    (S.FAULT, S.STOPPED): (H,),
+    (S.MAINTENANCE, S.STANDBY): (H, Hook.ON_STANDBY),
+    (S.MAINTENANCE, S.FAULT): (H, Hook.ON_FAULT),
+    (S.MAINTENANCE, S.STOPPED): (H,),
 }
+Reason = tuple[Why, str]  # the code (metrics) and the text (logs) of a transition
 
 # Defaults chosen with the simulator (simulations/README.md): crash failover ~300 ms
-# while false suspicions at 5% random loss stay around 1e-4 per hour.
+# while false suspicions at 5% random loss stay around 3.5e-5 per hour.
 DEFAULT_INTERVAL = 0.04
 DEFAULT_DEAD_AFTER = 8
 PENDING_WAIT = 2.0  # how long a standby waits for a starting peer that would win
@@ -213,7 +219,7 @@ class Election:
                     self.timers.holddown_until = now + self.cfg.dead_interval
                     self._next_send = now
                     target = State.MAINTENANCE if self.maintenance else State.STANDBY
-                    actions += self._transition(target, "started", now)
+                    actions += self._transition(target, (Why.START, "started"), now)
             case Tick():
                 pass
             case HeartbeatReceived(received=rx):
@@ -430,59 +436,61 @@ class Election:
             if target is self.state:
                 break
             if self.state is not State.STANDBY and target is State.ACTIVE:
-                target, reason = State.STANDBY, "eligible again"
+                target, reason = State.STANDBY, (Why.RECOVERED, "eligible again")
+            assert reason is not None, f"{self.state.name} -> {target.name} without a reason"
             actions += self._transition(target, reason, now)
         return actions
 
-    def _decide(self, now: float) -> tuple[State, str, list[Action]]:
+    def _decide(self, now: float) -> tuple[State, Reason | None, list[Action]]:
+        """The state this node should be in now, and why (None: it stays)."""
         if self.state in (State.INIT, State.STOPPED):
-            return self.state, "", []
+            return self.state, None, []
         if self.state is State.ACTIVE:
             return self._decide_active(now)
         if self.stopping:
-            return State.STOPPED, "shutdown", []
+            return State.STOPPED, (Why.SHUTDOWN, "shutdown"), []
         if self.maintenance:
-            return State.MAINTENANCE, "maintenance on", []
+            return State.MAINTENANCE, (Why.MAINTENANCE, "maintenance on"), []
         if self._duplicated(now):
-            return State.FAULT, self._duplicate_detail, []
+            return State.FAULT, (Why.DUPLICATE_NODE, self._duplicate_detail), []
         if self.timers.vip_fault_until is not None:
             if now < self.timers.vip_fault_until:
-                return State.FAULT, self._fault_detail, []
+                return State.FAULT, (Why.VIP_ERROR, self._fault_detail), []
             self.timers.vip_fault_until = None
         if self._health is False:
-            return State.FAULT, f"health check failing: {self.health_detail}", []
+            return State.FAULT, (Why.HEALTH, f"health check failing: {self.health_detail}"), []
         if self.state is not State.STANDBY:
             why = "maintenance off" if self.state is State.MAINTENANCE else "healthy again"
-            return State.STANDBY, why, []
+            return State.STANDBY, (Why.RECOVERED, why), []
         if self._health is None:
-            return State.STANDBY, "", []
+            return State.STANDBY, None, []
         reason = self._standby_rule(now)
         return (State.ACTIVE if reason else State.STANDBY), reason, []
 
-    def _standby_rule(self, now: float) -> str:
-        """Why a healthy standby should take over now ("" = it should not)."""
+    def _standby_rule(self, now: float) -> Reason | None:
+        """Why a healthy standby should take over now (None: it should not)."""
         t, dead_ms = self.timers, round(self.cfg.dead_interval * 1000)
         winner_idle = preempting = False
         try:
             if self._promote_now:
-                return "operator promote"
+                return Why.PROMOTE, "operator promote"
             if not self._heard_peer and now < t.holddown_until:
-                return ""
+                return None
             if t.listen_until is not None:
                 if now < t.listen_until:
-                    return ""  # stalled: listen to the peer before judging it
+                    return None  # stalled: listen to the peer before judging it
                 t.listen_until = None
             if self.peer is None:
-                return f"no peer heard within {dead_ms} ms of start"
+                return Why.NO_PEER, f"no peer heard within {dead_ms} ms of start"
             hb = self.peer.heartbeat
             if not self.peer_alive(now):
                 silent = round((now - self.peer.received_at) * 1000)
-                return f"peer {hb.node} silent for {silent} ms"
+                return Why.PEER_DEAD, f"peer {hb.node} silent for {silent} ms"
             if hb.state is State.ACTIVE:
                 if Flag.RESIGNING in hb.flags:
-                    return f"peer {hb.node} hands over"
+                    return Why.PEER_HANDOVER, f"peer {hb.node} hands over"
                 if Flag.HEALTHY not in hb.flags:
-                    return f"peer {hb.node} active but unhealthy"
+                    return Why.PEER_UNHEALTHY, f"peer {hb.node} active but unhealthy"
                 preempting = (self.cfg.preempt and Flag.PREFERRED not in hb.flags
                               and self.cfg.priority > hb.effective_priority
                               and self.peer_hears_us(now))
@@ -491,21 +499,21 @@ class Election:
                     if now >= t.preempt_since + self.cfg.preempt_delay and not self.want_active:
                         self.want_active = True
                         self._send_now(now)
-                return ""
+                return None
             # A standby peer still learning its health is in the election, not failed.
             pending = hb.state is State.STANDBY and Flag.HEALTH_PENDING in hb.flags
             if not self.peer_eligible(now) and not pending:
                 why = "unhealthy" if hb.state is State.STANDBY else hb.state.name
-                return f"peer {hb.node} is {why}"
+                return Why.PEER_INELIGIBLE, f"peer {hb.node} is {why}"
             if self._wins_fresh(hb):
-                return "election: we have priority over the standby peer"
+                return Why.ELECTION, "election: we have priority over the standby peer"
             winner_idle = True
             t.winner_idle_since = now if t.winner_idle_since is None else t.winner_idle_since
             # A starting peer gets longer to learn its health than a healthy one to act.
             t.winner_idle_limit = max(self.cfg.dead_interval, PENDING_WAIT if pending else 0.0)
             if now >= t.winner_idle_since + t.winner_idle_limit:
-                return f"peer {hb.node} won the election but did not take over"
-            return ""
+                return Why.PEER_IDLE, f"peer {hb.node} won the election but did not take over"
+            return None
         finally:
             if not winner_idle:
                 t.winner_idle_since = None
@@ -513,79 +521,85 @@ class Election:
                 t.preempt_since = None
                 self.want_active = False
 
-    def _decide_active(self, now: float) -> tuple[State, str, list[Action]]:
+    def _decide_active(self, now: float) -> tuple[State, Reason | None, list[Action]]:
         t = self.timers
         extra: list[Action] = []
         if self._health is False:
-            return State.FAULT, f"health check failing: {self.health_detail}", extra
+            return State.FAULT, (Why.HEALTH, f"health check failing: {self.health_detail}"), extra
         if t.vip_fault_until is not None and now < t.vip_fault_until:
-            return State.FAULT, self._fault_detail, extra
+            return State.FAULT, (Why.VIP_ERROR, self._fault_detail), extra
         if self._duplicated(now):
-            return State.FAULT, self._duplicate_detail, extra
+            return State.FAULT, (Why.DUPLICATE_NODE, self._duplicate_detail), extra
         if self._vips_lost:
             why = f"VIPs lost: {self._vips_lost}; re-validating with the peer"
-            return State.STANDBY, why, extra
+            return State.STANDBY, (Why.VIP_LOST, why), extra
         peer_alive = self.peer_alive(now)
         hb = self.peer.heartbeat if self.peer is not None else None
         if self.handover is not None:
             h = self.handover
             if peer_alive and hb is not None and hb.state is State.ACTIVE and hb.term > self.term:
-                return h.target, f"handed over to {hb.node} (term {hb.term})", extra
+                done = f"handed over to {hb.node} (term {hb.term})"
+                return h.target, (Why.HANDED_OVER, done), extra
             if now >= h.deadline:
                 self.handover = None
                 if h.target is State.STANDBY:
                     extra.append(Warn("handover aborted: the peer did not take over within "
                                       f"{round(self.cfg.dead_interval * 1000)} ms"))
                     self._send_now(now)
-                    return State.ACTIVE, "", extra
-                return h.target, "handover timed out, releasing anyway", extra
-            return State.ACTIVE, "", extra
+                    return State.ACTIVE, None, extra
+                late = "handover timed out, releasing anyway"
+                return h.target, (Why.HANDOVER_TIMEOUT, late), extra
+            return State.ACTIVE, None, extra
         leaving = State.STOPPED if self.stopping else (
             State.MAINTENANCE if self.maintenance else None)
         if leaving is not None:
             if self.peer_eligible(now):
                 self._start_handover(leaving, now, switchover=False)
-                return State.ACTIVE, "", extra
-            return leaving, f"{leaving.name.lower()} and no eligible peer to hand over to", extra
+                return State.ACTIVE, None, extra
+            why = Why.SHUTDOWN if leaving is State.STOPPED else Why.MAINTENANCE
+            alone = f"{leaving.name.lower()} and no eligible peer to hand over to"
+            return leaving, (why, alone), extra
         if not (peer_alive and hb is not None):
             t.concede_at = None
-            return State.ACTIVE, self._reannounce(extra, now), extra
+            self._reannounce(extra, now)
+            return State.ACTIVE, None, extra
         if hb.state is State.ACTIVE and Flag.RESIGNING not in hb.flags:
             if not self.peer_hears_us(now):
                 if t.concede_at is None:
                     t.concede_at = now + self.cfg.dead_interval
                 if now >= t.concede_at:
-                    return State.STANDBY, (f"peer {hb.node} is active and has not heard us for "
-                                           f"{round(self.cfg.dead_interval * 1000)} ms"), extra
-                return State.ACTIVE, "", extra
+                    return State.STANDBY, (Why.ONE_WAY_LINK, (
+                        f"peer {hb.node} is active and has not heard us for "
+                        f"{round(self.cfg.dead_interval * 1000)} ms")), extra
+                return State.ACTIVE, None, extra
             t.concede_at = None
             if not self._wins_dual(hb):
                 why = f"split brain: {hb.node} keeps the VIPs (term {hb.term})"
-                return State.STANDBY, why, extra
+                return State.STANDBY, (Why.SPLIT_BRAIN, why), extra
             if not self._dual_announced:
                 self._dual_announced = True
                 extra.append(Announce(f"split brain with {hb.node} healed, we keep the VIPs"))
                 self._send_now(now)
-            return State.ACTIVE, "", extra
+            return State.ACTIVE, None, extra
         t.concede_at, self._dual_announced = None, False
         if self.peer_eligible(now) and self.peer_hears_us(now):
             if Flag.PROMOTE in hb.flags:
                 self._start_handover(State.STANDBY, now, switchover=True)
             elif Flag.WANT_ACTIVE in hb.flags and not self.preferred:
                 self._start_handover(State.STANDBY, now, switchover=False)
-                return State.ACTIVE, "", extra
-        return State.ACTIVE, self._reannounce(extra, now), extra
+                return State.ACTIVE, None, extra
+        self._reannounce(extra, now)
+        return State.ACTIVE, None, extra
 
-    def _reannounce(self, extra: list[Action], now: float) -> str:
+    def _reannounce(self, extra: list[Action], now: float) -> None:
         """We alone claim the VIPs: announce again if the peer may have announced them
-        since we last did. Returns "" (the caller's transition reason: none)."""
+        since we last did."""
         if self._peer_announced and self.handover is None:
             self._peer_announced = False
             name = self.peer.heartbeat.node if self.peer is not None else "the peer"
             extra.append(Announce(f"{name} may have announced the VIPs since we last did "
                                   f"(it was ACTIVE or its term rose): we keep them"))
             self._send_now(now)
-        return ""
 
     def _wins_fresh(self, hb: Heartbeat) -> bool:
         """Both healthy standbys: higher effective priority, then the smaller name."""
@@ -605,7 +619,7 @@ class Election:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _transition(self, new: State, reason: str, now: float) -> list[Action]:
+    def _transition(self, new: State, reason: Reason, now: float) -> list[Action]:
         old = self.state
         effects = TRANSITIONS[(old, new)]
         if new is State.ACTIVE:
@@ -628,18 +642,17 @@ class Election:
             self.handover = None
             self.timers.concede_at = None
         self.state = new
-        actions: list[Action] = [Transition(old, new, reason, self.term)]
+        actions: list[Action] = [Transition(old, new, *reason, self.term)]
         for effect in effects:
-            if effect == "acquire":
-                actions.append(AcquireVips(self.term))
-            elif effect == "release":
-                actions.append(ReleaseVips())
-            elif effect == "announce":
-                actions.append(Announce("takeover"))
-            elif effect == "heartbeat":
-                self._send_now(now)
-            else:
-                actions.append(RunHook(effect, new, self.term))
+            match effect:
+                case Effect.ACQUIRE:
+                    actions.append(AcquireVips(self.term))
+                case Effect.RELEASE:
+                    actions.append(ReleaseVips())
+                case Effect.HEARTBEAT:
+                    self._send_now(now)
+                case Hook():
+                    actions.append(RunHook(effect, new, self.term))
         return actions
 
     def _check_stall(self, now: float) -> list[Action]:

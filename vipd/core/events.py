@@ -6,7 +6,6 @@ The rule that maps one to the other lives in vipd/core/election.py.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from vipd.core.protocol import Advert, Received, State
@@ -78,11 +77,55 @@ Event = (Start | Tick | HeartbeatReceived | HealthChanged | Command | Shutdown |
 
 # --- actions -----------------------------------------------------------------------------
 
+class Why(enum.StrEnum):
+    """Why a transition happened: the bounded code behind its human reason text, and the
+    `reason` label of vipd_transitions_total."""
+
+    START = "start"
+    SHUTDOWN = "shutdown"
+    MAINTENANCE = "maintenance"
+    RECOVERED = "recovered"  # maintenance off, healthy again
+    HEALTH = "health"
+    VIP_ERROR = "vip_error"
+    VIP_LOST = "vip_lost"
+    DUPLICATE_NODE = "duplicate_node"
+    HANDED_OVER = "handed_over"
+    HANDOVER_TIMEOUT = "handover_timeout"
+    PROMOTE = "promote"
+    NO_PEER = "no_peer"
+    PEER_DEAD = "peer_dead"
+    PEER_HANDOVER = "peer_handover"
+    PEER_UNHEALTHY = "peer_unhealthy"
+    ONE_WAY_LINK = "one_way_link"
+    PEER_INELIGIBLE = "peer_ineligible"
+    ELECTION = "election"
+    PEER_IDLE = "peer_idle"
+    SPLIT_BRAIN = "split_brain"
+
+
+class Hook(enum.StrEnum):
+    """The operator's programs run on entering a state (config `hooks`)."""
+
+    ON_ACTIVE = "on_active"
+    ON_STANDBY = "on_standby"
+    ON_FAULT = "on_fault"
+
+
+class Effect(enum.Enum):
+    """Side effects of a transition other than hooks, in the order the table lists them.
+    Taking the VIPs includes announcing them: whoever carries out ACQUIRE announces."""
+
+    ACQUIRE = enum.auto()
+    RELEASE = enum.auto()
+    HEARTBEAT = enum.auto()  # marks one due: the step ends with a single SendHeartbeat
+
+
 @dataclass(frozen=True, slots=True)
 class Transition:
     old: State
     new: State
-    reason: str
+    why: Why
+    reason: str  # the same for humans: names the peer, the check, the numbers
     term: int
 
 
@@ -98,6 +141,8 @@ class ReleaseVips:
 
 @dataclass(frozen=True, slots=True)
 class Announce:
+    """Announce the VIPs again (a takeover's own burst comes with AcquireVips)."""
+
     reason: str
 
 
@@ -108,7 +153,7 @@ class SendHeartbeat:
 
 @dataclass(frozen=True, slots=True)
 class RunHook:
-    hook: str  # "on_active" | "on_standby" | "on_fault"
+    hook: Hook
     state: State
     term: int
 
@@ -129,40 +174,7 @@ Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | Ru
           | CommandResult | Warn)
 
 
-# Every transition reason the election writes, as a bounded metric label. Order matters:
-# the first pattern that matches wins. A reason that matches none is "other", which a unit
-# test treats as a bug.
-_REASON_CODES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern), code) for pattern, code in (
-        (r"^started$", "start"),
-        (r"^(shutdown|stopped and no eligible peer)", "shutdown"),
-        (r"^maintenance (on|and no eligible peer)", "maintenance"),
-        (r"^(maintenance off|healthy again|eligible again)$", "recovered"),
-        (r"^health check failing", "health"),
-        (r"^VIP operation failed", "vip_error"),
-        (r"^VIPs lost", "vip_lost"),
-        (r"^duplicate node name", "duplicate_node"),
-        (r"^handed over to ", "handed_over"),
-        (r"^handover timed out", "handover_timeout"),
-        (r"^operator promote$", "promote"),
-        (r"^no peer heard within", "no_peer"),
-        (r"^peer \S+ silent for", "peer_dead"),
-        (r"^peer \S+ hands over$", "peer_handover"),
-        (r"^peer \S+ active but unhealthy$", "peer_unhealthy"),
-        (r"^peer \S+ is active and has not heard us", "one_way_link"),
-        (r"^peer \S+ is (FAULT|MAINTENANCE|STOPPED|INIT|unhealthy)$", "peer_ineligible"),
-        (r"^election: ", "election"),
-        (r"^peer \S+ won the election but did not take over$", "peer_idle"),
-        (r"^split brain: ", "split_brain"),
-    ))
-REASON_CODES = tuple(sorted({code for _, code in _REASON_CODES} | {"other"}))
 # Takeovers because the peer failed (not planned, not the start-up election).
-UNPLANNED_TAKEOVERS = frozenset({"peer_dead", "peer_ineligible", "peer_unhealthy",
-                                 "peer_idle"})
-
-
-def reason_code(reason: str) -> str:
-    for pattern, code in _REASON_CODES:
-        if pattern.search(reason):
-            return code
-    return "other"
+UNPLANNED_TAKEOVERS = frozenset({Why.PEER_DEAD, Why.PEER_INELIGIBLE, Why.PEER_UNHEALTHY,
+                                 Why.PEER_IDLE})
+REASON_CODES = tuple(sorted(why.value for why in Why))
