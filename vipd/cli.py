@@ -115,7 +115,7 @@ def release(args: argparse.Namespace) -> int:
     """Remove this config's VIPs (systemd ExecStopPost): a killed daemon leaves none."""
     import asyncio
 
-    from vipd.vip import NetlinkMover
+    from vipd.movers.netlink import NetlinkMover
 
     config = load_config(args.config)
     mover = NetlinkMover(config.interface, config.vips)

@@ -40,8 +40,7 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
-from vipd.core.election import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL
-from vipd.core.events import Hook
+from vipd.core.events import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL, Hook
 from vipd.errors import ConfigError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/vipd")

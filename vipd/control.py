@@ -65,7 +65,7 @@ class DaemonController:
         checks = [{"name": c.name, "kind": c.kind, "up": c.up, "detail": c.detail,
                    "duration_seconds": c.duration,
                    "last_change_seconds_ago": None if c.changed_at is None
-                   else round(mono - c.changed_at, 3)} for c in d.health.status()]
+                   else round(mono - c.changed_at, 3)} for c in d.check_status()]
         peer = None
         if e.peer is not None:
             hb = e.peer.heartbeat

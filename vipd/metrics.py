@@ -220,7 +220,7 @@ class DaemonCollector(Collector):
         yield vip
         checks = GaugeMetricFamily("vipd_check_up", "1 up, 0 down, -1 unknown",
                                    labels=["check"])
-        for c in d.health.status():
+        for c in d.check_status():
             checks.add_metric([c.name], -1.0 if c.up is None else float(c.up))
         yield checks
         reachable = e.peer_alive(now)

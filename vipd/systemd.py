@@ -7,9 +7,11 @@ variable (not started by systemd) every call is a no-op.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,12 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+async def watchdog(notifier: Notifier, period: float, alive: Callable[[], bool]) -> None:
+    """WATCHDOG=1 at half the period, but only while ``alive()`` (the election timer
+    works): a wedged runtime stops the pings and systemd restarts it."""
+    while True:
+        if alive():
+            notifier.notify(WATCHDOG=1)
+        await asyncio.sleep(period / 2)

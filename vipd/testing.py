@@ -10,13 +10,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from vipd.errors import VipError
-from vipd.vip import VipInterface
+from vipd.movers.base import VipInterface
 
 _METHODS = ("acquire", "release", "held", "announce")
 
 
 class FakeMover:
-    """A `vipd.vip.VipMover` that keeps its "kernel" addresses in a set.
+    """A `vipd.movers.base.VipMover` that keeps its "kernel" addresses in a set.
 
     ``addresses`` is what the kernel would have; tests may edit it to simulate someone
     removing an address, or call `expire()` for a lapsed lease. ``calls`` records every

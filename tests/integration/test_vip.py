@@ -18,17 +18,12 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from vipd import vip as vip_module
+from vipd.movers import netlink as netlink_module
 from vipd.errors import VipError
 from vipd.lab import poke
-from vipd.vip import (
-    ETH_P_IPV6,
-    INFINITY_LIFE_TIME,
-    VIPD_ADDR_PROTO,
-    NetlinkMover,
-    announce_burst,
-    build_unsolicited_na,
-)
+from vipd.movers.base import INFINITY_LIFE_TIME, announce_burst
+from vipd.movers.frames import ETH_P_IPV6, build_unsolicited_na
+from vipd.movers.netlink import VIPD_ADDR_PROTO, NetlinkMover
 
 pytestmark = pytest.mark.netns
 
@@ -164,12 +159,12 @@ def test_renewals_take_the_compiled_path_and_recover_from_changes(lab, monkeypat
     node = lab.node1
     opened: list[int] = []
 
-    class CountingIPRoute(vip_module.AsyncIPRoute):
+    class CountingIPRoute(netlink_module.AsyncIPRoute):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             opened.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(vip_module, "AsyncIPRoute", CountingIPRoute)
+    monkeypatch.setattr(netlink_module, "AsyncIPRoute", CountingIPRoute)
     node.ip("link", "add", "vt0", "type", "veth", "peer", "name", "vt1")
     for link in ("vt0", "vt1"):
         node.ip("link", "set", link, "up")
@@ -259,7 +254,7 @@ def test_permission_denied_raises_vip_error(lab):
     code = (
         "import asyncio, ipaddress\n"
         "from vipd.errors import VipError\n"
-        "from vipd.vip import NetlinkMover\n"
+        "from vipd.movers.netlink import NetlinkMover\n"
         "m = NetlinkMover('eth0', [ipaddress.ip_interface('198.51.100.200/32')])\n"
         "for call in (lambda: m.acquire(0), m.announce):\n"
         "    try:\n"

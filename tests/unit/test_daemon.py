@@ -30,7 +30,7 @@ from vipd.daemon import Daemon
 from vipd.health import ProbeResult
 from vipd.keys import generate_key_line, load_keys
 from vipd.testing import FakeMover
-from vipd.vip import VipInterface
+from vipd.movers.base import VipInterface
 
 VIPS = ["192.0.2.10/32", "2001:db8::10/128"]
 VIP_SET = {ip_interface(v) for v in VIPS}
@@ -629,7 +629,7 @@ async def test_a_transition_is_logged_once_and_steady_state_is_quiet(
 
 def test_state_file_is_written_only_when_its_values_change(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vipd import daemon as daemon_module
+    from vipd import statefile as statefile_module
     writes: list[str] = []
     real_replace = os.replace
 
@@ -637,12 +637,12 @@ def test_state_file_is_written_only_when_its_values_change(
         writes.append(str(dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr(daemon_module.os, "replace", counting_replace)
-    state = daemon_module.StateFile(tmp_path / "state")
+    monkeypatch.setattr(statefile_module.os, "replace", counting_replace)
+    state = statefile_module.StateFile(tmp_path / "state")
     state.save(term=3, maintenance=False)
     state.save(term=3, maintenance=False)
     assert len(writes) == 1
-    again = daemon_module.StateFile(tmp_path / "state")
+    again = statefile_module.StateFile(tmp_path / "state")
     assert again.load() == {"term": 3, "maintenance": False}
     again.save(term=3, maintenance=False)  # what is on disk already
     assert len(writes) == 1

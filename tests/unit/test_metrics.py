@@ -422,7 +422,7 @@ async def test_heartbeat_socket_errors_are_counted_by_direction(pair: Pair) -> N
     assert value(a, name, direction="receive") == 0.0
     # A second "peer address" the kernel refuses (UDP port 0: EINVAL) on every send.
     d = a.daemon
-    d._peer_addresses = (*d._peer_addresses, ("127.0.0.1", 0))
+    d.driver._peer_addresses = (*d.driver._peer_addresses, ("127.0.0.1", 0))
     sent = value(a, "vipd_heartbeats_sent_total") or 0.0
     errors_then = value(a, name, direction="send") or 0.0
     await eventually(lambda: (value(a, name, direction="send") or 0.0) >= errors_then + 3,
@@ -443,10 +443,10 @@ async def test_loop_lag_is_observed_on_a_node_whose_election_timer_never_fires(
     await pair.settled()
     a = pair.nodes[0]
     d = a.daemon
-    monkeypatch.setattr(d, "_rearm", lambda: None)  # no election timer from now on
-    if d._timer is not None:
-        d._timer.cancel()
-        d._timer = None
+    monkeypatch.setattr(d.driver, "_rearm", lambda: None)  # no election timer from now on
+    if d.driver._timer is not None:
+        d.driver._timer.cancel()
+        d.driver._timer = None
     name = "vipd_timer_lateness_seconds_count"
     before = value(a, name) or 0.0
     await asyncio.sleep(1.1)

@@ -10,7 +10,7 @@ import argparse
 import pytest
 
 from simulations import simulate
-from vipd.core.election import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL
+from vipd.core.events import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL
 
 
 def test_three_hundred_seeded_scenarios_have_no_violation() -> None:

@@ -363,14 +363,14 @@ def wedge(node: Node, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """The election timer stops firing: nothing re-arms it, the armed one is cancelled.
     Returns the real `_rearm`."""
     d = node.daemon
-    real = d._rearm
+    real = d.driver._rearm
 
     def no_timer() -> None:
-        if d._timer is not None:
-            d._timer.cancel()
-            d._timer = None
+        if d.driver._timer is not None:
+            d.driver._timer.cancel()
+            d.driver._timer = None
 
-    monkeypatch.setattr(d, "_rearm", no_timer)
+    monkeypatch.setattr(d.driver, "_rearm", no_timer)
     no_timer()
     return real
 
@@ -382,11 +382,11 @@ async def test_watchdog_stops_when_the_timer_is_wedged(
     await started(pair, readers, monkeypatch)
     reader, d = readers["a"], pair.a.daemon
     wedge(pair.a, monkeypatch)
-    d._last_timer_fire = time.monotonic() - 60  # and it last fired long ago
+    d.driver._last_timer_fire = time.monotonic() - 60  # and it last fired long ago
     await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.05)  # a ping already in flight arrives
     mark = len(reader.messages)
     await asyncio.sleep(0.5)
-    assert d._last_timer_fire < time.monotonic() - 59  # still wedged
+    assert d.driver._last_timer_fire < time.monotonic() - 59  # still wedged
     assert reader.with_key("WATCHDOG", since=mark) == [], reader.dump()
     assert readers["b"].with_key("WATCHDOG", since=0)  # the other daemon still pings
 
@@ -406,8 +406,8 @@ async def test_watchdog_stops_soon_after_the_timer_stops_and_resumes(
     assert last is not None and last >= wedged_at, reader.dump()  # not at once: stale
     assert last <= wedged_at + stale + WATCHDOG_PERIOD / 2 + 0.1, reader.dump()
     mark = len(reader.messages)
-    monkeypatch.setattr(d, "_rearm", real_rearm)  # the timer works again
-    d._rearm()
+    monkeypatch.setattr(d.driver, "_rearm", real_rearm)  # the timer works again
+    d.driver._rearm()
     await eventually(lambda: len(reader.with_key("WATCHDOG", since=mark)) >= 2,
                      timeout=2.0, what="WATCHDOG=1 again")
 
@@ -420,10 +420,10 @@ async def test_watchdog_keeps_pinging_on_a_node_that_only_answers(
     armed (not overdue) timer counts as working, so systemd does not restart it."""
     await started(pair, readers, monkeypatch)
     reader, d = readers["a"], pair.a.daemon
-    d._last_timer_fire = time.monotonic() - 60  # as if every send had been an answer
-    assert d._timer is not None and d._timer.when() >= time.monotonic() - 1.0
+    d.driver._last_timer_fire = time.monotonic() - 60  # as if every send had been an answer
+    assert d.driver._timer is not None and d.driver._timer.when() >= time.monotonic() - 1.0
     await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.05)
     mark = len(reader.messages)
-    d._last_timer_fire = time.monotonic() - 60
+    d.driver._last_timer_fire = time.monotonic() - 60
     await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.1)
     assert reader.with_key("WATCHDOG", since=mark), reader.dump()

@@ -1,4 +1,4 @@
-"""FakeMover, announce_burst and the pure helpers of vipd.vip (no kernel needed)."""
+"""FakeMover, announce_burst and the pure helpers of vipd.movers (no kernel needed)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import pytest
 
 from vipd.errors import VipError
 from vipd.testing import FakeMover
-from vipd.vip import (
-    INFINITY_LIFE_TIME,
-    NetlinkMover,
-    VipMover,
-    announce_burst,
-    lifetime_seconds,
-    vipd_label,
-)
+from vipd.movers.base import INFINITY_LIFE_TIME, VipMover, announce_burst, lifetime_seconds
+from vipd.movers.netlink import NetlinkMover, vipd_label
 
 V4 = IPv4Interface("198.51.100.200/32")
 V6 = IPv6Interface("2001:db8:1::200/128")

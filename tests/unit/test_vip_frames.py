@@ -1,4 +1,4 @@
-"""Fixed byte vectors for the announcement frames of vipd.vip.
+"""Fixed byte vectors for the announcement frames of vipd.movers.frames.
 
 The vectors are written field by field so a reader can check them against RFC 826 /
 RFC 4861 by eye; they were also fed to ``tcpdump -vv -e`` which decoded them as a
@@ -13,7 +13,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 import pytest
 
-from vipd.vip import (
+from vipd.movers.frames import (
     ETH_P_ARP,
     ETH_P_IPV6,
     announcement,

@@ -56,10 +56,12 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     CommandResult,
     DuplicateNode,
     Effect,
+    ElectionConfig,
     Event,
     HealthChanged,
     HeartbeatReceived,
     Hook,
+    Reconfigure,
     ReleaseVips,
     RunHook,
     SendHeartbeat,
@@ -115,32 +117,12 @@ TRANSITIONS: dict[tuple[State, State], tuple[Effect | Hook, ...]] = {
 }
 Reason = tuple[Why, str]  # the code (metrics) and the text (logs) of a transition
 
-# Defaults chosen with the simulator (simulations/README.md): crash failover ~300 ms
-# while false suspicions at 5% random loss stay around 3.5e-5 per hour.
-DEFAULT_INTERVAL = 0.04
-DEFAULT_DEAD_AFTER = 8
 PENDING_WAIT = 2.0  # how long a standby waits for a starting peer that would win
 BURST = 2  # extra copies of a changed heartbeat, at interval / 8 spacing
 ANSWER_WINDOW = 0.5  # a heartbeat due within this share of an interval goes out with a peer's
 ANSWER_GRACE = 1.25  # ...and the next one is due this many intervals later, unless answered
 ANSWER_HOLD = 0.25  # a peer heartbeat sent this soon after it heard our latest is an answer
 STALL_INTERVALS = 2.0  # an event this many intervals past our deadline means we were stalled
-
-
-@dataclass(frozen=True, slots=True)
-class ElectionConfig:
-    node: str
-    priority: int = 100
-    preempt: bool = True
-    preempt_delay: float = 0.0
-    interval: float = DEFAULT_INTERVAL
-    dead_after: int = DEFAULT_DEAD_AFTER
-    digest: bytes = b""
-    vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
-
-    @property
-    def dead_interval(self) -> float:
-        return self.interval * self.dead_after
 
 
 @dataclass(slots=True)
@@ -243,6 +225,8 @@ class Election:
             case DuplicateNode(detail=detail):
                 self._duplicate_detail = detail
                 self.timers.duplicate_until = now + self.cfg.dead_interval
+            case Reconfigure(cfg=cfg):
+                self.cfg = cfg
         if self.state is not State.INIT:
             actions += self._evaluate(now)
             actions += self._maybe_send(now, answering=answering)

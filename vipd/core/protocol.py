@@ -376,6 +376,10 @@ class Session:
         self._offset_ns = 0  # peer wall clock minus ours, learned from fresh echoes
         self.clock_offset: float | None = None  # the same in seconds, once learned
 
+    def rekey(self, keys: KeyRing) -> None:
+        """A reload's new key ring (a rotation adds a key id, then removes the old)."""
+        self.keys = keys
+
     def seal(self, advert: Advert, now: float, wall_ns: int) -> bytes:
         """Sign ``advert`` as our next heartbeat: the bytes `encode` would make of it,
         without building a Heartbeat first (this runs for every heartbeat)."""

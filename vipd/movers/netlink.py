@@ -1,12 +1,11 @@
-"""Putting VIPs on an interface, taking them off, and telling the LAN where they went.
+"""The netlink mover: VIPs on a local interface, and telling the LAN where they went.
 
 Theory of operation
 -------------------
-A mover is the only part of vipd that changes the kernel's addresses. It knows one
-interface and the VIP list of one config, and offers four idempotent operations
-(`VipMover`): acquire (add or renew), release (remove), held (what the kernel has now)
-and announce (one round of gratuitous ARP / unsolicited neighbour advertisement). The
-daemon reconciles "should hold" against `held()` instead of trusting its own memory.
+The netlink mover knows one interface and the VIP list of one config, and offers the
+four idempotent operations of `vipd.movers.base.VipMover`: acquire (add or renew),
+release (remove), held (what the kernel has now) and announce (one round of gratuitous
+ARP / unsolicited neighbour advertisement, frames from `vipd.movers.frames`).
 
 How vipd recognises its own addresses: by exact match of (address, prefix length)
 against the configured VIP list, nothing else. That works on every kernel and for VIPs
@@ -45,12 +44,7 @@ So a renewal knows, at no extra round trip, that a VIP had gone missing (deleted
 hand, or by a lapsed lease) and says so: the daemon logs and counts every such repair.
 
 Announcing: one AF_PACKET socket per round, bound to the interface, which also tells
-us the interface's MAC. Gratuitous ARP is a broadcast ARP request with sender IP =
-target IP = VIP (a Linux receiver updates an existing neighbour entry from it even with
-``arp_accept=0``). IPv6 uses an unsolicited neighbour advertisement to ff02::1 with the
-override flag set (without it a receiver keeps a REACHABLE entry), source address =
-the VIP (as the kernel itself does), hop limit 255, and our own ICMPv6 checksum. The
-frame builders are pure functions so tests pin them byte for byte.
+us the interface's MAC; the frames are built by `vipd.movers.frames`.
 """
 
 from __future__ import annotations
@@ -58,45 +52,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import math
 import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_interface
-from typing import Any, Protocol, runtime_checkable
+from ipaddress import IPv6Interface, ip_interface
+from typing import Any
 
 from pyroute2 import AsyncIPRoute, IPBatch
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from vipd.errors import VipError
+from vipd.movers.base import VipInterface, lifetime_seconds
+from vipd.movers.frames import ARPHRD_ETHER, announcement
 
 log = logging.getLogger(__name__)
-
-VipInterface = IPv4Interface | IPv6Interface
 
 VIPD_ADDR_PROTO = 0x76
 """IFA_PROTO value marking addresses added by vipd ('v'); kernel-owned values are 0..3."""
 
-INFINITY_LIFE_TIME = 0xFFFFFFFF
 IFNAMSIZ = 16
 LABEL_SUFFIX = ":vipd"
-
-ETH_P_ARP = 0x0806
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ARPHRD_ETHER = 1
-ARPOP_REQUEST = 1
-IPPROTO_ICMPV6 = 58
-ND_NEIGHBOR_ADVERT = 136
-ND_OPT_TARGET_LINKADDR = 2
-ND_NA_FLAG_OVERRIDE = 0x20000000
-
-BROADCAST_MAC = b"\xff" * 6
-ALL_NODES = IPv6Address("ff02::1")
-ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
 
 NLMSG_ERROR = 2
 _NLMSG_ACK = struct.Struct("=IHHIIi")  # nlmsghdr (len, type, flags, seq, pid) + error
@@ -105,141 +83,10 @@ SEND_TIMEOUT = 1.0
 """A packet socket send only waits when the device queue is full; never wait long."""
 
 
-@runtime_checkable
-class VipMover(Protocol):
-    """Adds, removes, reports and announces the VIPs of one config on one interface."""
-
-    async def acquire(self, lease: float) -> set[VipInterface]:
-        """Add the VIPs, or renew their lifetime to ``lease`` seconds (0 = permanent).
-        Returns the VIPs that were absent and have been added (a renewal that returns
-        some found them removed by someone else)."""
-        ...
-
-    async def release(self) -> None:
-        """Remove this config's VIPs; ones already absent count as removed."""
-        ...
-
-    async def held(self) -> set[VipInterface]:
-        """The configured VIPs the kernel has on the interface right now."""
-        ...
-
-    async def announce(self) -> None:
-        """One round of gratuitous ARP (IPv4) and unsolicited NA (IPv6)."""
-        ...
-
-
-async def announce_burst(mover: VipMover, count: int, interval: float,
-                         late_limit: float | None = None) -> int:
-    """Announce ``count`` times, ``interval`` seconds apart (no sleep after the last);
-    returns how many rounds went out.
-
-    A single announcement can be lost (a switch still learning the port, a busy
-    receiver), so takeovers send a burst, like keepalived's five. A failed round does
-    not stop the burst, since the next one may get through; the first error is raised
-    at the end, with a note of how many rounds failed. A burst that wakes more than
-    ``late_limit`` seconds late stops: the process stalled (a paused VM), another node
-    may hold the VIPs by now, and the election asks for a new burst if we keep them.
-    """
-    if count < 0 or interval < 0:
-        raise ValueError(f"announce burst needs count >= 0 and interval >= 0, "
-                         f"got count={count} interval={interval}")
-    loop = asyncio.get_running_loop()
-    errors: list[VipError] = []
-    for i in range(count):
-        if i:
-            due = loop.time() + interval
-            await asyncio.sleep(interval)
-            if late_limit is not None and loop.time() - due > late_limit:
-                log.info("announcement burst stopped after %d of %d rounds: woke %.0f ms "
-                         "late", i, count, 1000 * (loop.time() - due))
-                count = i
-                break
-        try:
-            await mover.announce()
-        except VipError as exc:
-            errors.append(exc)
-    if errors:
-        first = errors[0]
-        first.add_note(f"{len(errors)} of {count} announcement rounds failed")
-        raise first
-    return count
-
-
-def lifetime_seconds(lease: float) -> int:
-    """Kernel lifetime for a lease: whole seconds rounded up, 0 -> infinite."""
-    if not math.isfinite(lease) or lease < 0:
-        raise ValueError(f"VIP lease must be a finite number of seconds >= 0, got {lease!r}")
-    if lease == 0:
-        return INFINITY_LIFE_TIME
-    return min(max(math.ceil(lease), 1), INFINITY_LIFE_TIME - 1)
-
-
 def vipd_label(ifname: str) -> str | None:
     """The IPv4 label vipd puts on its addresses, or None when it would not fit."""
     label = ifname + LABEL_SUFFIX
     return label if len(label) < IFNAMSIZ else None
-
-
-# --- frames -------------------------------------------------------------------------
-
-
-def _check_mac(mac: bytes) -> None:
-    if len(mac) != 6:
-        raise ValueError(f"expected a 6-byte Ethernet address, got {mac!r}")
-
-
-def build_garp(mac: bytes, ip: IPv4Address) -> bytes:
-    """Ethernet frame of a gratuitous ARP request announcing ``ip`` at ``mac``.
-
-    A request rather than a reply: Linux treats both as gratuitous, but a reply also
-    needs target MAC = sender MAC, and some stacks only look at requests. The target
-    MAC is zero, as RFC 5227 recommends for announcements.
-    """
-    _check_mac(mac)
-    arp = struct.pack("!HHBBH6s4s6s4s", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REQUEST,
-                      mac, ip.packed, b"\x00" * 6, ip.packed)
-    return BROADCAST_MAC + mac + struct.pack("!H", ETH_P_ARP) + arp
-
-
-def icmpv6_checksum(src: IPv6Address, dst: IPv6Address, message: bytes) -> int:
-    """RFC 4443 checksum of ``message`` (checksum field zeroed) with the pseudo-header."""
-    data = src.packed + dst.packed + struct.pack("!I3xB", len(message), IPPROTO_ICMPV6)
-    data += message
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def build_unsolicited_na(mac: bytes, ip: IPv6Address, *, override: bool = True) -> bytes:
-    """Ethernet frame of an unsolicited neighbour advertisement of ``ip`` at ``mac``.
-
-    Sent from the VIP itself to all nodes (ff02::1) with hop limit 255 (receivers drop
-    anything else), solicited flag clear (required for a multicast destination) and
-    override set so that receivers replace an entry pointing at the old node.
-    ``override=False`` exists for tests that show why the flag matters.
-    """
-    _check_mac(mac)
-    flags = ND_NA_FLAG_OVERRIDE if override else 0
-    option = struct.pack("!BB6s", ND_OPT_TARGET_LINKADDR, 1, mac)
-    message = struct.pack("!BBHI16s", ND_NEIGHBOR_ADVERT, 0, 0, flags, ip.packed) + option
-    checksum = icmpv6_checksum(ip, ALL_NODES, message)
-    message = message[:2] + struct.pack("!H", checksum) + message[4:]
-    ipv6 = struct.pack("!IHBB16s16s", 6 << 28, len(message), IPPROTO_ICMPV6, 255,
-                       ip.packed, ALL_NODES.packed)
-    return ALL_NODES_MAC + mac + struct.pack("!H", ETH_P_IPV6) + ipv6 + message
-
-
-def announcement(mac: bytes, vip: VipInterface) -> tuple[bytes, int]:
-    """The frame announcing ``vip`` and its EtherType."""
-    if isinstance(vip, IPv4Interface):
-        return build_garp(mac, vip.ip), ETH_P_ARP
-    return build_unsolicited_na(mac, vip.ip), ETH_P_IPV6
-
-
-# --- the netlink mover --------------------------------------------------------------
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,0 +1,242 @@
+"""The driver: the one place that feeds the election and reads the loop clock.
+
+Data flows one way. A datagram, the timer or a command becomes an event; the driver
+hands it to the pure election with the loop's time (`handle`); the election answers
+with actions; the driver gives each to the part that carries it out (the session and
+socket for heartbeats, the VIP worker for addresses and announcements, the hook runner,
+the state file, sd_notify, metrics). Exactly one timer is armed: the election's next
+deadline, re-armed after every step (aioquic's get_timer / handle_timer shape).
+
+Datagrams arrive in batches (`HeartbeatTransport` drains its socket): the whole batch is
+authenticated before the election acts on the first, and the timer drains the socket
+before it decides, so after a stall the peer's queued heartbeats are heard first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from vipd.config import Config
+from vipd.core import election as el
+from vipd.core.events import UNPLANNED_TAKEOVERS
+from vipd.core.protocol import KeyRing, Reject, Rejected, Session, State
+from vipd.hooks import HookRunner
+from vipd.metrics import Metrics
+from vipd.statefile import StateFile
+from vipd.systemd import Notifier
+from vipd.transport import HeartbeatTransport
+from vipd.vipworker import VipWorker
+
+log = logging.getLogger(__name__)
+
+
+def new_session(config: Config, keys: KeyRing, boot_id: int, digest: bytes) -> Session:
+    hb = config.heartbeat
+    return Session(cluster=config.cluster, node=config.node, keys=keys, boot_id=boot_id,
+                   digest=digest, peer_sources={str(p.host) for p in hb.peers},
+                   max_skew=hb.max_clock_skew)
+
+
+class Driver:
+    def __init__(self, config: Config, election: el.Election, session: Session,
+                 worker: VipWorker, hooks: HookRunner, state_file: StateFile,
+                 notifier: Notifier, metrics: Metrics, on_finished: Callable[[], None]) -> None:
+        self.config = config
+        self.election = election
+        self.session = session
+        self.worker = worker
+        self.hooks = hooks
+        self.state_file = state_file
+        self.notifier = notifier
+        self.metrics = metrics
+        self._on_finished = on_finished
+        self.transport: HeartbeatTransport | None = None
+        # (host, port) tuples made once: the send path runs for every heartbeat.
+        self._peer_addresses = [(str(p.host), p.port) for p in config.heartbeat.peers]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_timer_fire = time.monotonic()
+        self._ready_sent = False
+        self._offset_warned = False
+        self.last_rtt: float | None = None
+
+    def attach(self, transport: HeartbeatTransport) -> None:
+        """The heartbeat socket is open: datagrams may arrive from now on (before Start
+        they only teach the election about the peer)."""
+        self._loop = asyncio.get_running_loop()
+        self.transport = transport
+
+    def start(self) -> None:
+        self.handle(el.Start())
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def loop_time(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    # --- events in -----------------------------------------------------------------------
+
+    def handle(self, event: el.Event) -> list[el.Action]:
+        """One step of the election at the loop's time; its actions carried out in order."""
+        assert self._loop is not None
+        now = self._loop.time()
+        actions = self.election.handle(event, now)
+        for action in actions:
+            self._apply(action, now)
+        self._rearm()
+        if self.election.finished:
+            self._on_finished()
+        elif not self._ready_sent and self.election.ready(now):
+            self._ready_sent = True
+            self.notifier.notify(READY=1, STATUS=self.status_line())
+        return actions
+
+    def reconfigure(self, config: Config, election_cfg: el.ElectionConfig,
+                    keys: KeyRing) -> None:
+        """A reload: new keys for the session, the new settings to the election as an
+        event, the rest to the parts that read them."""
+        self.config = self.worker.config = self.hooks.config = config
+        self.session.rekey(keys)
+        self.handle(el.Reconfigure(election_cfg))
+
+    def on_datagrams(self, batch: list[tuple[bytes, str]]) -> None:
+        """Authenticate the whole batch, then let the election act on each in order: a
+        heartbeat sent in reaction to the first already echoes the newest. (After a
+        stall the peer then sees at once that we hear it again.)"""
+        assert self._loop is not None
+        now, wall_ns = self._loop.time(), time.time_ns()
+        events = [event for data, source in batch
+                  if (event := self._open(data, source, now, wall_ns)) is not None]
+        for event in events:
+            self.handle(event)
+
+    def _open(self, data: bytes, source: str, now: float,
+              wall_ns: int) -> el.HeartbeatReceived | el.DuplicateNode | None:
+        try:
+            rx = self.session.open(data, now, wall_ns, source)
+        except Rejected as exc:
+            rejected = self.metrics.hot.rejected
+            count = rejected[exc.reason.value] + 1
+            rejected[exc.reason.value] = count
+            if exc.reason is Reject.DUPLICATE_NODE:
+                return self._duplicate_node(source, count)
+            if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: visible, not spam
+                log.warning("heartbeat from %s rejected (%d so far): %s", source, count, exc)
+            return None
+        hot = self.metrics.hot
+        hot.received += 1
+        if rx.rtt is not None:
+            self.last_rtt = rx.rtt
+            hot.rtt.observe(rx.rtt)
+        if rx.clock_offset is not None:
+            self._watch_clock_offset(rx.clock_offset)
+        return el.HeartbeatReceived(rx)
+
+    def _duplicate_node(self, source: str, count: int) -> el.DuplicateNode:
+        """Another live node sends heartbeats under our name: a configuration error that
+        would otherwise leave both nodes ACTIVE. The election goes FAULT while it lasts."""
+        node, bind = self.config.node, self.config.heartbeat.bind
+        detail = (f"duplicate node name {node!r}: the node at {source} uses it too (this "
+                  f"node sends from {bind}); give each node its own name")
+        if count & (count - 1) == 0:
+            log.error("%s; FAULT and no VIPs here while it is heard (%d heartbeats so far)",
+                      detail, count)
+        return el.DuplicateNode(detail)
+
+    def _watch_clock_offset(self, offset: float) -> None:
+        """The wall clocks may disagree (heartbeats stay fresh by the echo); say so once
+        when the offset crosses max_clock_skew, and once when it is back."""
+        limit = self.config.heartbeat.max_clock_skew
+        far = abs(offset) > limit
+        if far == self._offset_warned:
+            return
+        self._offset_warned = far
+        if far:
+            log.warning("the peer's wall clock is %+.3f s from ours (more than "
+                        "max_clock_skew %g s): check NTP on both nodes; heartbeats stay "
+                        "valid, their freshness is proven by the echo", offset, limit)
+        else:
+            log.info("the peer's wall clock agrees with ours again (%+.3f s)", offset)
+
+    # --- the timer -----------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        assert self._loop is not None
+        deadline = self.election.next_deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return  # usually so after a heartbeat arrives: keep the armed timer
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer, deadline)
+
+    def _on_timer(self, deadline: float) -> None:
+        assert self._loop is not None
+        self._timer = None
+        self._last_timer_fire = time.monotonic()
+        self.metrics.hot.lateness.observe(max(self._loop.time() - deadline, 0.0))
+        if self.transport is not None:
+            self.transport.drain()  # after a stall the peer's heartbeats are heard first
+        self.handle(el.Tick())
+
+    def timer_works(self, stale: float) -> bool:
+        """The timer fired lately, or is armed for a deadline not long past. A node that
+        answers its peer's heartbeats sends them without its timer ever firing (the
+        timer is only its fallback), so "fired lately" alone would call it wedged."""
+        now = time.monotonic()
+        if now - self._last_timer_fire <= stale:
+            return True
+        return self._timer is not None and self._timer.when() >= now - stale
+
+    # --- actions out ---------------------------------------------------------------------
+
+    def _apply(self, action: el.Action, now: float) -> None:
+        match action:
+            case el.SendHeartbeat(advert=advert):
+                assert self.transport is not None
+                data = self.session.seal(advert, now, time.time_ns())
+                self.metrics.hot.sent += self.transport.send(data, self._peer_addresses)
+            case el.Transition(old=old, new=new, why=why, reason=reason, term=term):
+                self._log_transition(old, new, reason, term, now)
+                self.notifier.notify(STATUS=f"{new.name} term {term} ({reason})")
+                self.metrics.transitions.labels(old.name, new.name, why.value).inc()
+                peer = self.election.peer
+                if new is State.ACTIVE and peer is not None and why in UNPLANNED_TAKEOVERS:
+                    self.metrics.detection.observe(max(now - peer.received_at, 0.0))
+                self.state_file.save(term=term, maintenance=self.election.maintenance)
+            case el.AcquireVips() | el.ReleaseVips():
+                self.worker.apply(action, now)
+            case el.Announce(reason=reason):
+                self.worker.announce(reason)
+            case el.RunHook():
+                self.hooks.start(action)
+            case el.CommandResult(kind=kind, accepted=ok, message=message):
+                log.info("command %s %s: %s", kind, "accepted" if ok else "refused", message)
+                self.state_file.save(term=self.election.term,
+                                     maintenance=self.election.maintenance)
+            case el.Warn(message=message):
+                log.warning("%s", message)
+
+    def _log_transition(self, old: State, new: State, reason: str, term: int,
+                        now: float) -> None:
+        detail = ""
+        peer = self.election.peer
+        if new is State.ACTIVE and peer is not None:
+            detail = f", peer last heard {1000 * (now - peer.received_at):.0f} ms ago"
+        log.info("%s -> %s (%s), term %d%s", old.name, new.name, reason, term, detail)
+
+    def status_line(self) -> str:
+        e = self.election
+        peer = e.peer.heartbeat if e.peer is not None else None
+        seen = f"peer {peer.node} {peer.state.name}" if peer is not None else "peer not heard"
+        return f"{e.state.name} term {e.term}, {seen}"
