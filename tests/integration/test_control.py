@@ -11,13 +11,18 @@ Checked: planned switchover (with the client-visible outage, which must be far b
 crash failover's), maintenance on/off and its survival across a daemon restart, promote,
 refusals (409 from a STANDBY, 403 for a read token, 401 for an unknown one, 409 for a
 stale --expected-term), the vipctl exit codes for each, and one audit line per request.
-Bounds are generous; measured numbers are printed (run with ``-s``).
+A switchover is make-before-break: it may cost clients HANDOVER_OUTAGE at most, far below
+the lab's dead interval (320 ms) that a crash costs; a stall of the taking node, which
+it logs, adds its length and a dead interval (as in test_failover.py). The waits for
+things to happen at all are much longer and separate. Measured numbers are printed (run
+with ``-s``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from vipd.config import load_config
 from vipd.pairlab import VIP4, VIP6, PairLab, outage
 from vipd.tokens import new_token
 from vipd.vipctl import EXIT_AUTH, EXIT_OK, EXIT_REFUSED
@@ -42,8 +48,13 @@ pytestmark = [
         ":ResourceWarning"),
 ]
 
-SWITCHOVER_OUTAGE = 0.2  # s: a planned switchover must cost clients less than this
-MOVE = 5.0  # s: a move must be visible in the kernel within this
+# s: what a planned switchover may cost clients (the peer holds the VIPs before we
+# release them), as the probe sees it: it counts a reply it reads over 50 ms late as
+# lost, so its own starvation shows here too. Measured at load 2-11 on 2 cores: 0-101 ms;
+# waiting out the dead interval instead would cost about 320 ms.
+HANDOVER_OUTAGE = 0.15
+MOVE = 5.0  # s: how long to wait for a move to show in the kernel at all
+STALLED = re.compile(r"this node stalled for (\d+) ms")
 API = "http://127.0.0.1:9440"
 
 
@@ -106,6 +117,20 @@ def logs(pair: PairLab) -> str:
 def describe(done: subprocess.CompletedProcess[str], pair: PairLab) -> str:
     return (f"vipctl {' '.join(done.args[7:])} exited {done.returncode}\n"
             f"stdout: {done.stdout}\nstderr: {done.stderr}\n{logs(pair)}")
+
+
+def stall_allowance(pair: PairLab, node: str, mark: int) -> float:
+    """The extra time, in s, that `node` may take to become ACTIVE because it stalled
+    (starved on a loaded machine) since log line `mark`: each logged stall, plus the dead
+    interval it then listens to the peer before judging it (election.STALL_INTERVALS)."""
+    dead = load_config(pair.nodes[node].config).heartbeat.dead_interval
+    extra = 0.0
+    for line in pair.log_lines(node)[mark:]:
+        if "-> ACTIVE" in line:
+            break
+        if match := STALLED.search(line):
+            extra += int(match.group(1)) / 1000 + dead
+    return extra
 
 
 def expect(pair: PairLab, predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -193,6 +218,7 @@ def test_switchover_moves_vips_with_tiny_outage_and_is_audited(ctl: Ctl) -> None
     pair.start_probe()
     time.sleep(0.5)  # the client resolves the VIP and gets answers from node1
     before = ctl.audit("node1")
+    mark = len(pair.log_lines("node2"))
     at = time.time()
     t0 = time.monotonic()
     done = ctl.vipctl("node1", "switchover", "--wait")
@@ -204,13 +230,17 @@ def test_switchover_moves_vips_with_tiny_outage_and_is_audited(ctl: Ctl) -> None
     samples = pair.stop_probe()
     gap, last = outage(samples, at)
     after = [who for sent, who in samples if sent >= at]
+    stalls = stall_allowance(pair, "node2", mark)
+    bound = HANDOVER_OUTAGE + stalls
+    extra = f", {1000 * stalls:.0f} of them for stalls" if stalls else ""
     print(f"\nswitchover: vipctl --wait returned after {1000 * took:.0f} ms "
-          f"(process start included), client outage {1000 * gap:.1f} ms; "
+          f"(process start included), client outage {1000 * gap:.1f} ms "
+          f"(bound {1000 * bound:.0f} ms{extra}); "
           f"{len(after)} requests since the command: {after.count('node1')} answered by "
           f"node1, {after.count('node2')} by node2, {after.count(None)} unanswered")
     assert any(who == "node1" for sent, who in samples if sent < at), "probe never warm"
     assert last == "node2"
-    assert gap < SWITCHOVER_OUTAGE, f"switchover cost clients {gap} s\n{logs(pair)}"
+    assert gap <= bound, f"switchover cost clients {gap} s\n{logs(pair)}"
     stays(pair, "node2", 0.5)
 
     lines = new_lines(before, ctl.audit("node1"))

@@ -5,12 +5,13 @@ Each daemon serves /metrics on its own lab address (198.51.100.N:9441). A scrape
 from the client namespace must pass `promtool check metrics`. A real Prometheus server
 runs INSIDE the client namespace (web UI and API on that namespace's 127.0.0.1:9090, so
 nothing listens outside the lab), scrapes both daemons every second under job "vipd"
-with the label cluster="lab", and loads configs/prometheus/vipd-alerts.yml when it
-exists. Its HTTP API is queried from a thread that entered the client namespace.
+with the label cluster="lab", and loads configs/prometheus/vipd-alerts.yml (a missing
+rules file fails the tests; it never makes them skip a check). Its HTTP API is queried
+from a thread that entered the client namespace.
 
-Checked: both targets up, node1 ACTIVE; after node1 is SIGKILLed Prometheus sees node2
-ACTIVE; the split-brain alert never fired (without the rules file: its expression never
-held for more than one scrape interval). A second test runs the same failover and checks
+Checked: both targets up, node1 ACTIVE, the rules loaded; after node1 is SIGKILLed
+Prometheus sees node2 ACTIVE; the split-brain alert never fired and its expression never
+held for more than one scrape interval. A second test runs the same failover and checks
 that no alert of the rules file fires at all. The Prometheus process and its storage
 directory are removed at teardown, and the test verifies it.
 """
@@ -46,7 +47,7 @@ PROM = "http://127.0.0.1:9090"  # inside the client namespace
 NODE1, NODE2 = f"198.51.100.1:{METRICS_PORT}", f"198.51.100.2:{METRICS_PORT}"
 TARGETS = {"node1": NODE1, "node2": NODE2}
 SEEN = 20.0  # s: Prometheus must see a change within this (1 s scrapes)
-# The expression of VipdSplitBrain, used as is when the rules file does not exist.
+# The expression of VipdSplitBrain, evaluated directly as well as through the alert.
 SPLIT_BRAIN = 'sum by (cluster) (vipd_state{job="vipd", state="ACTIVE"}) > 1'
 
 
@@ -100,6 +101,7 @@ class Prometheus:
         self.storage = self.dir / "data"
         self.log = self.dir / "prometheus.log"
         self.proc: subprocess.Popen[str] | None = None
+        assert RULES.is_file(), f"{RULES} is missing: the alerts under test live there"
         config: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
                        "scrape_timeout": "900ms"},
@@ -107,9 +109,8 @@ class Prometheus:
                 "job_name": "vipd",
                 "static_configs": [{"targets": [NODE1, NODE2], "labels": {"cluster": "lab"}}],
             }],
+            "rule_files": [str(RULES)],
         }
-        if RULES.exists():
-            config["rule_files"] = [str(RULES)]
         self.config.write_text(yaml.safe_dump(config))
 
     def start(self) -> None:
@@ -229,10 +230,9 @@ def crash_failover(pair: PairLab, prometheus: Prometheus) -> Failover:
     up = 'up{job="vipd", cluster="lab", instance="%s"}'
     wait_for(lambda: all(prometheus.value(up % t) == 1.0 for t in (NODE1, NODE2)), SEEN,
              "both targets up in Prometheus", detail)
-    if RULES.exists():
-        groups = prometheus.api("rules")["groups"]
-        assert any(r.get("name") == "VipdSplitBrain" for g in groups for r in g["rules"]), (
-            f"{RULES} not loaded: {groups}")
+    groups = prometheus.api("rules")["groups"]
+    assert any(r.get("name") == "VipdSplitBrain" for g in groups for r in g["rules"]), (
+        f"{RULES} not loaded: {groups}")
     active = 'vipd_state{job="vipd", cluster="lab", state="ACTIVE", instance="%s"}'
     assert prometheus.value(active % NODE1) == 1.0
     assert prometheus.value(active % NODE2) == 0.0
@@ -262,22 +262,19 @@ def test_prometheus_sees_a_crash_failover_without_split_brain(
     print(f"\nPrometheus saw node2 ACTIVE {run.seen_after:.1f} s after the kill; max "
           f"ACTIVE count over 1m: {[c['value'][1] for c in counts]}; seconds with 2 "
           f"ACTIVE: {double_s:g}")
-    if RULES.exists():
-        fired = prometheus.query('max_over_time(ALERTS{alertname="VipdSplitBrain", '
-                                 'alertstate="firing"}[1m])')
-        assert fired == [], f"VipdSplitBrain fired: {fired}\n{run.detail()}"
-        pending = prometheus.query('count_over_time(ALERTS{alertname="VipdSplitBrain", '
-                                   'alertstate="pending"}[1m])')
-        evaluations = float(pending[0]["value"][1]) if pending else 0.0
-        assert evaluations <= 2, (f"VipdSplitBrain pending for {evaluations:g} "
-                                  f"evaluations\n{run.detail()}")
-    else:
-        # No rules file yet: evaluate VipdSplitBrain's expression over the last minute
-        # instead. At most one scrape interval (1 s) of double ACTIVE from scrape skew.
-        assert double_s <= 2, f"{SPLIT_BRAIN} held for {double_s:g} s\n{run.detail()}"
+    fired = prometheus.query('max_over_time(ALERTS{alertname="VipdSplitBrain", '
+                             'alertstate="firing"}[1m])')
+    assert fired == [], f"VipdSplitBrain fired: {fired}\n{run.detail()}"
+    pending = prometheus.query('count_over_time(ALERTS{alertname="VipdSplitBrain", '
+                               'alertstate="pending"}[1m])')
+    evaluations = float(pending[0]["value"][1]) if pending else 0.0
+    assert evaluations <= 2, (f"VipdSplitBrain pending for {evaluations:g} "
+                              f"evaluations\n{run.detail()}")
+    # The expression itself: at most one scrape interval (1 s) of double ACTIVE, from
+    # scrape skew.
+    assert double_s <= 2, f"{SPLIT_BRAIN} held for {double_s:g} s\n{run.detail()}"
 
 
-@pytest.mark.skipif(not RULES.exists(), reason=f"{RULES} does not exist")
 def test_no_alert_fires_for_a_healthy_pair_and_a_crash_failover(
         pair: PairLab, prometheus: Prometheus) -> None:
     """Within well under a minute nothing has a reason to fire: the `for:` of VipdDown,
