@@ -21,7 +21,7 @@ from ipaddress import (
     ip_interface,
 )
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -214,6 +214,7 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
+InterfaceName = Annotated[str, AfterValidator(_check_ifname)]
 Vip = Annotated[IPv4Interface | IPv6Interface, PlainValidator(_parse_vip)]
 Argv = Annotated[list[str], AfterValidator(_check_argv)]
 ConfigPath = Annotated[Path, BeforeValidator(_nonempty_path), AfterValidator(_resolve_path)]
@@ -272,7 +273,7 @@ class AuthConfig(_Model):
     key_file: ConfigPath
 
 
-class HttpProbe(_Model):
+class HttpCheck(_Model):
     url: str
     status: Annotated[int, Strict(), Field(ge=100, le=599)] = 200
     body: str | None = None  # a substring the response body must contain
@@ -291,36 +292,40 @@ class HttpProbe(_Model):
         return url
 
 
-class TcpProbe(_Model):
+class TcpCheck(_Model):
     host: Annotated[str, Field(min_length=1)]
     port: Port
 
 
-class ExecProbe(_Model):
+class ExecCheck(_Model):
     command: Annotated[Argv, AfterValidator(_check_command)]
 
 
-PROBE_KINDS = ("http", "tcp", "exec")
+ProbeKind = Literal["http", "tcp", "exec"]
+PROBE_KINDS: tuple[ProbeKind, ...] = typing.get_args(ProbeKind)
 
 
 class HealthCheck(_Model):
+    """A check from the config's ``health`` list. The only place its probe kind is
+    validated: exactly one of ``http``, ``tcp``, ``exec`` is set."""
+
     name: Name
-    http: HttpProbe | None = None
-    tcp: TcpProbe | None = None
-    exec: ExecProbe | None = None  # the YAML key; shadowing the builtin is harmless here
+    http: HttpCheck | None = None
+    tcp: TcpCheck | None = None
+    exec: ExecCheck | None = None  # the YAML key; shadowing the builtin is harmless here
     interval: PositiveDuration = 0.2
     timeout: PositiveDuration = 0.15
     rise: Annotated[int, Strict(), Field(ge=1)] = 2
     fall: Annotated[int, Strict(), Field(ge=1)] = 2
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> ProbeKind:
         """Which probe this check runs: "http", "tcp" or "exec"."""
         return next(kind for kind in PROBE_KINDS if getattr(self, kind) is not None)
 
     @property
-    def probe(self) -> HttpProbe | TcpProbe | ExecProbe:
-        probe: HttpProbe | TcpProbe | ExecProbe = getattr(self, self.kind)
+    def probe(self) -> HttpCheck | TcpCheck | ExecCheck:
+        probe: HttpCheck | TcpCheck | ExecCheck = getattr(self, self.kind)
         return probe
 
     @model_validator(mode="after")
@@ -337,6 +342,27 @@ class HealthCheck(_Model):
         if problems:
             raise _Problems(problems)
         return self
+
+
+class LinkCheck(_Model):
+    """The built-in check of the VIP interface's link (``track_interface``). Built by the
+    daemon, never read from YAML: ``Config`` has no key for it. Its timings are fixed."""
+
+    interface: InterfaceName
+
+    kind: ClassVar[Literal["link"]] = "link"
+    interval: ClassVar[float] = 0.5
+    timeout: ClassVar[float] = 0.4
+    rise: ClassVar[int] = 2
+    fall: ClassVar[int] = 1
+
+    @property
+    def name(self) -> str:
+        return f"link.{self.interface}"
+
+
+# Every check a health monitor runs: the configured ones and the built-in link check.
+Check = HealthCheck | LinkCheck
 
 
 class AnnounceConfig(_Model):
@@ -385,7 +411,7 @@ class HooksConfig(_Model):
 class Config(_Model):
     node: Name
     cluster: Name
-    interface: Annotated[str, AfterValidator(_check_ifname)]
+    interface: InterfaceName
     vips: list[Vip]
     priority: Annotated[int, Strict(), Field(ge=1, le=254)] = 100
     preempt: StrictBool = True

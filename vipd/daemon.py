@@ -28,13 +28,13 @@ from aiohttp import web
 
 from vipd import __version__
 from vipd.api import Api
-from vipd.config import Config, load_config
+from vipd.config import Check, Config, LinkCheck, load_config
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session
 from vipd.errors import VipdError, VipError
-from vipd.health import CheckSpec, CheckStatus, HealthMonitor, ProbeResult
+from vipd.health import CheckStatus, HealthMonitor, ProbeResult
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
 from vipd.metrics import DaemonCollector, build_metrics, serve_metrics
@@ -294,11 +294,9 @@ class Daemon:
     # --- health --------------------------------------------------------------------------
 
     def _new_health_monitor(self) -> HealthMonitor:
-        checks: list[Any] = list(self.config.health)
+        checks: list[Check] = list(self.config.health)
         if self.config.track_interface:
-            checks.append(CheckSpec(name=f"link.{self.config.interface}", kind="link",
-                                    interval=0.5, timeout=0.4, rise=2, fall=1,
-                                    host=self.config.interface))
+            checks.append(LinkCheck(interface=self.config.interface))
         return HealthMonitor(checks, self._on_health, on_probe=self._on_probe,
                              exec_preexec=self.hooks.preexec)
 

@@ -1,5 +1,9 @@
-"""Health checks of the local service: http, tcp and exec probes and the monitor that
-runs them.
+"""Health checks of the local service: http, tcp, exec and link probes and the monitor
+that runs them.
+
+A check is its config model: ``vipd.config.HealthCheck`` from the config file, or
+``vipd.config.LinkCheck`` that the daemon adds for ``track_interface``. ``make_probe``
+builds the runtime probe (``HttpProbe``, ...) from it.
 
 Each check runs in its own task, probing every ``interval`` seconds (measured from the
 start of the previous probe, so slow probes do not make the schedule drift, and a probe
@@ -22,29 +26,20 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import aiohttp
 
 from vipd import __version__
+from vipd.config import Check, ExecCheck, HttpCheck, LinkCheck, ProbeKind, TcpCheck
 from vipd.core.health import Hysteresis, combine
 
-__all__ = ["CheckSpec", "CheckStatus", "ExecProbe", "HealthMonitor", "HttpProbe", "Probe",
+__all__ = ["CheckStatus", "ExecProbe", "HealthMonitor", "HttpProbe", "LinkProbe", "Probe",
            "ProbeResult", "TcpProbe", "make_probe"]
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["http", "tcp", "exec", "link"]
-
-# Used by CheckSpec.from_config only when the config object leaves a field out (the
-# same defaults as vipd.config.HealthCheck).
-DEFAULT_INTERVAL = 0.2
-DEFAULT_TIMEOUT = 0.15
-DEFAULT_RISE = 2
-DEFAULT_FALL = 2
 
 HTTP_BODY_LIMIT = 64 * 1024  # bytes of a response searched for ``body``
 STDERR_KEEP = 512  # bytes of an exec check's stderr kept for the detail
@@ -281,126 +276,25 @@ async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return bytes(data)
 
 
-@dataclass(frozen=True, slots=True)
-class CheckSpec:
-    """One health check, independent of how the config models it."""
-
-    name: str
-    kind: Kind
-    interval: float
-    timeout: float
-    rise: int
-    fall: int
-    url: str | None = None
-    status: int = 200
-    body: str | None = None
-    host: str | None = None
-    port: int | None = None
-    command: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        where = f"health check {self.name!r}"
-        if self.kind not in ("http", "tcp", "exec", "link"):
-            raise ValueError(f"{where}: kind must be http, tcp, exec or link, "
-                             f"got {self.kind!r}")
-        if self.interval <= 0 or self.timeout <= 0:
-            raise ValueError(f"{where}: interval and timeout must be > 0")
-        if self.rise < 1 or self.fall < 1:
-            raise ValueError(f"{where}: rise and fall must be >= 1")
-        if self.kind == "http" and not self.url:
-            raise ValueError(f"{where}: http check needs a url")
-        if self.kind == "tcp" and (not self.host or self.port is None
-                                   or not 0 < self.port < 65536):
-            raise ValueError(f"{where}: tcp check needs a host and a port 1..65535")
-        if self.kind == "exec" and not self.command:
-            raise ValueError(f"{where}: exec check needs a non-empty command")
-        if self.kind == "link" and not self.host:
-            raise ValueError(f"{where}: link check needs the interface name (host)")
-
-    @classmethod
-    def from_config(cls, obj: Any) -> CheckSpec:
-        """Build from a config check (attributes or a mapping): ``name``, exactly one of
-        ``http`` {url, status, body}, ``tcp`` {host, port}, ``exec``/``exec_``
-        {command}, and optional ``interval``, ``timeout`` (seconds or timedelta),
-        ``rise``, ``fall``."""
-        name = str(_get(obj, "name"))
-        kinds = {
-            "http": _get(obj, "http"),
-            "tcp": _get(obj, "tcp"),
-            "exec": _get(obj, "exec_", "exec"),
-        }
-        given = [k for k, v in kinds.items() if v is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"health check {name!r}: needs exactly one of http, tcp, exec, got {given}"
-            )
-        kind = given[0]
-        sub = kinds[kind]
-        common: dict[str, Any] = {
-            "name": name,
-            "interval": _seconds(_get(obj, "interval"), DEFAULT_INTERVAL),
-            "timeout": _seconds(_get(obj, "timeout"), DEFAULT_TIMEOUT),
-            "rise": _int(_get(obj, "rise"), DEFAULT_RISE),
-            "fall": _int(_get(obj, "fall"), DEFAULT_FALL),
-        }
-        if kind == "http":
-            status = _get(sub, "status")
-            body = _get(sub, "body")
-            return cls(kind="http", url=str(_get(sub, "url")),
-                       status=200 if status is None else int(status),
-                       body=None if body is None else str(body), **common)
-        if kind == "tcp":
-            port = _get(sub, "port")
-            return cls(kind="tcp", host=str(_get(sub, "host") or "127.0.0.1"),
-                       port=None if port is None else int(port), **common)
-        command = _get(sub, "command")
-        if isinstance(command, str) or command is None:
-            raise ValueError(f"health check {name!r}: exec command must be an argv list")
-        return cls(kind="exec", command=tuple(str(a) for a in command), **common)
-
-
-def _get(obj: Any, *names: str) -> Any:
-    for name in names:
-        value = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _int(value: Any, default: int) -> int:
-    return default if value is None else int(value)
-
-
-def _seconds(value: Any, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return float(value)
-
-
-def make_probe(spec: CheckSpec, session: aiohttp.ClientSession | None,
+def make_probe(check: Check, session: aiohttp.ClientSession | None,
                preexec: Callable[[], None] | None = None) -> Probe:
-    if spec.kind == "http":
-        if session is None:
-            raise ValueError(f"health check {spec.name!r}: http probe needs a session")
-        assert spec.url is not None
-        return HttpProbe(session, spec.url, timeout=spec.timeout,
-                         status=spec.status, body=spec.body)
-    if spec.kind == "tcp":
-        assert spec.host is not None and spec.port is not None
-        return TcpProbe(spec.host, spec.port, timeout=spec.timeout)
-    if spec.kind == "link":
-        assert spec.host is not None
-        return LinkProbe(spec.host)
-    assert spec.command is not None
-    return ExecProbe(spec.command, timeout=spec.timeout, preexec=preexec)
+    if isinstance(check, LinkCheck):
+        return LinkProbe(check.interface)
+    match check.probe:
+        case HttpCheck(url=url, status=status, body=body):
+            if session is None:
+                raise ValueError(f"health check {check.name!r}: http probe needs a session")
+            return HttpProbe(session, url, timeout=check.timeout, status=status, body=body)
+        case TcpCheck(host=host, port=port):
+            return TcpProbe(host, port, timeout=check.timeout)
+        case ExecCheck(command=command):
+            return ExecProbe(command, timeout=check.timeout, preexec=preexec)
 
 
 @dataclass(frozen=True, slots=True)
 class CheckStatus:
     name: str
-    kind: Kind
+    kind: ProbeKind | Literal["link"]
     up: bool | None
     detail: str | None  # of the last probe; None before the first
     duration: float | None  # of the last probe, seconds
@@ -412,12 +306,12 @@ class CheckStatus:
 OnChange = Callable[[bool, str, ProbeResult], None]
 
 
-class _Check:
-    __slots__ = ("changed_at", "error_logged", "hysteresis", "last", "probe", "spec")
+class _CheckState:
+    __slots__ = ("changed_at", "check", "error_logged", "hysteresis", "last", "probe")
 
-    def __init__(self, spec: CheckSpec) -> None:
-        self.spec = spec
-        self.hysteresis = Hysteresis(rise=spec.rise, fall=spec.fall)
+    def __init__(self, check: Check) -> None:
+        self.check = check
+        self.hysteresis = Hysteresis(rise=check.rise, fall=check.fall)
         self.probe: Probe | None = None
         self.last: ProbeResult | None = None
         self.changed_at: float | None = None
@@ -441,19 +335,19 @@ class HealthMonitor:
 
     def __init__(
         self,
-        checks: Iterable[CheckSpec | Any],
+        checks: Iterable[Check],
         on_change: OnChange,
         *,
-        probe_factory: Callable[[CheckSpec, aiohttp.ClientSession | None], Probe] | None = None,
+        probe_factory: Callable[[Check, aiohttp.ClientSession | None], Probe] | None = None,
         on_probe: Callable[[str, ProbeResult], None] | None = None,
         exec_preexec: Callable[[], None] | None = None,
     ) -> None:
-        specs = [c if isinstance(c, CheckSpec) else CheckSpec.from_config(c) for c in checks]
-        names = [s.name for s in specs]
+        checks = list(checks)
+        names = [c.name for c in checks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate health check names: {', '.join(dupes)}")
-        self._checks = [_Check(s) for s in specs]
+        self._checks = [_CheckState(c) for c in checks]
         self._on_change = on_change
         self._probe_factory = probe_factory or functools.partial(make_probe,
                                                                  preexec=exec_preexec)
@@ -468,7 +362,7 @@ class HealthMonitor:
 
     def status(self) -> list[CheckStatus]:
         return [
-            CheckStatus(name=c.spec.name, kind=c.spec.kind, up=c.hysteresis.up,
+            CheckStatus(name=c.check.name, kind=c.check.kind, up=c.hysteresis.up,
                         detail=None if c.last is None else c.last.detail,
                         duration=None if c.last is None else c.last.duration,
                         changed_at=c.changed_at)
@@ -481,20 +375,20 @@ class HealthMonitor:
             raise RuntimeError("HealthMonitor.run() is already running")
         self._running = True
         try:
-            if any(c.spec.kind == "http" for c in self._checks):
+            if any(c.check.kind == "http" for c in self._checks):
                 self._session = aiohttp.ClientSession(
                     cookie_jar=aiohttp.DummyCookieJar(),
                     headers={"User-Agent": f"vipd/{__version__} health-check"},
                 )
-            for check in self._checks:
-                check.probe = self._probe_factory(check.spec, self._session)
+            for state in self._checks:
+                state.probe = self._probe_factory(state.check, self._session)
             if not self._checks:
                 self._report(True, "", ProbeResult(True, "no checks", 0.0))
                 await asyncio.Event().wait()  # nothing to probe; run until cancelled
             else:
                 async with asyncio.TaskGroup() as tg:
-                    for check in self._checks:
-                        tg.create_task(self._run_check(check), name=f"health:{check.spec.name}")
+                    for state in self._checks:
+                        tg.create_task(self._run_check(state), name=f"health:{state.check.name}")
         finally:
             self._running = False
             await self.close()
@@ -504,47 +398,47 @@ class HealthMonitor:
             session, self._session = self._session, None
             await session.close()
 
-    async def _run_check(self, check: _Check) -> None:
+    async def _run_check(self, state: _CheckState) -> None:
         while True:
             started = time.monotonic()
-            result = await self._probe_once(check)
-            self._record(check, result)
-            await asyncio.sleep(max(0.0, started + check.spec.interval - time.monotonic()))
+            result = await self._probe_once(state)
+            self._record(state, result)
+            await asyncio.sleep(max(0.0, started + state.check.interval - time.monotonic()))
 
-    async def _probe_once(self, check: _Check) -> ProbeResult:
-        assert check.probe is not None
+    async def _probe_once(self, state: _CheckState) -> ProbeResult:
+        assert state.probe is not None
         start = time.monotonic()
-        limit = check.spec.timeout + HUNG_PROBE_GRACE
+        limit = state.check.timeout + HUNG_PROBE_GRACE
         try:
             async with asyncio.timeout(limit):
-                result = await check.probe.probe()
+                result = await state.probe.probe()
         except TimeoutError:
             result = ProbeResult(False, f"probe hung past {limit:g}s", time.monotonic() - start)
         except Exception as exc:
             # A bug in a probe, not a verdict on the service: down, and logged with its
             # traceback once per run of consecutive errors so it cannot flood the log.
-            if not check.error_logged:
-                log.error("check %s: probe raised", check.spec.name, exc_info=True)
-                check.error_logged = True
+            if not state.error_logged:
+                log.error("check %s: probe raised", state.check.name, exc_info=True)
+                state.error_logged = True
             detail = _short(f"probe error: {type(exc).__name__}: {exc}")
             return ProbeResult(False, detail, time.monotonic() - start)
-        check.error_logged = False
+        state.error_logged = False
         return result
 
-    def _record(self, check: _Check, result: ProbeResult) -> None:
-        check.last = result
+    def _record(self, state: _CheckState, result: ProbeResult) -> None:
+        state.last = result
         if self._on_probe is not None:
-            self._on_probe(check.spec.name, result)
-        old = check.hysteresis.up
-        if not check.hysteresis.observe(result.ok):
+            self._on_probe(state.check.name, result)
+        old = state.hysteresis.up
+        if not state.hysteresis.observe(result.ok):
             return
-        check.changed_at = time.monotonic()
-        new = check.hysteresis.up
+        state.changed_at = time.monotonic()
+        new = state.hysteresis.up
         log.log(logging.INFO if new else logging.WARNING, "check %s: %s -> %s (%s)",
-                check.spec.name, _word(old), _word(new), result.detail)
+                state.check.name, _word(old), _word(new), result.detail)
         healthy = self.healthy
         if healthy is not None and healthy != self._reported:
-            self._report(healthy, check.spec.name, result)
+            self._report(healthy, state.check.name, result)
 
     def _report(self, healthy: bool, name: str, result: ProbeResult) -> None:
         self._reported = healthy

@@ -21,6 +21,7 @@ from vipd.config import (
     DEFAULT_INTERVAL,
     Config,
     Endpoint,
+    LinkCheck,
     format_duration,
     load_config,
     parse_duration,
@@ -151,6 +152,14 @@ def test_ipv6_heartbeat_and_exec_check(tmp_path: Path) -> None:
     assert config.health[0].kind == "exec"
     assert config.health[0].probe.command == ["/usr/bin/true", "-x"]  # type: ignore[union-attr]
     assert config.metrics.listen is None
+
+
+def test_link_check_is_built_by_code_with_fixed_timings() -> None:
+    check = LinkCheck(interface="eth0")
+    assert (check.name, check.kind, check.interval, check.timeout, check.rise, check.fall) == \
+        ("link.eth0", "link", 0.5, 0.4, 2, 1)
+    with pytest.raises(ValidationError, match="expected a Linux interface name"):
+        LinkCheck(interface="eth0:1")
 
 
 def test_vip_lease_zero_means_permanent_and_is_allowed(tmp_path: Path) -> None:
@@ -305,6 +314,18 @@ FIELD_ERRORS = [
      "health[1].exec.command[0]", "expected an absolute path to the program, got 'check.sh'"),
     ("exec empty", {"health.1": {"name": "x", "exec": {"command": []}}},
      "health[1].exec.command", "non-empty argv list"),
+    ("http and tcp", {"health.1.http": {"url": "http://127.0.0.1/"}}, "health[1]",
+     "expected exactly one of http, tcp, exec; got http and tcp"),
+    ("exec shell string", {"health.1": {"name": "x", "exec": {"command": "/bin/true"}}},
+     "health[1].exec.command", "must be a valid list, got '/bin/true'"),
+    ("tcp no port", {"health.1.tcp.port": DELETE}, "health[1].tcp.port",
+     "missing required key"),
+    ("tcp port too big", {"health.1.tcp.port": 70000}, "health[1].tcp.port",
+     "less than or equal to 65535, got 70000"),
+    ("check interval 0", {"health.1.interval": 0}, "health[1].interval",
+     "greater than 0, got 0"),
+    ("link check from YAML", {"health.1": {"name": "x", "link": {"interface": "eth0"}}},
+     "health[1].link", "unknown key"),
     ("lease below dead interval", {"vip_lease": "300ms"}, "vip_lease",
      "vip_lease 300ms must be longer than the heartbeat dead interval 320ms "
      "(interval 40ms x dead_after 8)"),

@@ -10,9 +10,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -20,11 +18,12 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from vipd.config import ExecCheck, HealthCheck, HttpCheck, LinkCheck, TcpCheck
 from vipd.health import (
-    CheckSpec,
     ExecProbe,
     HealthMonitor,
     HttpProbe,
+    LinkProbe,
     ProbeResult,
     TcpProbe,
     make_probe,
@@ -306,83 +305,80 @@ async def test_exec_cancelled_probe_kills_the_process(tmp_path: Path) -> None:
     await eventually(lambda: gone(pid), timeout=2)
 
 
-# ---------------------------------------------------------------------------- CheckSpec
+# ---------------------------------------------------------------------------- make_probe
 
 
-def test_spec_from_config_objects() -> None:
-    http = SimpleNamespace(
-        name="web", http=SimpleNamespace(url="http://127.0.0.1:8080/healthz", status=204,
-                                         body="ok"),
-        tcp=None, exec_=None, interval=timedelta(milliseconds=200), timeout=0.15,
-        rise=3, fall=4,
-    )
-    spec = CheckSpec.from_config(http)
-    assert spec == CheckSpec(name="web", kind="http", interval=0.2, timeout=0.15, rise=3,
-                             fall=4, url="http://127.0.0.1:8080/healthz", status=204,
-                             body="ok")
-    tcp = SimpleNamespace(name="db", tcp=SimpleNamespace(host="127.0.0.1", port=5432))
-    spec = CheckSpec.from_config(tcp)
-    assert (spec.kind, spec.host, spec.port) == ("tcp", "127.0.0.1", 5432)
-    assert (spec.interval, spec.timeout, spec.rise, spec.fall) == (0.2, 0.15, 2, 2)
-    ex = SimpleNamespace(name="custom", exec_=SimpleNamespace(command=["/bin/check", "-q"]))
-    assert CheckSpec.from_config(ex).command == ("/bin/check", "-q")
+@pytest.mark.asyncio
+async def test_probes_take_their_settings_from_the_check(
+    session: aiohttp.ClientSession,
+) -> None:
+    web = HealthCheck(name="web", http=HttpCheck(url="http://127.0.0.1:8080/healthz",
+                                                 status=204, body="ok"),
+                      interval=0.2, timeout=0.15, rise=3, fall=4)
+    assert (web.name, web.kind, web.interval, web.timeout, web.rise, web.fall) == (
+        "web", "http", 0.2, 0.15, 3, 4)
+    probe = make_probe(web, session)
+    assert isinstance(probe, HttpProbe)
+    assert (probe.url, probe.status, probe.body, probe.timeout) == (
+        "http://127.0.0.1:8080/healthz", 204, "ok", 0.15)
+    tcp = HealthCheck(name="db", tcp=TcpCheck(host="127.0.0.1", port=5432))
+    assert (tcp.kind, tcp.interval, tcp.timeout, tcp.rise, tcp.fall) == ("tcp", 0.2, 0.15, 2, 2)
+    probe = make_probe(tcp, None)
+    assert isinstance(probe, TcpProbe)
+    assert (probe.host, probe.port, probe.timeout) == ("127.0.0.1", 5432, 0.15)
+    ex = HealthCheck(name="custom", exec=ExecCheck(command=["/bin/check", "-q"]))
+    probe = make_probe(ex, None)
+    assert isinstance(probe, ExecProbe)
+    assert probe.command == ("/bin/check", "-q")
 
 
-def test_spec_from_mapping_with_exec_key() -> None:
-    spec = CheckSpec.from_config({"name": "c", "exec": {"command": ["/bin/true"]},
-                                  "interval": 2, "rise": 1})
-    assert (spec.kind, spec.command, spec.interval, spec.rise) == ("exec", ("/bin/true",), 2, 1)
-    spec = CheckSpec.from_config({"name": "w", "http": {"url": "http://127.0.0.1/"}})
-    assert (spec.status, spec.body) == (200, None)
+def test_probes_from_checks_validated_from_mappings() -> None:
+    check = HealthCheck.model_validate({"name": "c", "exec": {"command": ["/bin/true"]},
+                                        "interval": 2, "rise": 1})
+    probe = make_probe(check, None)
+    assert isinstance(probe, ExecProbe)
+    assert (check.kind, probe.command, check.interval, check.rise) == (
+        "exec", ("/bin/true",), 2, 1)
+    check = HealthCheck.model_validate({"name": "w", "http": {"url": "http://127.0.0.1/"}})
+    assert isinstance(check.probe, HttpCheck)
+    assert (check.probe.status, check.probe.body) == (200, None)
 
 
-def test_spec_from_the_config_model() -> None:
-    from vipd.config import HealthCheck
-
+@pytest.mark.asyncio
+async def test_probes_from_the_config_model(session: aiohttp.ClientSession) -> None:
     checks = [
         {"name": "web", "http": {"url": "http://127.0.0.1:8080/healthz", "body": "ok"},
          "interval": "300ms", "timeout": "150ms", "rise": 3, "fall": 1},
         {"name": "db", "tcp": {"host": "127.0.0.1", "port": 5432}},
         {"name": "custom", "exec": {"command": ["/usr/local/bin/check-app", "-q"]}},
     ]
-    specs = [CheckSpec.from_config(HealthCheck.model_validate(c)) for c in checks]
-    assert specs[0] == CheckSpec(name="web", kind="http", interval=0.3, timeout=0.15,
-                                 rise=3, fall=1, url="http://127.0.0.1:8080/healthz",
-                                 body="ok")
-    assert (specs[1].kind, specs[1].host, specs[1].port) == ("tcp", "127.0.0.1", 5432)
-    assert (specs[2].kind, specs[2].command) == (
-        "exec", ("/usr/local/bin/check-app", "-q"))
-
-
-@pytest.mark.parametrize(
-    ("cfg", "match"),
-    [
-        ({"name": "x"}, "exactly one of"),
-        ({"name": "x", "tcp": {"port": 1}, "http": {"url": "http://127.0.0.1/"}},
-         "exactly one of"),
-        ({"name": "x", "exec": {"command": "/bin/true"}}, "argv list"),
-        ({"name": "x", "exec": {"command": []}}, "non-empty command"),
-        ({"name": "x", "tcp": {"host": "127.0.0.1"}}, "port"),
-        ({"name": "x", "tcp": {"port": 70000}}, "port"),
-        ({"name": "x", "tcp": {"port": 1}, "interval": 0}, "interval"),
-        ({"name": "x", "tcp": {"port": 1}, "rise": 0}, "rise"),
-    ],
-)
-def test_spec_errors_name_the_check(cfg: dict[str, object], match: str) -> None:
-    with pytest.raises(ValueError, match=match) as info:
-        CheckSpec.from_config(cfg)
-    assert "'x'" in str(info.value)
+    web, db, custom = [HealthCheck.model_validate(c) for c in checks]
+    assert (web.name, web.kind, web.interval, web.timeout, web.rise, web.fall) == (
+        "web", "http", 0.3, 0.15, 3, 1)
+    http = make_probe(web, session)
+    assert isinstance(http, HttpProbe)
+    assert (http.url, http.status, http.body, http.timeout) == (
+        "http://127.0.0.1:8080/healthz", 200, "ok", 0.15)
+    tcp = make_probe(db, None)
+    assert isinstance(tcp, TcpProbe)
+    assert (db.kind, tcp.host, tcp.port) == ("tcp", "127.0.0.1", 5432)
+    ex = make_probe(custom, None)
+    assert isinstance(ex, ExecProbe)
+    assert (custom.kind, ex.command) == ("exec", ("/usr/local/bin/check-app", "-q"))
 
 
 def test_make_probe_by_kind() -> None:
-    tcp = CheckSpec(name="t", kind="tcp", interval=1, timeout=1, rise=1, fall=1,
-                    host="127.0.0.1", port=1)
-    ex = CheckSpec(name="e", kind="exec", interval=1, timeout=1, rise=1, fall=1,
-                   command=("/bin/true",))
-    http = CheckSpec(name="h", kind="http", interval=1, timeout=1, rise=1, fall=1,
-                     url="http://127.0.0.1/")
+    tcp = HealthCheck(name="t", interval=1, timeout=0.5, rise=1, fall=1,
+                      tcp=TcpCheck(host="127.0.0.1", port=1))
+    ex = HealthCheck(name="e", interval=1, timeout=0.5, rise=1, fall=1,
+                     exec=ExecCheck(command=["/bin/true"]))
+    http = HealthCheck(name="h", interval=1, timeout=0.5, rise=1, fall=1,
+                       http=HttpCheck(url="http://127.0.0.1/"))
     assert isinstance(make_probe(tcp, None), TcpProbe)
     assert isinstance(make_probe(ex, None), ExecProbe)
+    link = make_probe(LinkCheck(interface="eth0"), None)
+    assert isinstance(link, LinkProbe)
+    assert link.path == "/sys/class/net/eth0/operstate"
     with pytest.raises(ValueError, match="session"):
         make_probe(http, None)
 
@@ -393,11 +389,10 @@ def test_make_probe_by_kind() -> None:
 Event = tuple[bool | None, str, ProbeResult]
 
 
-def tcp_spec(name: str, port: int, **kw: float) -> CheckSpec:
-    params: dict[str, float] = {"interval": 0.05, "timeout": 0.5, "rise": 2, "fall": 2, **kw}
-    return CheckSpec(name=name, kind="tcp", host="127.0.0.1", port=port,
-                     interval=params["interval"], timeout=params["timeout"],
-                     rise=int(params["rise"]), fall=int(params["fall"]))
+def tcp_check(name: str, port: int) -> HealthCheck:
+    # The config requires timeout < interval; 80 ms is ample for a loopback connect.
+    return HealthCheck(name=name, tcp=TcpCheck(host="127.0.0.1", port=port),
+                       interval=0.1, timeout=0.08, rise=2, fall=2)
 
 
 @pytest.mark.asyncio
@@ -405,7 +400,7 @@ async def test_monitor_tcp_check_up_then_down() -> None:
     events: list[Event] = []
     with listener() as s:
         port = s.getsockname()[1]
-        monitor = HealthMonitor([tcp_spec("svc", port)], lambda *e: events.append(e))
+        monitor = HealthMonitor([tcp_check("svc", port)], lambda *e: events.append(e))
         assert monitor.healthy is None
         async with running(monitor):
             await eventually(lambda: len(events) == 1)
@@ -427,7 +422,7 @@ async def test_monitor_tcp_check_up_then_down() -> None:
 async def test_monitor_ands_two_checks() -> None:
     events: list[Event] = []
     with listener() as a, listener() as b:
-        checks = [tcp_spec("a", a.getsockname()[1]), tcp_spec("b", b.getsockname()[1])]
+        checks = [tcp_check("a", a.getsockname()[1]), tcp_check("b", b.getsockname()[1])]
         monitor = HealthMonitor(checks, lambda *e: events.append(e))
         async with running(monitor):
             await eventually(lambda: all(st.up for st in monitor.status()))
@@ -445,9 +440,9 @@ async def test_monitor_ands_two_checks() -> None:
 @pytest.mark.asyncio
 async def test_monitor_http_check_closes_its_session(http_server: TestServer) -> None:
     events: list[Event] = []
-    spec = CheckSpec(name="web", kind="http", interval=0.05, timeout=1, rise=2, fall=2,
-                     url=str(http_server.make_url("/ok")), body="good")
-    monitor = HealthMonitor([spec], lambda *e: events.append(e))
+    check = HealthCheck(name="web", http=HttpCheck(url=str(http_server.make_url("/ok")),
+                                                   body="good"))
+    monitor = HealthMonitor([check], lambda *e: events.append(e))
     async with running(monitor):
         await eventually(lambda: len(events) == 1)
         assert events[0][0] is True
@@ -481,9 +476,11 @@ class FakeProbe:
             self.active -= 1
 
 
-def fake_spec(name: str, interval: float = 0.02, rise: int = 2, fall: int = 2) -> CheckSpec:
-    return CheckSpec(name=name, kind="exec", interval=interval, timeout=1, rise=rise,
-                     fall=fall, command=("/bin/true",))
+def fake_check(name: str, interval: float = 0.02, rise: int = 2, fall: int = 2) -> HealthCheck:
+    # Probed by a FakeProbe: the timeout only sets when the monitor gives up on a hung
+    # probe (timeout + HUNG_PROBE_GRACE), far beyond any FakeProbe delay.
+    return HealthCheck(name=name, interval=interval, timeout=interval / 2, rise=rise,
+                       fall=fall, exec=ExecCheck(command=["/bin/true"]))
 
 
 @pytest.mark.asyncio
@@ -491,9 +488,9 @@ async def test_monitor_unknown_check_holds_back_health_but_a_failure_does_not() 
     fast_down, slow_up = FakeProbe([False]), FakeProbe([True], delay=0.3)
     probes = {"down": fast_down, "up": slow_up}
     events: list[Event] = []
-    monitor = HealthMonitor([fake_spec("down"), fake_spec("up")],
+    monitor = HealthMonitor([fake_check("down"), fake_check("up")],
                             lambda *e: events.append(e),
-                            probe_factory=lambda spec, _session: probes[spec.name])
+                            probe_factory=lambda check, _session: probes[check.name])
     async with running(monitor):
         await eventually(lambda: len(events) == 1)
         assert events[0][:2] == (False, "down")
@@ -505,8 +502,8 @@ async def test_monitor_unknown_check_holds_back_health_but_a_failure_does_not() 
 @pytest.mark.asyncio
 async def test_monitor_probe_never_overlaps_itself() -> None:
     slow = FakeProbe([True], delay=0.06)
-    monitor = HealthMonitor([fake_spec("slow", interval=0.01)], lambda *e: None,
-                            probe_factory=lambda spec, _session: slow)
+    monitor = HealthMonitor([fake_check("slow", interval=0.01)], lambda *e: None,
+                            probe_factory=lambda _check, _session: slow)
     async with running(monitor):
         await eventually(lambda: slow.calls >= 4)
     assert slow.max_active == 1
@@ -525,8 +522,8 @@ async def test_monitor_schedule_counts_from_probe_start(
         waits.append(delay)
         await real_sleep(delay)
 
-    monitor = HealthMonitor([fake_spec("p", interval=0.1)], lambda *e: None,
-                            probe_factory=lambda spec, _session: probe)
+    monitor = HealthMonitor([fake_check("p", interval=0.1)], lambda *e: None,
+                            probe_factory=lambda _check, _session: probe)
     monkeypatch.setattr(asyncio, "sleep", spy)
     async with running(monitor):
         while len(waits) < 3:
@@ -540,8 +537,8 @@ async def test_monitor_probe_that_raises_counts_as_down(
 ) -> None:
     broken = FakeProbe(error=RuntimeError("boom"))
     events: list[Event] = []
-    monitor = HealthMonitor([fake_spec("broken")], lambda *e: events.append(e),
-                            probe_factory=lambda spec, _session: broken)
+    monitor = HealthMonitor([fake_check("broken")], lambda *e: events.append(e),
+                            probe_factory=lambda _check, _session: broken)
     with caplog.at_level(logging.ERROR, logger="vipd.health"):
         async with running(monitor):
             await eventually(lambda: len(events) == 1 and broken.calls >= 3)
@@ -554,8 +551,8 @@ async def test_monitor_probe_that_raises_counts_as_down(
 @pytest.mark.asyncio
 async def test_monitor_logs_each_transition_once(caplog: pytest.LogCaptureFixture) -> None:
     probe = FakeProbe([True, False, False, False, False])
-    monitor = HealthMonitor([fake_spec("svc")], lambda *e: None,
-                            probe_factory=lambda spec, _session: probe)
+    monitor = HealthMonitor([fake_check("svc")], lambda *e: None,
+                            probe_factory=lambda _check, _session: probe)
     with caplog.at_level(logging.INFO, logger="vipd.health"):
         async with running(monitor):
             await eventually(lambda: probe.calls >= 5)
@@ -584,16 +581,27 @@ async def test_monitor_on_change_error_ends_run() -> None:
     def explode(*_: object) -> None:
         raise RuntimeError("daemon bug")
 
-    monitor = HealthMonitor([fake_spec("p")], explode,
-                            probe_factory=lambda spec, _session: FakeProbe([True]))
+    monitor = HealthMonitor([fake_check("p")], explode,
+                            probe_factory=lambda _check, _session: FakeProbe([True]))
     with pytest.raises(ExceptionGroup) as info:
         await asyncio.wait_for(monitor.run(), timeout=5)
     assert info.group_contains(RuntimeError, match="daemon bug")
 
 
-def test_monitor_accepts_config_objects_and_rejects_duplicate_names() -> None:
-    cfg = SimpleNamespace(name="db", tcp=SimpleNamespace(host="127.0.0.1", port=5432))
+def test_monitor_takes_config_models_and_rejects_duplicate_names() -> None:
+    cfg = HealthCheck(name="db", tcp=TcpCheck(host="127.0.0.1", port=5432))
     monitor = HealthMonitor([cfg], lambda *e: None)
     assert [st.name for st in monitor.status()] == ["db"]
     with pytest.raises(ValueError, match="duplicate health check names: db"):
         HealthMonitor([cfg, cfg], lambda *e: None)
+
+
+def test_monitor_runs_the_link_check_beside_configured_ones() -> None:
+    cfg = HealthCheck(name="db", tcp=TcpCheck(host="127.0.0.1", port=5432))
+    monitor = HealthMonitor([cfg, LinkCheck(interface="eth0")], lambda *e: None)
+    assert [(st.name, st.kind, st.up) for st in monitor.status()] == [
+        ("db", "tcp", None), ("link.eth0", "link", None)]
+    # A configured check may not take the built-in check's name.
+    clash = HealthCheck(name="link.eth0", tcp=TcpCheck(host="127.0.0.1", port=5432))
+    with pytest.raises(ValueError, match=r"duplicate health check names: link\.eth0"):
+        HealthMonitor([clash, LinkCheck(interface="eth0")], lambda *e: None)
