@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from support.netns import poke
 from vipd import vip as vip_module
 from vipd.errors import VipError
-from vipd.lab import poke
 from vipd.vip import (
     ETH_P_IPV6,
     INFINITY_LIFE_TIME,

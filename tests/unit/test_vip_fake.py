@@ -9,8 +9,8 @@ from ipaddress import IPv4Interface, IPv6Interface
 
 import pytest
 
+from support.fakes import FakeMover
 from vipd.errors import VipError
-from vipd.testing import FakeMover
 from vipd.vip import (
     INFINITY_LIFE_TIME,
     NetlinkMover,
