@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vipd.lab import run_in_netns
+from vipd.demo.lab import run_in_netns
 
 if TYPE_CHECKING:
-    from vipd.pairlab import PairLab
+    from vipd.demo.pairlab import PairLab
 
 PROBE_EVERY = 0.010
 PROBER_MAC = "02:76:64:00:00:fe"  # the lab's hosts are 02:76:64:00:00:0n

@@ -3,7 +3,7 @@
     python -m simulations.bench_failover --trials 20 --faults kill,stop,health,link-down --json
 
 Not part of the test suite; needs root (it builds network namespaces with documentation
-addresses through `vipd.pairlab.PairLab` and deletes them on exit, error or Ctrl-C).
+addresses through `vipd.demo.pairlab.PairLab` and deletes them on exit, error or Ctrl-C).
 
 Per fault kind one PairLab is reused. Before every trial both daemons are SIGKILLed, any
 VIP they left is deleted, health and links are restored, dead responders are restarted,
@@ -14,8 +14,8 @@ for longer than the dead interval, and the probe has sent its first request (che
 /proc, since the probe needs a while to import). After a random 0.5 .. 0.5 + heartbeat
 interval s the fault hits node1; the trial ends when node2 holds the VIP and answers the
 client (10 s timeout = a failed trial). The outage is
-`vipd.pairlab.outage(samples, fault_time)`: from the first unanswered request at or after
-the fault to the next answered one.
+`vipd.demo.pairlab.outage(samples, fault_time)`: from the first unanswered request at or
+after the fault to the next answered one.
 
 Disturbances (pause-standby, pause-active, clock-step; `simulations.disturb`) start
 from the same stable pair but measure something else: whether two nodes ever answer for
@@ -56,8 +56,8 @@ from typing import Any
 
 from simulations import disturb
 from vipd.config import load_config
-from vipd.lab import list_namespaces
-from vipd.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
+from vipd.demo.lab import list_namespaces
+from vipd.demo.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
 from vipd.tokens import new_token
 
 FAULTS = {

@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vipd.pairlab import PairLab
+from vipd.demo.pairlab import PairLab
 
 URL = "http://127.0.0.1:9441/metrics"
 

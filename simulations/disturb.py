@@ -50,7 +50,7 @@ from itertools import pairwise
 from typing import Any
 
 from simulations.arpwatch import ArpWatch, Episode, Observations
-from vipd.pairlab import VIP4, PairLab
+from vipd.demo.pairlab import VIP4, PairLab
 
 ACTIVE, STANDBY = "node1", "node2"
 BASELINE = 0.5  # watched before the fault (plus a random phase of the heartbeat timer)
@@ -191,9 +191,9 @@ def measure(obs: Observations, samples: list[tuple[float, str | None]], w: Windo
 def longest_unanswered(samples: list[tuple[float, str | None]], since: float
                        ) -> tuple[float, bool]:
     """The longest run of unanswered UDP requests sent from ``since`` on (from the first
-    unanswered one to the next answered one, as `vipd.pairlab.failed_runs`), in seconds,
-    and whether the last run was still open when the probe stopped; an open run counts
-    up to the last request, a lower bound."""
+    unanswered one to the next answered one, as `vipd.demo.pairlab.failed_runs`), in
+    seconds, and whether the last run was still open when the probe stopped; an open run
+    counts up to the last request, a lower bound."""
     longest, run_start = 0.0, None
     for sent, who in samples:
         if sent < since:

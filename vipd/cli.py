@@ -146,13 +146,13 @@ def install_check(args: argparse.Namespace) -> int:
 
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
-    from vipd.demo import add_arguments
+    from vipd.demo.command import add_arguments
 
     add_arguments(parser)
 
 
 def demo(args: argparse.Namespace) -> int:
-    from vipd.demo import main as demo_main
+    from vipd.demo.command import main as demo_main
 
     return demo_main(args)
 

@@ -2,16 +2,16 @@
 
 Fixtures
 --------
-``lab`` (function scope): a fresh `netns.Lab` per test: a switch namespace with a
+``lab`` (function scope): a fresh `support.netns.Lab` per test: a switch namespace with a
 bridge and three hosts ``lab.node1``, ``lab.node2``, ``lab.client`` (each a
-`netns.Host` with ``eth0``, 198.51.100.n/24, 2001:db8:1::n/64, MAC 02:76:64:00:00:0n).
+`support.netns.Host` with ``eth0``, 198.51.100.n/24, 2001:db8:1::n/64, MAC 02:76:64:00:00:0n).
 Sysctls are set explicitly per LAB-NOTES (rp_filter, arp_ignore, arp_announce,
 arp_accept = 0; IPv6 DAD, RA and RS off; bridge-nf-call-* = 0 in the switch). It is
 destroyed after the test, pass or fail: processes inside are SIGKILLed, namespaces
 deleted. ``netns_prefix`` (session scope) is the unique name prefix
 (``vt<pid><hex>-``); at session end any namespace still carrying it is swept away.
 
-``pair`` (function scope): a `vipd.pairlab.PairLab` built in ``tmp_path / "pair"``: the
+``pair`` (function scope): a `vipd.demo.pairlab.PairLab` built in ``tmp_path / "pair"``: the
 same kind of lab with a vipd config, key, health file and log per node (node1 priority
 150, node2 priority 100), not yet started. Options of ``PairLab.create`` come from the
 marker ``@pytest.mark.pair(preempt=True, preempt_delay=1.0, ipv6=..., extra=...)``
@@ -46,8 +46,9 @@ from pathlib import Path
 
 import pytest
 
-from vipd.lab import Lab, new_prefix, sweep, unavailable_reason
-from vipd.pairlab import PairLab
+from support.netns import Lab, sweep, unavailable_reason
+from vipd.demo.lab import new_prefix
+from vipd.demo.pairlab import PairLab
 
 _lab_numbers = itertools.count(1)
 

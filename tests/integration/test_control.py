@@ -34,14 +34,15 @@ from typing import Any
 
 import pytest
 
+from support.pairlab_checks import expect, logs
 from vipd.config import load_config
-from vipd.pairlab import VIP4, VIP6, PairLab, outage
+from vipd.demo.pairlab import VIP4, VIP6, PairLab, outage
 from vipd.tokens import new_token
 from vipd.vipctl import EXIT_AUTH, EXIT_OK, EXIT_REFUSED
 
 pytestmark = [
     pytest.mark.netns,
-    # Same known vipd.pairlab leak as in test_failover.py: PairLab.start never closes
+    # Same known vipd.demo.pairlab leak as in test_failover.py: PairLab.start never closes
     # its handle on the node's log file. Only that exact warning is ignored.
     pytest.mark.filterwarnings(
         r"ignore:unclosed file <_io.TextIOWrapper name='[^']*/node[12]\.log' mode='a'"
@@ -109,11 +110,6 @@ class Ctl:
 
 # --- helpers ---------------------------------------------------------------------------
 
-def logs(pair: PairLab) -> str:
-    return "\n".join(f"--- {name} log ---\n" + "\n".join(pair.log_lines(name))
-                     for name in pair.nodes)
-
-
 def describe(done: subprocess.CompletedProcess[str], pair: PairLab) -> str:
     return (f"vipctl {' '.join(done.args[7:])} exited {done.returncode}\n"
             f"stdout: {done.stdout}\nstderr: {done.stderr}\n{logs(pair)}")
@@ -131,12 +127,6 @@ def stall_allowance(pair: PairLab, node: str, mark: int) -> float:
         if match := STALLED.search(line):
             extra += int(match.group(1)) / 1000 + dead
     return extra
-
-
-def expect(pair: PairLab, predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    if not pair.wait_for(predicate, timeout):
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; holders "
-                             f"v4={pair.holders(VIP4)} v6={pair.holders(VIP6)}\n{logs(pair)}")
 
 
 def expect_only(pair: PairLab, node: str, timeout: float = MOVE) -> None:

@@ -2,7 +2,7 @@
 
 Two daemons (`python -m vipd.cli run`) in namespaces node1 (priority 150) and node2
 (priority 100) share VIP4 and VIP6; a responder on each node answers on the VIP with its
-name and a probe in the client namespace records who answers (vipd.pairlab). Faults are
+name and a probe in the client namespace records who answers (vipd.demo.pairlab). Faults are
 the real thing: SIGKILL of the process group, link down, a failing exec health check,
 SIGTERM, restarts. The kernel's view (``ip -j addr``) is the oracle for who holds a VIP.
 
@@ -33,12 +33,13 @@ from typing import Any
 
 import pytest
 
+from support.pairlab_checks import expect, expect_only, logs, start_pair, stays, transitions
 from vipd.config import load_config
 from vipd.core.protocol import Advert, Flag, KeyRing, Session, State
 from vipd.daemon import election_config
+from vipd.demo.lab import run_in_netns
+from vipd.demo.pairlab import PORT, VIP4, VIP6, PairLab, outage
 from vipd.keys import load_keys
-from vipd.lab import run_in_netns
-from vipd.pairlab import PORT, VIP4, VIP6, PairLab, outage
 
 pytestmark = pytest.mark.netns
 
@@ -57,25 +58,12 @@ HANDOVER = 0.1
 HANDOVER_OUTAGE = 0.15
 POLL_STEP = 0.02  # s between two looks at the kernel
 STALLED = re.compile(r"this node stalled for (\d+) ms")
-LEASE_GONE = 8.0  # s: vip_lease is 3 s; a dead node's copy is gone well within this
 IP_TRANSPARENT = 19  # not in Python 3.11's socket module
 ETH_P_ALL = 0x0003
 NODE1, NODE2 = "198.51.100.1", "198.51.100.2"
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-def logs(pair: PairLab) -> str:
-    """Both daemons' logs, for assertion messages."""
-    return "\n".join(f"--- {name} log ---\n" + "\n".join(pair.log_lines(name))
-                     for name in pair.nodes)
-
-
-def expect(pair: PairLab, predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    if not pair.wait_for(predicate, timeout):
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; holders "
-                             f"v4={pair.holders(VIP4)} v6={pair.holders(VIP6)}\n{logs(pair)}")
-
 
 def dead_interval(pair: PairLab) -> float:
     """The standby's dead interval, from the lab's own config: what a crash costs."""
@@ -153,37 +141,6 @@ def seen(pair: PairLab, predicate: Callable[[], Any], t0: float, what: str,
         time.sleep(POLL_STEP)
 
 
-def expect_only(pair: PairLab, node: str, timeout: float = LEASE_GONE,
-                vip: str = VIP4) -> None:
-    """The VIP ends up on exactly one node, `node` (rule 9 of the failover contract)."""
-    expect(pair, lambda: pair.holders(vip) == [node], timeout,
-           f"{vip} on exactly one node, {node}")
-
-
-def stays(pair: PairLab, holders: list[str], seconds: float, vip: str = VIP4) -> None:
-    """For `seconds`, every poll sees exactly `holders` holding `vip`."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        seen = pair.holders(vip)
-        assert seen == holders, f"{vip} held by {seen}, expected {holders}\n{logs(pair)}"
-        time.sleep(0.05)
-
-
-def start_pair(pair: PairLab) -> None:
-    """node1 first, then node2 once node1 holds the VIP: a known starting point for the
-    fault scenarios (the simultaneous start is test_start_elects_node1_with_both_vips)."""
-    pair.start("node1")
-    expect_only(pair, "node1", timeout=10.0)
-    pair.start("node2")
-    expect(pair, lambda: any("check service: unknown -> up" in line
-                             for line in pair.log_lines("node2")),
-           10.0, "node2's health check to pass")
-    time.sleep(0.5)  # > the dead interval: node2 has heard node1 and left its hold-down
-    assert pair.holders() == ["node1"], logs(pair)
-    assert transitions(pair.log_lines("node2")) == [
-        line for line in pair.log_lines("node2") if "INIT -> STANDBY" in line], logs(pair)
-
-
 def warm_probe(pair: PairLab, target: str = VIP4) -> None:
     """Start the client probe and give it time to resolve the VIP and get answers."""
     pair.start_probe(target=target)
@@ -192,10 +149,6 @@ def warm_probe(pair: PairLab, target: str = VIP4) -> None:
 
 def lines_since(pair: PairLab, name: str, mark: int) -> list[str]:
     return pair.log_lines(name)[mark:]
-
-
-def transitions(lines: list[str]) -> list[str]:
-    return [line for line in lines if " -> " in line and ", term " in line]
 
 
 # --- 1: start --------------------------------------------------------------------------
@@ -236,7 +189,7 @@ def test_kill_active_fails_over_and_stale_vip_expires(pair: PairLab) -> None:
     # The dead node's copy has no renewal any more: the kernel drops it (lease 3 s).
     expect_only(pair, "node2")
     expect_only(pair, "node2", vip=VIP6, timeout=2.0)
-    assert pair.lab.node1.address(VIP4) is None
+    assert pair.host("node1").address(VIP4) is None
 
 
 # --- 3: link down ----------------------------------------------------------------------
@@ -294,7 +247,7 @@ def test_failing_health_check_moves_vip_and_faults_node1(pair: PairLab) -> None:
     assert took.after <= bound.total, f"node2 took the VIP after {took} (health)\n{logs(pair)}"
     expect_only(pair, "node2", timeout=3.0)
     expect_only(pair, "node2", vip=VIP6, timeout=3.0)
-    assert pair.lab.node1.address(VIP4) is None and pair.lab.node1.address(VIP6) is None
+    assert pair.host("node1").address(VIP4) is None and pair.host("node1").address(VIP6) is None
     faults = [line for line in pair.log_lines("node1") if "-> FAULT" in line]
     assert faults, logs(pair)
     assert "service" in faults[0], faults[0]  # names the failing check
@@ -462,7 +415,7 @@ def test_forged_and_replayed_heartbeats_change_nothing(pair: PairLab) -> None:
     start_pair(pair)
     stays(pair, ["node1"], 0.5)
     mark1, mark2 = len(pair.log_lines("node1")), len(pair.log_lines("node2"))
-    client, switch = pair.lab.client, pair.lab.switch
+    client, switch = pair.host("client"), pair.lab.switch
     wrong_key = KeyRing({1: secrets.token_bytes(32)})
     real_key = KeyRing(load_keys(pair.workdir / "pair.key"))
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from vipd.pairlab import PairLab
+from vipd.demo.pairlab import PairLab
 
 pytestmark = pytest.mark.netns
 

@@ -1,7 +1,7 @@
-"""vipd.pairlab's client probe, the instrument the failover and control tests measure
+"""vipd.demo.pairlab's client probe, the instrument the failover and control tests measure
 outages with (see conftest.py for the `lab` fixture).
 
-The probe's contract (vipd/pairlab.py `_probe`): a request counts as answered if its
+The probe's contract (vipd/demo/pairlab.py `_probe`): a request counts as answered if its
 reply comes within 50 ms. Against a responder that answers every request after 20 ms,
 every request is answered, so the recorded outage must be 0.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vipd.lab import Lab
-from vipd.pairlab import ECHO_PORT, outage
+from support.netns import Lab
+from vipd.demo.pairlab import ECHO_PORT, outage
 
 pytestmark = pytest.mark.netns
 
@@ -43,7 +43,7 @@ while True:
 
 def test_probe_records_replies_that_arrive_after_sigterm_within_the_window(
         lab: Lab, tmp_path: Path) -> None:
-    """Bug in vipd.pairlab._probe: after SIGTERM it sleeps 60 ms "for late replies" but
+    """Bug in vipd.demo.pairlab._probe: after SIGTERM it sleeps 60 ms "for late replies" but
     never reads the socket then, so the requests of the last DELAY before SIGTERM are
     recorded as unanswered although their replies arrive within 50 ms. `outage` then
     reports an infinite outage (a trailing unanswered request), which is what made a
@@ -51,8 +51,8 @@ def test_probe_records_replies_that_arrive_after_sigterm_within_the_window(
     lab.node1.spawn(sys.executable, "-c", RESPONDER)
     time.sleep(0.5)
     out = tmp_path / "probe.jsonl"
-    probe = lab.client.spawn(sys.executable, "-m", "vipd.pairlab", "probe", "198.51.100.1",
-                             "0.005", str(out))
+    probe = lab.client.spawn(sys.executable, "-m", "vipd.demo.pairlab", "probe",
+                             "198.51.100.1", "0.005", str(out))
     ready = Path(f"{out}.ready")  # the probe's first request is out (its import is slow
     deadline = time.monotonic() + 15  # on a loaded machine)
     while not ready.exists() and time.monotonic() < deadline:

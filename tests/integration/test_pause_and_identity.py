@@ -36,14 +36,15 @@ from typing import Any
 
 import pytest
 
+from support.pairlab_checks import LEASE_GONE, expect, expect_only, logs, start_pair, stays
 from vipd.config import load_config
-from vipd.lab import enter_netns
-from vipd.pairlab import VIP4, VIP6, PairLab
+from vipd.demo.lab import enter_netns
+from vipd.demo.pairlab import VIP4, VIP6, PairLab
 
 pytestmark = pytest.mark.netns
 
 FAILOVER = 5.0  # s: a takeover must be visible in the kernel within this
-LEASE_GONE = 8.0  # s: vip_lease is 3 s; a frozen node's copy is gone well within this
+SETTLE = 1.2  # s: start_pair waits > 3 dead intervals (the pair is settled > 1 s)
 READDED = 5.0  # s: a VIP deleted by hand on the active is back within this
 NODE1, NODE2 = "198.51.100.1", "198.51.100.2"
 NODE2_MAC = bytes.fromhex("027664000002")
@@ -55,57 +56,10 @@ IFA_LOCAL = 2
 ETH_P_ARP = 0x0806
 
 
-# --- helpers (small copies of test_failover.py's) ----------------------------------------
-
-def logs(pair: PairLab) -> str:
-    """Both daemons' logs, for assertion messages."""
-    return "\n".join(f"--- {name} log ---\n" + "\n".join(pair.log_lines(name))
-                     for name in pair.nodes)
-
-
-def expect(pair: PairLab, predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    if not pair.wait_for(predicate, timeout):
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; holders "
-                             f"v4={pair.holders(VIP4)} v6={pair.holders(VIP6)}\n{logs(pair)}")
-
-
-def expect_only(pair: PairLab, node: str, timeout: float = LEASE_GONE,
-                vip: str = VIP4) -> None:
-    expect(pair, lambda: pair.holders(vip) == [node], timeout,
-           f"{vip} on exactly one node, {node}")
-
-
-def stays(pair: PairLab, holders: list[str], seconds: float, vip: str = VIP4) -> None:
-    """For `seconds`, every poll sees exactly `holders` holding `vip`."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        seen = pair.holders(vip)
-        assert seen == holders, f"{vip} held by {seen}, expected {holders}\n{logs(pair)}"
-        time.sleep(0.05)
-
-
-def transitions(lines: list[str]) -> list[str]:
-    return [line for line in lines if " -> " in line and ", term " in line]
-
+# --- helpers (the shared ones are in support.pairlab_checks) -----------------------------
 
 def dead_interval(pair: PairLab) -> float:
     return load_config(pair.nodes["node1"].config).heartbeat.dead_interval
-
-
-def start_pair(pair: PairLab) -> None:
-    """node1 first, then node2 once node1 holds the VIP; returns once the pair has been
-    settled (node1 ACTIVE and the only holder, node2 STANDBY) for more than a second."""
-    pair.start("node1")
-    expect_only(pair, "node1", timeout=10.0)
-    pair.start("node2")
-    expect(pair, lambda: any("check service: unknown -> up" in line
-                             for line in pair.log_lines("node2")),
-           10.0, "node2's health check to pass")
-    time.sleep(1.2)  # > 3 dead intervals: node2 heard node1 and left its hold-down
-    assert pair.holders() == ["node1"], logs(pair)
-    node2 = pair.log_lines("node2")
-    assert transitions(node2) == [line for line in node2 if "INIT -> STANDBY" in line], \
-        logs(pair)
 
 
 def daemon_pid(pair: PairLab, name: str) -> int:
@@ -353,7 +307,7 @@ def test_paused_standby_does_not_take_the_vip_on_resume(pair: PairLab, paused: f
     """node2 (standby) is SIGSTOPped for `paused` s, then continued. On resume it must
     not trust its own stale view ("node1 silent for 1500 ms": it was node2 that was
     silent): node2 never holds VIP4 or announces it, node1 holds it throughout."""
-    start_pair(pair)
+    start_pair(pair, SETTLE)
     mark2 = len(pair.log_lines("node2"))
     pid = daemon_pid(pair, "node2")
     with Watch(pair, arp_from=NODE2_MAC) as watch:
@@ -403,18 +357,18 @@ def test_frozen_active_does_not_readd_its_expired_vip(pair: PairLab) -> None:
     """node1 (active) is SIGSTOPped for 5 s: node2 takes over after a dead interval and
     the kernel drops node1's copy when its 3 s lease ends. On SIGCONT node1 must not
     renew (= re-add) the expired VIP: that would be a second holder."""
-    start_pair(pair)
+    start_pair(pair, SETTLE)
     pid = daemon_pid(pair, "node1")
     with Watch(pair) as watch:
         stopped = _pause(pid)
         try:
             expect(pair, lambda: "node2" in pair.holders(), FAILOVER,
                    "node2 to take VIP4 from the frozen node1")
-            expect(pair, lambda: pair.lab.node1.address(VIP4) is None, LEASE_GONE,
+            expect(pair, lambda: pair.host("node1").address(VIP4) is None, LEASE_GONE,
                    "the kernel to drop frozen node1's VIP4 (lease 3 s)")
             gone = time.monotonic()
             time.sleep(max(stopped + 5.0 - time.monotonic(), 0.0))
-            assert pair.lab.node1.address(VIP4) is None, "node1 is frozen, yet holds VIP4"
+            assert pair.host("node1").address(VIP4) is None, "node1 is frozen, yet holds VIP4"
         finally:
             os.kill(pid, signal.SIGCONT)
         resumed = time.monotonic()
@@ -451,12 +405,12 @@ def test_frozen_active_does_not_readd_its_expired_vip(pair: PairLab) -> None:
 def test_vip_deleted_on_active_is_readded_logged_and_counted(pair: PairLab) -> None:
     """Someone runs ``ip addr del VIP4`` on node1 (active). node1 puts it back, says so
     in a warning naming the VIP, and counts it in vipd_vip_corrections_total."""
-    start_pair(pair)
+    start_pair(pair, SETTLE)
     mark1 = len(pair.log_lines("node1"))
     with Watch(pair) as watch:
         pair.host("node1").ip("addr", "del", f"{VIP4}/32", "dev", "eth0")
         deleted = time.monotonic()
-        back = pair.wait_for(lambda: pair.lab.node1.address(VIP4) is not None, READDED)
+        back = pair.wait_for(lambda: pair.host("node1").address(VIP4) is not None, READDED)
         took = time.monotonic() - deleted
 
         def warnings() -> list[str]:

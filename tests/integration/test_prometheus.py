@@ -36,7 +36,8 @@ from typing import Any
 import pytest
 import yaml
 
-from vipd.pairlab import PairLab
+from support.pairlab_checks import logs
+from vipd.demo.pairlab import PairLab
 
 pytestmark = pytest.mark.netns
 
@@ -49,11 +50,6 @@ TARGETS = {"node1": NODE1, "node2": NODE2}
 SEEN = 20.0  # s: Prometheus must see a change within this (1 s scrapes)
 # The expression of VipdSplitBrain, evaluated directly as well as through the alert.
 SPLIT_BRAIN = 'sum by (cluster) (vipd_state{job="vipd", state="ACTIVE"}) > 1'
-
-
-def logs(pair: PairLab) -> str:
-    return "\n".join(f"--- {name} log ---\n" + "\n".join(pair.log_lines(name))
-                     for name in pair.nodes)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,

@@ -55,8 +55,8 @@ import pytest
 import yaml
 
 import vipd
+from support.netns import Lab, poke
 from vipd.keys import generate_key_line
-from vipd.lab import Lab, poke
 
 pytestmark = pytest.mark.netns
 

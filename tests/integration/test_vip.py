@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from vipd.movers import netlink as netlink_module
+from support.netns import poke
 from vipd.errors import VipError
-from vipd.lab import poke
+from vipd.movers import netlink as netlink_module
 from vipd.movers.base import INFINITY_LIFE_TIME, announce_burst
 from vipd.movers.frames import ETH_P_IPV6, build_unsolicited_na
 from vipd.movers.netlink import VIPD_ADDR_PROTO, NetlinkMover

@@ -32,7 +32,7 @@ def test_text_lines_start_with_time_level_and_node(capsys: pytest.CaptureFixture
 
 def test_json_lines_parse(capsys: pytest.CaptureFixture[str]) -> None:
     logs.setup("vm-b", "json")
-    log = logging.getLogger("vipd.vip")
+    log = logging.getLogger("vipd.vipworker")
     log.warning("VIPs removed from %s", "eth0")
     try:
         raise RuntimeError("boom")
@@ -42,6 +42,6 @@ def test_json_lines_parse(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lines) == 2
     first, second = (json.loads(x) for x in lines)
     assert first["node"] == "vm-b" and first["level"] == "warning"
-    assert first["message"] == "VIPs removed from eth0" and first["logger"] == "vipd.vip"
+    assert first["message"] == "VIPs removed from eth0" and first["logger"] == "vipd.vipworker"
     assert isinstance(first["time"], float)
     assert "RuntimeError: boom" in second["exception"]

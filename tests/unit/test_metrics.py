@@ -1,8 +1,8 @@
 """Prometheus metrics (vipd/metrics.py): what a scrape of a running pair shows.
 
-The two-daemon loopback pair of test_daemon.py (FakeMover, no API or metrics listener,
-interval 20 ms, dead_after 5) is reused; a "scrape" here is what the /metrics handler
-does: ``collector.refresh(held)`` with the VIPs the mover holds, then reading the
+The two-daemon loopback pair of tests/support/daemons.py (FakeMover, no API or metrics
+listener, interval 20 ms, dead_after 5) is reused; a "scrape" here is what the /metrics
+handler does: ``collector.refresh(held)`` with the VIPs the mover holds, then reading the
 registry (``get_sample_value``). The reason-code check runs the simulator plus a few
 scripted scenarios that reach the transitions no random scenario produces.
 """
@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
-from test_daemon import VIP_SET, VIPS, Node, Pair, eventually, exec_check
 
 import simulations.simnet as simnet
 from simulations import simulate
 from simulations.simnet import CLUSTER, Sim, SimNode
+from support.daemons import VIP_SET, VIPS, Node, Pair, eventually, exec_check
 from vipd import __version__
 from vipd.core import election as el
 from vipd.core.events import REASON_CODES

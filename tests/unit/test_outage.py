@@ -1,10 +1,10 @@
-"""How the lab turns probe samples into a client-visible outage (vipd.pairlab)."""
+"""How the lab turns probe samples into a client-visible outage (vipd.demo.pairlab)."""
 
 from __future__ import annotations
 
 import math
 
-from vipd.pairlab import failed_runs, outage
+from vipd.demo.pairlab import failed_runs, outage
 
 # (time the request was sent, who answered or None)
 SAMPLES: list[tuple[float, str | None]] = [

@@ -2,9 +2,9 @@
 
 The Notifier is tested against real AF_UNIX datagram sockets (a path in tmp_path and an
 abstract name), as systemd's $NOTIFY_SOCKET would be. The daemon-level tests reuse the
-loopback two-daemon pair of test_daemon.py: $NOTIFY_SOCKET, $WATCHDOG_USEC (200 ms) and
-$WATCHDOG_PID (this process) are set before each Daemon is built, every node gets its
-own socket, and a reader thread records each datagram with a snapshot of the sender's
+loopback two-daemon pair of tests/support/daemons.py: $NOTIFY_SOCKET, $WATCHDOG_USEC
+(200 ms) and $WATCHDOG_PID (this process) are set before each Daemon is built, every node
+gets its own socket, and a reader thread records each datagram with a snapshot of the sender's
 election state taken when it arrives (the sender is in the middle of, or has just left,
 the `_handle` that sent it).
 """
@@ -27,14 +27,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_daemon import Node, Pair, eventually
 
+from support.daemons import Node, Pair, eventually
 from vipd.core.protocol import State
 from vipd.systemd import Notifier
 
 WATCHDOG_USEC = 200_000
 WATCHDOG_PERIOD = WATCHDOG_USEC / 1e6
-DEAD_INTERVAL = 0.1  # test_daemon's pair: 20 ms interval, dead_after 5
+DEAD_INTERVAL = 0.1  # support.daemons' pair: 20 ms interval, dead_after 5
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -129,7 +129,7 @@ def readers(tmp_path: Path) -> Iterator[dict[str, NotifyReader]]:
 async def pair(readers: dict[str, NotifyReader], tmp_path: Path,
                caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
                ) -> AsyncIterator[Pair]:
-    """test_daemon's pair with the watchdog environment set (NOTIFY_SOCKET per node)."""
+    """support.daemons' pair with the watchdog environment set (NOTIFY_SOCKET per node)."""
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))

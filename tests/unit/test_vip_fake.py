@@ -9,8 +9,8 @@ from ipaddress import IPv4Interface, IPv6Interface
 
 import pytest
 
+from support.fakes import FakeMover
 from vipd.errors import VipError
-from vipd.testing import FakeMover
 from vipd.movers.base import INFINITY_LIFE_TIME, VipMover, announce_burst, lifetime_seconds
 from vipd.movers.netlink import NetlinkMover, vipd_label
 

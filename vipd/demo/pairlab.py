@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vipd.demo.lab import Host, Lab, new_prefix
 from vipd.keys import generate_key_line
-from vipd.lab import Lab, new_prefix
 from vipd.transport import IP_FREEBIND
 
 VIP4 = "198.51.100.100"
@@ -112,7 +112,7 @@ class PairLab:
     def __exit__(self, *exc: object) -> None:
         self.destroy()
 
-    def host(self, name: str) -> Any:
+    def host(self, name: str) -> Host:
         return self.lab[name]
 
     # --- processes -----------------------------------------------------------------------
@@ -128,7 +128,7 @@ class PairLab:
                 node.faked_pids.append(node.daemon.pid)
             if responder and node.responder is None:
                 node.responder = self.lab[name].spawn(
-                    sys.executable, "-m", "vipd.pairlab", "responder", name, stderr=log)
+                    sys.executable, "-m", "vipd.demo.pairlab", "responder", name, stderr=log)
 
     def start_settled(self, *, responder: bool = True, lead: float = 0.3) -> str | None:
         """node1, then node2 ``lead`` s later (node1 is up well within node2's hold-down
@@ -254,7 +254,7 @@ class PairLab:
         self.probe_out = self.workdir / f"probe-{time.monotonic_ns()}.jsonl"
         ready = Path(f"{self.probe_out}.ready")
         self.probe = self.lab["client"].spawn(
-            sys.executable, "-m", "vipd.pairlab", "probe", target, str(every),
+            sys.executable, "-m", "vipd.demo.pairlab", "probe", target, str(every),
             str(self.probe_out))
         if not self.wait_for(ready.exists, 15, 0.005):
             raise RuntimeError(f"the client probe did not start within 15 s ({ready})")

@@ -1,8 +1,5 @@
-"""Fakes of vipd's I/O edges, shared by unit tests and the simulator.
-
-They live in the package (like trio.testing) so that every test and simulation drives
-the same fakes, and a fake that drifts from its Protocol fails type checking here.
-"""
+"""Fakes of vipd's I/O edges for the tests (tests/unit/test_vip_fake.py holds FakeMover
+to the `vipd.movers.base.VipMover` Protocol)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vipd.pairlab import FAULTS, VIP4, PairLab, outage
+from vipd.demo.pairlab import FAULTS, VIP4, PairLab, outage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

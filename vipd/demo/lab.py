@@ -1,4 +1,4 @@
-"""A LAN of network namespaces for integration tests, and ways to run code inside it.
+"""A LAN of network namespaces, the ground `vipd demo` and the benchmarks run on.
 
 Topology: one "switch" namespace holding a bridge ``br0`` (STP off, forward delay 0,
 multicast snooping off) and, for every host role, a namespace whose ``eth0`` is a veth
@@ -10,38 +10,33 @@ peer is born in the host namespace.
 
 Two ways to run code in a namespace, and when to use which:
 
-* `run_in_netns` / `Host.run` / `Host.run_async`: a fresh thread that ``setns``-es
-  itself into the namespace and runs a function (or ``asyncio.run`` of a coroutine)
-  there. Sockets and netlink handles it opens belong to that namespace, and threads
-  it starts (such as ``asyncio.to_thread`` workers of its event loop) inherit it. This
-  is how the mover tests drive the real `NetlinkMover` in-process, with exceptions
-  and return values passed back. It does not remount /sys, so code run this way must
-  not read /sys/class/net (netlink and sockets are fine).
-* `Host.exec` / `Host.python` / `Host.spawn`: a subprocess under ``ip netns exec``,
-  for commands, for code that needs different privileges (``setpriv``) and for
-  long-running daemons. Spawned processes get their own process group and are
-  SIGKILLed with everything else in the namespace when the lab is destroyed.
+* `run_in_netns` / `Host.run`: a fresh thread that ``setns``-es itself into the
+  namespace and runs a function there. Sockets and netlink handles it opens belong to
+  that namespace, and threads it starts inherit it; exceptions and return values are
+  passed back. It does not remount /sys, so code run this way must not read
+  /sys/class/net (netlink and sockets are fine).
+* `Host.spawn`: a subprocess under ``ip netns exec``, for long-running daemons. Spawned
+  processes get their own process group and are SIGKILLed with everything else in the
+  namespace when the lab is destroyed.
+
+The tests add their own helpers on top (tests/support/netns.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -62,22 +57,6 @@ _IPV6_CONF = {"disable_ipv6": 0, "accept_dad": 0, "dad_transmits": 0, "accept_ra
 def new_prefix() -> str:
     """A namespace name prefix unique to this process and run."""
     return f"vt{os.getpid()}{secrets.token_hex(2)}-"
-
-
-def unavailable_reason(probe_name: str) -> str | None:
-    """Why namespaces cannot be built here, or None when they can (tries one)."""
-    if sys.platform != "linux":
-        return f"network namespaces need Linux, this is {sys.platform}"
-    if os.geteuid() != 0:
-        return "network-namespace tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN)"
-    if shutil.which("ip") is None:
-        return "network-namespace tests need the ip command (apt-get install iproute2)"
-    added = subprocess.run(["ip", "netns", "add", probe_name], capture_output=True,
-                           text=True, check=False)
-    if added.returncode != 0:
-        return f"cannot create a network namespace: {added.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe_name], capture_output=True, check=False)
-    return None
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True) -> str:
@@ -101,14 +80,6 @@ def delete_namespace(ns: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
     ip("netns", "del", ns, check=False)
-
-
-def sweep(prefix: str) -> list[str]:
-    """Delete leftover namespaces whose names start with ``prefix``; return them."""
-    leftovers = [ns for ns in list_namespaces() if ns.startswith(prefix)]
-    for ns in leftovers:
-        delete_namespace(ns)
-    return leftovers
 
 
 _libc: ctypes.CDLL | None = None
@@ -154,19 +125,6 @@ def run_in_netns(ns: str, fn: Callable[..., T], *args: Any, timeout: float = 60.
     return outcome["value"]
 
 
-def run_async_in_netns(ns: str, coro_fn: Callable[..., Coroutine[Any, Any, T]],
-                       *args: Any, timeout: float = 60.0) -> T:
-    """``asyncio.run(coro_fn(*args))`` on a fresh event loop in a thread inside ``ns``."""
-    return run_in_netns(ns, lambda: asyncio.run(coro_fn(*args)), timeout=timeout)
-
-
-def poke(address: str) -> None:
-    """One UDP datagram to ``address`` (run it in a namespace): the sender resolves it."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.sendto(b"vipd-test", (address, 9))
-
-
 @dataclass
 class Host:
     """One namespace on the lab LAN with its ``eth0``."""
@@ -195,28 +153,6 @@ class Host:
     def run(self, fn: Callable[..., T], *args: Any, timeout: float = 60.0) -> T:
         return run_in_netns(self.ns, fn, *args, timeout=timeout)
 
-    def run_async(self, coro_fn: Callable[..., Coroutine[Any, Any, T]], *args: Any,
-                  timeout: float = 60.0) -> T:
-        return run_async_in_netns(self.ns, coro_fn, *args, timeout=timeout)
-
-    def exec(self, *argv: str, prefix: Sequence[str] = (), check: bool = True,
-             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run a command in the namespace; ``prefix`` goes before it (e.g. setpriv)."""
-        full = ["ip", "netns", "exec", self.ns, *prefix, *argv]
-        done = subprocess.run(full, capture_output=True, text=True, check=False,
-                              timeout=timeout)
-        if check and done.returncode != 0:
-            raise RuntimeError(f"{' '.join(full)} failed ({done.returncode}):\n"
-                               f"{done.stdout}{done.stderr}")
-        return done
-
-    def python(self, code: str, *, prefix: Sequence[str] = (), check: bool = True,
-               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run ``python -c code`` (this interpreter, this sys.path) in the namespace."""
-        env_path = os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path)
-        return self.exec("env", f"PYTHONPATH={env_path}", sys.executable, "-c", code,
-                         prefix=prefix, check=check, timeout=timeout)
-
     def spawn(self, *argv: str, **popen: Any) -> subprocess.Popen[str]:
         """Start a long-running process in the namespace, killed when the lab goes."""
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], text=True,
@@ -234,16 +170,6 @@ class Host:
             if info.get("local") == local:
                 return info
         return None
-
-    def neighbour(self, address: str) -> dict[str, Any] | None:
-        entries = json.loads(self.ip("-j", "neigh", "show", "to", address, "dev",
-                                     self.ifname))
-        return entries[0] if entries else None
-
-    def lladdr(self, address: str) -> str | None:
-        """The MAC this host's neighbour table holds for ``address``, if any."""
-        entry = self.neighbour(address)
-        return entry.get("lladdr") if entry else None
 
     def kill_procs(self) -> None:
         for proc in self.procs:
@@ -267,7 +193,7 @@ class Lab:
         self._created: list[str] = []
 
     @classmethod
-    def create(cls, prefix: str, roles: Sequence[str] = DEFAULT_ROLES) -> Lab:
+    def create(cls, prefix: str, roles: Sequence[str] = DEFAULT_ROLES) -> Self:
         lab = cls(prefix, roles)
         try:
             lab._build()
@@ -278,18 +204,6 @@ class Lab:
 
     def __getitem__(self, role: str) -> Host:
         return self.hosts[role]
-
-    @property
-    def node1(self) -> Host:
-        return self.hosts["node1"]
-
-    @property
-    def node2(self) -> Host:
-        return self.hosts["node2"]
-
-    @property
-    def client(self) -> Host:
-        return self.hosts["client"]
 
     def sysctl(self, ns: str, settings: dict[str, object]) -> None:
         pairs = [f"{key}={value}" for key, value in settings.items()]
