@@ -28,34 +28,29 @@ from aiohttp import web
 
 from vipd import __version__
 from vipd.api import Api
-from vipd.config import Check, Config, LinkCheck, load_config
+from vipd.config import Check, Config, LinkCheck
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session
 from vipd.errors import VipdError, VipError
-from vipd.health import CheckStatus, HealthMonitor, ProbeResult
+from vipd.health import HealthMonitor, ProbeResult
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
-from vipd.metrics import DaemonCollector, build_metrics, serve_metrics
+from vipd.metrics import StatusCollector, build_metrics, serve_metrics
 from vipd.movers.base import VipMover
 from vipd.movers.netlink import NetlinkMover
 from vipd.privileges import resolve_exec_user
+from vipd.reload import ReloadError, read_reload
 from vipd.statefile import StateFile
 from vipd.systemd import Notifier, watchdog
-from vipd.tokens import load_tokens
 from vipd.transport import HeartbeatTransport
+from vipd.view import Status, snapshot
 from vipd.vipworker import VipWorker
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 0.8  # SIGTERM must end the process within a second
-# Settings that cannot change by reload (exec_user is resolved against vipd's own
-# privileges once, at start).
-FIXED_SETTINGS = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics",
-                  "audit", "exec_user")
-
-
 def election_config(cfg: Config) -> el.ElectionConfig:
     hb = cfg.heartbeat
     return el.ElectionConfig(
@@ -73,7 +68,7 @@ class Daemon:
         self.mover: VipMover = mover or NetlinkMover(config.interface, config.vips)
         self.started = time.monotonic()
         self.metrics = build_metrics()
-        self.collector = DaemonCollector(self)
+        self.collector = StatusCollector()
         self.metrics.registry.register(self.collector)
         self.notifier = Notifier()
         state_file = StateFile(config.effective_state_dir)
@@ -88,6 +83,7 @@ class Daemon:
                              self.notifier, self.metrics, on_finished=self._finish)
         self.health: HealthMonitor | None = None
         self.api: Api | None = None
+        self._held: set[str] = set()  # the VIPs the kernel had at the last status
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -118,8 +114,31 @@ class Daemon:
     def loop_time(self) -> float:
         return self.driver.loop_time()
 
-    def check_status(self) -> list[CheckStatus]:
-        return self.health.status() if self.health is not None else []
+    def ready(self) -> bool:
+        return self.election.ready(self.loop_time())
+
+    async def status(self) -> Status:
+        """The one view of this node for the API, vipctl and metrics. The VIPs are read
+        from the kernel; when that fails, the last known ones with the error."""
+        vip_error = None
+        try:
+            self._held = {str(v) for v in await asyncio.wait_for(self.mover.held(), 0.5)}
+        except (VipError, TimeoutError) as exc:
+            vip_error = str(exc) or "reading the VIPs timed out"
+            log.warning("status: cannot read VIPs (%s); reporting the last known", vip_error)
+        return self.view(self._held, vip_error)
+
+    def view(self, held: set[str], vip_error: str | None = None) -> Status:
+        """The snapshot itself, for VIPs read already (``held``)."""
+        transport = self.transport
+        errors = ({"send": transport.send_errors, "receive": transport.receive_errors}
+                  if transport is not None else {"send": 0, "receive": 0})
+        return snapshot(self.config, self.election,
+                        self.health.status() if self.health is not None else [],
+                        now=self.loop_time(), mono=time.monotonic(), started=self.started,
+                        held=held, vip_error=vip_error, last_rtt=self.driver.last_rtt,
+                        clock_offset=self.session.clock_offset,
+                        rejected=self.metrics.hot.rejected, socket_errors=errors)
 
     def handle(self, event: el.Event) -> list[el.Action]:
         """For the control API: an operator command is just another event."""
@@ -146,9 +165,12 @@ class Daemon:
         self.driver.attach(transport)
         runners: list[web.AppRunner] = []
         try:
-            api = await start_api(self)
-            runners += [api] if api is not None else []
-            served = await serve_metrics(self, self.collector)
+            started = await start_api(cfg, self, self.metrics)
+            if started is not None:
+                runner, self.api = started
+                runners.append(runner)
+            served = await serve_metrics(cfg.metrics.listen, self.metrics, self.collector,
+                                         self.status)
             runners += [served] if served is not None else []
         except VipdError:
             transport.close()
@@ -263,32 +285,19 @@ class Daemon:
 
     async def _reload(self, path: Path) -> None:
         try:
-            new = load_config(path)
-            keys = KeyRing(load_keys(new.auth.key_file))
-            tokens = (load_tokens(new.api.tokens_file)
-                      if new.api.tokens_file is not None else None)
-        except (VipdError, ValueError) as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            self.metrics.reloads.labels("error").inc()
-            return
-        changed = [k for k in FIXED_SETTINGS if getattr(new, k) != getattr(self.config, k)]
-        if (new.api.listen, new.api.tls) != (self.config.api.listen, self.config.api.tls):
-            changed.append("api.listen/api.tls")
-        if changed:
-            log.error("reload refused: %s cannot change while running; restart vipd",
-                      ", ".join(changed))
-            self.metrics.reloads.labels("refused").inc()
+            new = read_reload(path, self.config)
+        except ReloadError as exc:
+            log.error("%s", exc)
+            self.metrics.reloads.labels(exc.result).inc()
             return
         if self.api is not None:
-            self.api.tokens = tokens
-        health_changed = ((new.health, new.track_interface)
-                          != (self.config.health, self.config.track_interface))
-        self.config = new
-        if health_changed:
+            self.api.tokens = new.tokens
+        self.config = new.config
+        if new.health_changed:
             await self._restart_health()
-        self.driver.reconfigure(new, election_config(new), keys)
-        log.info("config reloaded: priority %d, preempt %s, keys %s", new.priority,
-                 new.preempt, keys.ids)
+        self.driver.reconfigure(new.config, election_config(new.config), new.keys)
+        log.info("config reloaded: priority %d, preempt %s, keys %s", new.config.priority,
+                 new.config.preempt, new.keys.ids)
         self.metrics.reloads.labels("ok").inc()
 
     # --- health --------------------------------------------------------------------------

@@ -13,9 +13,8 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import (
@@ -38,11 +37,10 @@ from prometheus_client.utils import floatToGoString
 
 from vipd import __version__
 from vipd.api import HTTP_SHUTDOWN_TIMEOUT
+from vipd.config import Endpoint
 from vipd.core.protocol import Reject, State
-from vipd.errors import VipdError, VipError
-
-if TYPE_CHECKING:
-    from vipd.daemon import Daemon
+from vipd.errors import VipdError
+from vipd.view import Status
 
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # readded: a VIP missing on the holder was added again; removed: a VIP found on a node
@@ -173,12 +171,11 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     return m
 
 
-class DaemonCollector(Collector):
-    """Gauges of "now", built from the daemon's state by `refresh()` on the event loop;
+class StatusCollector(Collector):
+    """Gauges of "now", built from the node's `Status` by `refresh()` on the event loop;
     `collect()` (which may run in another thread while rendering) only hands them out."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self) -> None:
         self._families: list[Metric] = []
 
     def describe(self) -> Iterable[Metric]:
@@ -187,106 +184,93 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         return list(self._families)
 
-    def refresh(self, held: Iterable[str]) -> None:
-        self._families = list(self._build(set(held)))
+    def refresh(self, status: Status) -> None:
+        self._families = list(self._build(status))
 
-    def _build(self, held: set[str]) -> Iterable[Metric]:
-        d, e = self.d, self.d.election
-        now = d.loop_time()
+    def _build(self, s: Status) -> Iterable[Metric]:
         info = GaugeMetricFamily("vipd_node_info", "Always 1: names this node and its pair",
                                  labels=["cluster", "node"])
-        info.add_metric([d.config.cluster, d.config.node], 1.0)
+        info.add_metric([s.cluster, s.node], 1.0)
         yield info
         state = GaugeMetricFamily("vipd_state", "1 for the current state of this node",
                                   labels=["state"])
-        for s in State:
-            state.add_metric([s.name], 1.0 if e.state is s else 0.0)
+        for member in State:
+            state.add_metric([member.name], 1.0 if s.state == member.name else 0.0)
         yield state
-        yield GaugeMetricFamily("vipd_term", "Term of this node's last takeover",
-                                value=e.term)
+        yield GaugeMetricFamily("vipd_term", "Term of this node's last takeover", value=s.term)
         yield GaugeMetricFamily("vipd_pair_term", "Highest term known on the pair",
-                                value=max(e.term, e.peer_term_seen))
+                                value=s.pair_term)
         for name, value, text in (
-                ("vipd_maintenance", e.maintenance, "1 while drained by an operator"),
-                ("vipd_preferred", e.preferred, "1 while an operator's choice (not preempted)"),
-                ("vipd_healthy", e.health is True or e.health_override,
-                 "1 when all local checks pass"),
-                ("vipd_priority", e.cfg.priority, "Configured priority")):
+                ("vipd_maintenance", s.maintenance, "1 while drained by an operator"),
+                ("vipd_preferred", s.preferred, "1 while an operator's choice (not preempted)"),
+                ("vipd_healthy", s.healthy is True or s.health_override,
+                 "1 when all local checks pass (or a forced promote overrides them)"),
+                ("vipd_priority", s.priority, "Configured priority")):
             yield GaugeMetricFamily(name, text, value=float(value))
         vip = GaugeMetricFamily("vipd_vip_held", "1 when the VIP is on the interface",
                                 labels=["vip"])
-        for v in d.config.vips:
-            vip.add_metric([str(v)], 1.0 if str(v) in held else 0.0)
+        for v in s.vips:
+            vip.add_metric([v.address], float(v.held))
         yield vip
         checks = GaugeMetricFamily("vipd_check_up", "1 up, 0 down, -1 unknown",
                                    labels=["check"])
-        for c in d.check_status():
+        for c in s.checks:
             checks.add_metric([c.name], -1.0 if c.up is None else float(c.up))
         yield checks
-        reachable = e.peer_alive(now)
+        p = s.peer
         yield GaugeMetricFamily("vipd_peer_reachable", "1 when the peer's heartbeats arrive",
-                                value=float(reachable))
+                                value=float(p is not None and p.reachable))
         yield GaugeMetricFamily("vipd_peer_hears_this_node",
                                 "1 when the peer echoes this node's recent heartbeats",
-                                value=float(e.peer_hears_us(now)))
+                                value=float(p is not None and p.hears_us))
         yield GaugeMetricFamily("vipd_peer_eligible", "1 when the peer could take over now "
                                 "(reachable, healthy, STANDBY or ACTIVE, not resigning)",
-                                value=float(e.peer_eligible(now)))
-        peer_active = reachable and e.peer is not None and e.peer.heartbeat.state is State.ACTIVE
+                                value=float(p is not None and p.eligible))
         yield GaugeMetricFamily("vipd_peer_active", "1 when the reachable peer is ACTIVE",
-                                value=float(peer_active))
+                                value=float(p is not None and p.active))
         age = GaugeMetricFamily("vipd_peer_last_heartbeat_age_seconds",
                                 "Seconds since the last valid heartbeat (absent before the "
                                 "first)")
-        if e.peer is not None:
-            age.add_metric([], now - e.peer.received_at)
-        yield age
-        errors = CounterMetricFamily("vipd_heartbeat_socket_errors_total", "Heartbeat "
-                                     "datagrams the socket refused to send, and errors it "
-                                     "reported on receive (queued ICMP)", labels=["direction"])
-        transport = d.transport
-        errors.add_metric(["send"], transport.send_errors if transport else 0)
-        errors.add_metric(["receive"], transport.receive_errors if transport else 0)
-        yield errors
         offset = GaugeMetricFamily("vipd_peer_clock_offset_seconds", "The peer's wall clock "
                                    "minus ours, measured through the heartbeat echo (absent "
                                    "before the first); liveness does not depend on it")
-        if d.session.clock_offset is not None:
-            offset.add_metric([], d.session.clock_offset)
-        yield offset
         match = GaugeMetricFamily("vipd_peer_settings_match", "0 when the peer's pair "
                                   "settings digest differs")
-        if e.peer is not None:
-            match.add_metric([], float(e.peer.heartbeat.settings_digest == e.cfg.digest))
-        yield match
+        if p is not None:
+            age.add_metric([], p.last_heartbeat_seconds_ago)
+            if p.clock_offset_seconds is not None:
+                offset.add_metric([], p.clock_offset_seconds)
+            match.add_metric([], float(p.settings_match))
+        errors = CounterMetricFamily("vipd_heartbeat_socket_errors_total", "Heartbeat "
+                                     "datagrams the socket refused to send, and errors it "
+                                     "reported on receive (queued ICMP)", labels=["direction"])
+        for direction in ("send", "receive"):
+            errors.add_metric([direction], s.socket_errors.get(direction, 0))
+        yield from (age, errors, offset, match)
 
 
 log = logging.getLogger(__name__)
 
 
-async def serve_metrics(daemon: Daemon, collector: DaemonCollector) -> web.AppRunner | None:
-    """GET /metrics on metrics.listen. The VIP check and the gauges are read on the loop
-    (cheap); rendering the text runs in a thread so a scrape never delays a heartbeat."""
-    listen = daemon.config.metrics.listen
+async def serve_metrics(listen: Endpoint | None, metrics: Metrics, collector: StatusCollector,
+                        status: Callable[[], Awaitable[Status]]) -> web.AppRunner | None:
+    """GET /metrics on metrics.listen. The status (with its VIP check) is read on the
+    loop (cheap); rendering the text runs in a thread so a scrape never delays a
+    heartbeat."""
     if listen is None:
         return None
-    held: set[str] = set()
 
-    async def metrics(request: web.Request) -> web.Response:
-        nonlocal held
-        try:
-            held = {str(v) for v in await asyncio.wait_for(daemon.mover.held(), 0.5)}
-        except (VipError, TimeoutError) as exc:
-            log.warning("metrics: cannot read VIPs (%s); reporting the last known", exc)
+    async def serve(request: web.Request) -> web.Response:
+        current = await status()
         refreshed = time.perf_counter()
-        collector.refresh(held)
-        body = await asyncio.to_thread(generate_latest, daemon.metrics.registry)
+        collector.refresh(current)
+        body = await asyncio.to_thread(generate_latest, metrics.registry)
         # The VIP read is a netlink round trip in a thread; count only our own work.
-        daemon.metrics.scrape.observe(time.perf_counter() - refreshed)
+        metrics.scrape.observe(time.perf_counter() - refreshed)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", serve)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:

@@ -20,6 +20,7 @@ import aiohttp
 
 from vipd import __version__
 from vipd.tokens import Role, new_token
+from vipd.view import Status
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_TIMEOUT = range(6)
 DEFAULT_API = "http://127.0.0.1:9440"
@@ -180,38 +181,38 @@ async def _wait(client: Client, args: argparse.Namespace, started: float) -> int
     raise CliError(EXIT_TIMEOUT, f"the move did not finish within {args.wait_timeout:g} s")
 
 
-def render_status(s: dict[str, Any]) -> str:
-    peer = s.get("peer") or {}
+def render_status(doc: dict[str, Any]) -> str:
+    """Both nodes side by side, from a node's status document (`vipd.view.Status`)."""
+    s = Status.from_json(doc)
+    p = s.peer
     yes = {True: "yes", False: "no", None: "unknown"}
     rows = [
-        ("node", f"{s['node']} (this node)", f"{peer.get('node', '-')} (peer)"),
-        ("state", s["state"] + (f" -> {s['handover']}" if s.get("handover") else ""),
-         peer.get("state", "not heard")),
-        ("term", str(s["term"]), str(peer.get("term", "-"))),
-        ("priority", str(s["priority"]), str(peer.get("priority", "-"))),
-        ("healthy", yes[s["healthy"]] + (" (override)" if s.get("health_override") else ""),
-         yes[peer.get("healthy")] if peer else "-"),
-        ("maintenance", yes[s["maintenance"]],
-         yes[peer.get("state") == "MAINTENANCE"] if peer else "-"),
-        ("preferred", yes[s["preferred"]], yes["PREFERRED" in peer.get("flags", [])]
-         if peer else "-"),
-        ("last heartbeat", "-", f"{1000 * peer['last_heartbeat_seconds_ago']:.0f} ms ago"
-         + ("" if peer.get("reachable") else " (unreachable)") if peer else "-"),
-        ("round trip", "-", f"{peer['rtt_ms']} ms" if peer.get("rtt_ms") is not None else "-"),
+        ("node", f"{s.node} (this node)", f"{p.node} (peer)" if p else "- (peer)"),
+        ("state", s.state + (f" -> {s.handover}" if s.handover else ""),
+         p.state if p else "not heard"),
+        ("term", str(s.term), str(p.term) if p else "-"),
+        ("priority", str(s.priority), str(p.priority) if p else "-"),
+        ("healthy", yes[s.healthy] + (" (override)" if s.health_override else ""),
+         yes[p.healthy] if p else "-"),
+        ("maintenance", yes[s.maintenance], yes[p.state == "MAINTENANCE"] if p else "-"),
+        ("preferred", yes[s.preferred], yes["PREFERRED" in p.flags] if p else "-"),
+        ("last heartbeat", "-", f"{1000 * p.last_heartbeat_seconds_ago:.0f} ms ago"
+         + ("" if p.reachable else " (unreachable)") if p else "-"),
+        ("round trip", "-", f"{p.rtt_ms} ms" if p and p.rtt_ms is not None else "-"),
     ]
     width = max(len(r[1]) for r in rows) + 2
-    lines = [f"cluster {s['cluster']}, pair term {s['pair_term']}, vipd {s['version']}, "
-             f"up {s['uptime_seconds']:.0f} s"]
+    lines = [f"cluster {s.cluster}, pair term {s.pair_term}, vipd {s.version}, "
+             f"up {s.uptime_seconds:.0f} s"]
     lines += [f"  {name:<15}{a:<{width}}{b}" for name, a, b in rows]
-    held = [v["address"] for v in s["vips"] if v["held"]]
-    lines.append(f"  VIPs on {s['interface']} here: {', '.join(held) or 'none'}")
-    for c in s["checks"]:
-        lines.append(f"  check {c['name']} ({c['kind']}): {yes[c['up']]} - {c['detail']}")
-    if peer and not peer.get("settings_match", True):
+    held = [v.address for v in s.vips if v.held]
+    lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}")
+    for c in s.checks:
+        lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
+    if p and not p.settings_match:
         lines.append("  WARNING: the peer's pair settings differ (cluster, VIPs, interval, "
                      "dead_after)")
-    if s.get("rejected_heartbeats"):
-        lines.append(f"  rejected heartbeats: {s['rejected_heartbeats']}")
+    if s.rejected_heartbeats:
+        lines.append(f"  rejected heartbeats: {s.rejected_heartbeats}")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ RELOAD_RESULTS = ("ok", "error", "refused")  # every result vipd/daemon.py count
 def value(node: Node, name: str, **labels: str) -> float | None:
     """One sample as a scrape would show it (the gauges refreshed first)."""
     d = node.daemon
-    d.collector.refresh({str(v) for v in node.mover.addresses})
+    d.collector.refresh(d.view({str(v) for v in node.mover.addresses}))
     return d.metrics.registry.get_sample_value(name, labels)
 
 

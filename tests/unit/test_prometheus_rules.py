@@ -22,7 +22,7 @@ import yaml
 
 from vipd.core.events import REASON_CODES
 from vipd.core.protocol import Reject, State
-from vipd.metrics import DaemonCollector, build_metrics
+from vipd.metrics import StatusCollector, build_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "configs" / "prometheus" / "vipd-alerts.yml"
@@ -60,7 +60,7 @@ def _exported() -> tuple[set[str], set[str]]:
             documented.add(name)
     # The scrape-time gauges exist only with a running daemon: take their names from the
     # collector's source (GaugeMetricFamily("vipd_...") and the (name, value, help) table).
-    gauges = set(re.findall(r'"(vipd_[a-z0-9_]+)"', inspect.getsource(DaemonCollector)))
+    gauges = set(re.findall(r'"(vipd_[a-z0-9_]+)"', inspect.getsource(StatusCollector)))
     assert {"vipd_state", "vipd_healthy", "vipd_peer_reachable"} <= gauges
     series |= gauges
     documented |= gauges

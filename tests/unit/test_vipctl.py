@@ -31,6 +31,7 @@ from vipd.control import tls_context
 from vipd.core.election import CommandKind
 from vipd.errors import ConfigError
 from vipd.tokens import Role, authenticate, load_tokens, new_token
+from vipd.view import CheckView, PeerView, Status, VipView
 from vipd.vipctl import (
     EXIT_AUTH,
     EXIT_OK,
@@ -44,26 +45,23 @@ from vipd.vipctl import (
 
 def status_doc(*, state: str = "ACTIVE", handover: str | None = None,
                peer_state: str | None = "STANDBY", here_held: bool = True) -> dict[str, Any]:
-    """What DaemonController.status() returns (same keys), for vm-a with peer vm-b."""
-    peer = None if peer_state is None else {
-        "node": "vm-b", "state": peer_state, "term": 4, "priority": 100,
-        "effective_priority": 100, "healthy": True, "flags": ["HEALTHY"],
-        "last_heartbeat_seconds_ago": 0.012, "reachable": True, "hears_us": True,
-        "rtt_ms": 0.412, "settings_match": True,
-    }
-    return {
-        "node": "vm-a", "cluster": "web", "version": "0.1.0", "uptime_seconds": 3605.2,
-        "state": state, "term": 4, "pair_term": 4, "priority": 150, "effective_priority": 150,
-        "preempt": False, "preferred": True, "maintenance": False, "healthy": True,
-        "health_override": False, "handover": handover, "ready": True,
-        "checks": [{"name": "nginx", "kind": "http", "up": True, "detail": "200 in 2 ms",
-                    "duration_seconds": 0.002, "last_change_seconds_ago": 3600.1}],
-        "interface": "eth0",
-        "vips": [{"address": "192.0.2.10/24", "held": here_held},
-                 {"address": "2001:db8::10/64", "held": here_held}],
-        "vip_error": None, "peer": peer,
-        "config_digest": "9f" * 32, "rejected_heartbeats": {},
-    }
+    """The status document a node serves (the real `Status`, as JSON), for vm-a with
+    peer vm-b."""
+    peer = None if peer_state is None else PeerView(
+        node="vm-b", state=peer_state, term=4, priority=100, effective_priority=100,
+        healthy=True, flags=["HEALTHY"], last_heartbeat_seconds_ago=0.012, reachable=True,
+        hears_us=True, eligible=True, rtt_ms=0.412, settings_match=True,
+        clock_offset_seconds=0.001)
+    return Status(
+        node="vm-a", cluster="web", version="0.1.0", uptime_seconds=3605.2, state=state,
+        term=4, pair_term=4, priority=150, effective_priority=150, preempt=False,
+        preferred=True, maintenance=False, healthy=True, health_override=False,
+        handover=handover, ready=True,
+        checks=[CheckView("nginx", "http", True, "200 in 2 ms", 0.002, 3600.1)],
+        interface="eth0",
+        vips=[VipView("192.0.2.10/24", here_held), VipView("2001:db8::10/64", here_held)],
+        vip_error=None, peer=peer, config_digest="9f" * 32, rejected_heartbeats={},
+        socket_errors={"send": 0, "receive": 0}).to_json()
 
 
 class FakeController:

@@ -1,0 +1,136 @@
+"""One read-only view of a node, made in one place, for everything that observes it:
+the control API (`GET /v1/status`), `vipctl status` and the Prometheus gauges.
+
+`snapshot()` reads the election, the session and the health checks once, at one loop
+time, and returns a frozen `Status`. Observers never reach into the runtime: the API
+serialises `Status.to_json()`, vipctl reads it back with `Status.from_json()`, and the
+metrics collector builds its gauges from the same object, so "healthy" or "the peer is
+reachable" mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from vipd import __version__
+from vipd.config import Config
+from vipd.core.election import Election
+from vipd.core.protocol import Flag, Reject, State
+from vipd.health import CheckStatus
+
+
+@dataclass(frozen=True, slots=True)
+class CheckView:
+    name: str
+    kind: str
+    up: bool | None  # None: not yet risen or fallen
+    detail: str | None  # of the last probe; None before the first
+    duration_seconds: float | None
+    last_change_seconds_ago: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    node: str
+    state: str
+    term: int
+    priority: int
+    effective_priority: int
+    healthy: bool
+    flags: list[str]
+    last_heartbeat_seconds_ago: float
+    reachable: bool  # a valid heartbeat within the dead interval
+    hears_us: bool  # it echoes one of our heartbeats sent within the dead interval
+    eligible: bool  # it could take over now
+    rtt_ms: float | None
+    settings_match: bool
+    clock_offset_seconds: float | None  # its wall clock minus ours, through the echo
+
+    @property
+    def active(self) -> bool:
+        return self.reachable and self.state == State.ACTIVE.name
+
+
+@dataclass(frozen=True, slots=True)
+class VipView:
+    address: str
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    node: str
+    cluster: str
+    version: str
+    uptime_seconds: float
+    state: str
+    term: int
+    pair_term: int
+    priority: int
+    effective_priority: int
+    preempt: bool
+    preferred: bool
+    maintenance: bool
+    healthy: bool | None  # the checks' verdict (None: not known yet)
+    health_override: bool  # a forced promote acts as healthy until the checks recover
+    handover: str | None  # the state a handover in progress leads to
+    ready: bool
+    checks: list[CheckView]
+    interface: str
+    vips: list[VipView]
+    vip_error: str | None
+    peer: PeerView | None
+    config_digest: str
+    rejected_heartbeats: dict[str, int]
+    socket_errors: dict[str, int]  # heartbeat socket: "send", "receive"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Status:
+        """The status document an API returned (vipctl); raises KeyError or TypeError
+        when it is not one."""
+        peer = doc["peer"]
+        return cls(**{**doc, "checks": [CheckView(**c) for c in doc["checks"]],
+                      "vips": [VipView(**v) for v in doc["vips"]],
+                      "peer": None if peer is None else PeerView(**peer)})
+
+
+def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
+             now: float, mono: float, started: float, held: set[str], vip_error: str | None,
+             last_rtt: float | None, clock_offset: float | None,
+             rejected: dict[str, int], socket_errors: dict[str, int]) -> Status:
+    """The node at loop time ``now`` (``mono``: time.monotonic(), for check ages)."""
+    e = election
+    peer = None
+    if e.peer is not None:
+        hb = e.peer.heartbeat
+        peer = PeerView(
+            node=hb.node, state=hb.state.name, term=hb.term, priority=hb.priority,
+            effective_priority=hb.effective_priority, healthy=Flag.HEALTHY in hb.flags,
+            flags=[f.name for f in Flag if f and f.name and f in hb.flags],
+            last_heartbeat_seconds_ago=round(now - e.peer.received_at, 3),
+            reachable=e.peer_alive(now), hears_us=e.peer_hears_us(now),
+            eligible=e.peer_eligible(now),
+            rtt_ms=None if last_rtt is None else round(last_rtt * 1000, 3),
+            settings_match=hb.settings_digest == e.cfg.digest,
+            clock_offset_seconds=clock_offset)
+    return Status(
+        node=config.node, cluster=config.cluster, version=__version__,
+        uptime_seconds=round(mono - started, 3), state=e.state.name, term=e.term,
+        pair_term=max(e.term, e.peer_term_seen), priority=e.cfg.priority,
+        effective_priority=e.cfg.priority, preempt=e.cfg.preempt, preferred=e.preferred,
+        maintenance=e.maintenance, healthy=e.health, health_override=e.health_override,
+        handover=None if e.handover is None else e.handover.target.name,
+        ready=e.ready(now),
+        checks=[CheckView(c.name, c.kind, c.up, c.detail, c.duration,
+                          None if c.changed_at is None else round(mono - c.changed_at, 3))
+                for c in checks],
+        interface=config.interface,
+        vips=[VipView(str(v), str(v) in held) for v in config.vips],
+        vip_error=vip_error, peer=peer, config_digest=e.cfg.digest.hex(),
+        rejected_heartbeats={r.value: n for r in Reject if (n := rejected.get(r.value, 0))},
+        socket_errors=socket_errors)
