@@ -5,7 +5,7 @@ Fixtures
 ``lab`` (function scope): a fresh `support.netns.Lab` per test: a switch namespace with a
 bridge and three hosts ``lab.node1``, ``lab.node2``, ``lab.client`` (each a
 `support.netns.Host` with ``eth0``, 198.51.100.n/24, 2001:db8:1::n/64, MAC 02:76:64:00:00:0n).
-Sysctls are set explicitly per LAB-NOTES (rp_filter, arp_ignore, arp_announce,
+Sysctls are set explicitly (a new namespace copies the host's) (rp_filter, arp_ignore, arp_announce,
 arp_accept = 0; IPv6 DAD, RA and RS off; bridge-nf-call-* = 0 in the switch). It is
 destroyed after the test, pass or fail: processes inside are SIGKILLed, namespaces
 deleted. ``netns_prefix`` (session scope) is the unique name prefix

@@ -43,11 +43,10 @@ while True:
 
 def test_probe_records_replies_that_arrive_after_sigterm_within_the_window(
         lab: Lab, tmp_path: Path) -> None:
-    """Bug in vipd.demo.pairlab._probe: after SIGTERM it sleeps 60 ms "for late replies" but
-    never reads the socket then, so the requests of the last DELAY before SIGTERM are
-    recorded as unanswered although their replies arrive within 50 ms. `outage` then
-    reports an infinite outage (a trailing unanswered request), which is what made a
-    switchover measurement read `inf` now and then with a fast (~1 ms) responder."""
+    """After SIGTERM the probe keeps reading for 60 ms, so the requests of the last
+    DELAY before it are recorded with their replies (within 50 ms), not as unanswered;
+    otherwise `outage` would report an infinite outage (a trailing unanswered request),
+    as a switchover measurement with a fast (~1 ms) responder once did."""
     lab.node1.spawn(sys.executable, "-c", RESPONDER)
     time.sleep(0.5)
     out = tmp_path / "probe.jsonl"

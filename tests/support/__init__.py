@@ -1,4 +1,4 @@
-"""Code the tests share; never shipped (STYLE.md rule 5: only what `vipd demo` runs is in
+"""Code the tests share; never shipped (only what `vipd demo` runs is in
 the package).
 
 pyproject.toml puts tests/ on sys.path (pytest's ``pythonpath``), so a test imports

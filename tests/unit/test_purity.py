@@ -1,4 +1,5 @@
-"""The core stays pure: no I/O libraries, no clock reads (STYLE.md rule 1 and 2).
+"""The core stays pure: no I/O libraries, no clock reads (time is an argument; the
+runtime reads the clock).
 
 One guard, `forbidden_imports`, checks every core module, and the snippet tests below
 run that same function, so a hole in the guard is a failing test, not a silent pass.

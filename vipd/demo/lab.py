@@ -46,7 +46,7 @@ SUBNET4 = "198.51.100"
 SUBNET6 = "2001:db8:1"
 DEFAULT_ROLES = ("node1", "node2", "client")
 
-# Per LAB-NOTES: a new namespace copies the host's IPv4 all/default sysctls, so the
+# Measured here: a new namespace copies the host's IPv4 all/default sysctls, so the
 # ones that change ARP behaviour are set explicitly; IPv6 DAD, RS and RA are switched
 # off so that addresses are usable at once and the wire stays quiet.
 _IPV4_CONF = {"rp_filter": 0, "arp_ignore": 0, "arp_announce": 0, "arp_accept": 0}

@@ -2,7 +2,8 @@
 
 Shared by `vipd demo`, the integration tests and simulations/bench_failover.py, so all
 three measure the same thing. Addresses are documentation ranges inside namespaces this
-module creates (see DESIGN.md, network rule).
+module creates (the network rule of the README and docs/install.md: tests, demos and
+benchmarks use documentation ranges only, inside namespaces they made).
 
 The responder answers UDP requests to the VIP with its node name (bound with
 IP_FREEBIND, so it runs on both nodes and answers wherever the VIP is). The probe sends a
