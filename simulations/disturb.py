@@ -40,6 +40,7 @@ heartbeat timer, disturbs, and keeps watching AFTER s past the end of the distur
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ from itertools import pairwise
 from typing import Any
 
 from simulations.arpwatch import ArpWatch, Episode, Observations
-from vipd.demo.pairlab import VIP4, PairLab
+from vipd.demo.pairlab import VIP4, PairLab, failed_runs
 
 ACTIVE, STANDBY = "node1", "node2"
 BASELINE = 0.5  # watched before the fault (plus a random phase of the heartbeat timer)
@@ -194,17 +195,14 @@ def longest_unanswered(samples: list[tuple[float, str | None]], since: float
     unanswered one to the next answered one, as `vipd.demo.pairlab.failed_runs`), in
     seconds, and whether the last run was still open when the probe stopped; an open run
     counts up to the last request, a lower bound."""
-    longest, run_start = 0.0, None
-    for sent, who in samples:
-        if sent < since:
-            continue
-        if who is None and run_start is None:
-            run_start = sent
-        elif who is not None and run_start is not None:
-            longest, run_start = max(longest, sent - run_start), None
-    if run_start is None:
+    runs = failed_runs(samples, since)
+    longest = max((r for r in runs if not math.isinf(r)), default=0.0)
+    if not runs or not math.isinf(runs[-1]):
         return longest, False
-    return max(longest, samples[-1][0] - run_start), True
+    answered = [sent for sent, who in samples if who is not None and sent >= since]
+    start = next(sent for sent, who in samples
+                 if sent >= since and who is None and (not answered or sent > answered[-1]))
+    return max(longest, samples[-1][0] - start), True
 
 
 def _garp_delay(obs: Observations, episode: Episode) -> float | None:
