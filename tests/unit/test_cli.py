@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from vipd.cli import COMMANDS, main
-from vipd.config import parse_duration
+from vipd.configtypes import parse_duration
 from vipd.keys import generate_key_line, load_keys
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

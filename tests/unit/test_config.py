@@ -22,10 +22,9 @@ from vipd.config import (
     Config,
     Endpoint,
     LinkCheck,
-    format_duration,
     load_config,
-    parse_duration,
 )
+from vipd.configtypes import format_duration, parse_duration
 from vipd.errors import ConfigError
 from vipd.keys import generate_key_line, load_keys
 
