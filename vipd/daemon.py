@@ -8,7 +8,7 @@
 
 Start order: identity and privileges (here, never in a constructor), stale VIPs of a
 crashed run removed, the heartbeat socket, the API and /metrics, signal handlers, then
-every long-lived task in one `asyncio.TaskGroup` (the VIP worker, the health monitor,
+every long-lived task in one `asyncio.TaskGroup` (the VIP worker, the health checks,
 the watchdog, the reload loop) and the election's Start. Signal handlers only set flags
 (uvicorn's habit); the lifecycle acts on them. A task that crashes ends the group: the
 VIPs are released and the error re-raised, so systemd restarts vipd.
@@ -28,13 +28,13 @@ from aiohttp import web
 
 from vipd import __version__
 from vipd.api import Api
-from vipd.config import Check, Config, LinkCheck
+from vipd.checks import CheckRunner
+from vipd.config import Config
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session
 from vipd.errors import VipdError, VipError
-from vipd.health import HealthMonitor, ProbeResult
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
 from vipd.metrics import StatusCollector, build_metrics, serve_metrics
@@ -81,13 +81,11 @@ class Daemon:
         self.hooks = HookRunner(config, self.metrics, preexec=None)
         self.driver = Driver(config, election, session, self.worker, self.hooks, state_file,
                              self.notifier, self.metrics, on_finished=self._finish)
-        self.health: HealthMonitor | None = None
+        self.checks = CheckRunner(config, self.metrics, self._report)
         self.api: Api | None = None
         self._held: set[str] = set()  # the VIPs the kernel had at the last status
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._tg: asyncio.TaskGroup | None = None
-        self._health_task: asyncio.Task[None] | None = None
         self._done = asyncio.Event()  # the lifecycle ends: stopped, or a second signal
         self._stop_requested = False
         self._reload_requested = asyncio.Event()
@@ -134,7 +132,7 @@ class Daemon:
         errors = ({"send": transport.send_errors, "receive": transport.receive_errors}
                   if transport is not None else {"send": 0, "receive": 0})
         return snapshot(self.config, self.election,
-                        self.health.status() if self.health is not None else [],
+                        self.checks.status(),
                         now=self.loop_time(), mono=time.monotonic(), started=self.started,
                         held=held, vip_error=vip_error, last_rtt=self.driver.last_rtt,
                         clock_offset=self.session.clock_offset,
@@ -152,8 +150,7 @@ class Daemon:
         loop.set_exception_handler(self._on_loop_exception)
         cfg = self.config
         exec_user = resolve_exec_user(cfg.exec_user)  # privileges: here, once
-        self.hooks.preexec = exec_user.preexec()
-        self.health = self._new_health_monitor()
+        self.hooks.preexec = self.checks.preexec = exec_user.preexec()
         log.info("vipd %s starting: node %s, cluster %s, VIPs %s on %s, priority %d",
                  __version__, cfg.node, cfg.cluster, ", ".join(map(str, cfg.vips)),
                  cfg.interface, cfg.priority)
@@ -193,9 +190,8 @@ class Daemon:
         crashes (then the first error is kept for run() to raise)."""
         try:
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
                 self._start(tg, self.worker.run(), "vip worker")
-                self._health_task = self._start_health()
+                self._start(tg, self.checks.run(), "health checks")
                 if self.notifier.watchdog:
                     stale = max(1.0, 4 * self.config.heartbeat.interval)
                     self._start(tg, watchdog(self.notifier, self.notifier.watchdog,
@@ -210,8 +206,6 @@ class Daemon:
             first = group.exceptions[0]
             log.critical("task crashed: %r; releasing VIPs and exiting", first, exc_info=first)
             self._fatal = self._fatal or first
-        finally:
-            self._tg = None
 
     def _start(self, tg: asyncio.TaskGroup, coro: Any, name: str) -> asyncio.Task[Any]:
         task = tg.create_task(coro, name=name)
@@ -229,8 +223,7 @@ class Daemon:
             await asyncio.wait_for(self.mover.release(), 1.0)
         except (VipError, TimeoutError) as exc:
             log.error("releasing VIPs at exit failed: %s", exc)
-        if self.health is not None:
-            await self.health.close()
+        await self.checks.close()
         for runner in runners:
             await runner.cleanup()
         self.notifier.close()
@@ -294,44 +287,11 @@ class Daemon:
             self.api.tokens = new.tokens
         self.config = new.config
         if new.health_changed:
-            await self._restart_health()
+            self.checks.reload(new.config)
         self.driver.reconfigure(new.config, election_config(new.config), new.keys)
         log.info("config reloaded: priority %d, preempt %s, keys %s", new.config.priority,
                  new.config.preempt, new.keys.ids)
         self.metrics.reloads.labels("ok").inc()
-
-    # --- health --------------------------------------------------------------------------
-
-    def _new_health_monitor(self) -> HealthMonitor:
-        checks: list[Check] = list(self.config.health)
-        if self.config.track_interface:
-            checks.append(LinkCheck(interface=self.config.interface))
-        return HealthMonitor(checks, self._on_health, on_probe=self._on_probe,
-                             exec_preexec=self.hooks.preexec)
-
-    def _start_health(self) -> asyncio.Task[None]:
-        assert self._tg is not None and self.health is not None
-        return self._start(self._tg, self.health.run(), "health monitor")
-
-    async def _restart_health(self) -> None:
-        """New checks start unknown; the election holds its last verdict until they report."""
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
-            self._tasks.remove(self._health_task)
-        if self.health is not None:
-            await self.health.close()
-        self.health = self._new_health_monitor()
-        self._health_task = self._start_health()
-        log.info("health checks reloaded: %s",
-                 ", ".join(c.name for c in self.config.health) or "none")
-
-    def _on_health(self, healthy: bool, check: str, result: ProbeResult) -> None:
-        detail = f"{check}: {result.detail}" if check else result.detail
-        self.driver.handle(el.HealthChanged(healthy, detail))
-
-    def _on_probe(self, check: str, result: ProbeResult) -> None:
-        self.metrics.check_duration.labels(check).observe(result.duration)
 
     def _on_loop_exception(self, loop: asyncio.AbstractEventLoop,
                            context: dict[str, Any]) -> None:

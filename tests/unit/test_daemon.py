@@ -210,7 +210,7 @@ async def test_no_announcement_follows_a_release_queued_behind_a_slow_acquire(
     monkeypatch.setattr(pair.a.mover, "acquire", slow_acquire)
     pair.a.start()
     await eventually(lambda: pair.a.state is State.ACTIVE, what="a ACTIVE")
-    pair.a.daemon._on_health(False, "web", ProbeResult(False, "503", 0.0))
+    pair.a.daemon.checks._on_verdict(False, "web", ProbeResult(False, "503", 0.0))
     await eventually(lambda: ("release",) in pair.a.mover.calls
                      and not pair.a.mover.addresses, what="a released")
     await asyncio.sleep(0.3)  # past a whole announce burst
@@ -312,10 +312,10 @@ async def test_reload_applies_track_interface(pair: Pair) -> None:
     pair.start()
     await pair.settled()
     d = pair.a.daemon
-    assert [c.name for c in d.health.status()] == []
+    assert [c.name for c in d.checks.status()] == []
     pair.a.write(track_interface=True)
     d._on_reload_signal()
-    await eventually(lambda: [c.name for c in d.health.status()] == ["link.fake0"],
+    await eventually(lambda: [c.name for c in d.checks.status()] == ["link.fake0"],
                      what="the link check added by the reload")
 
 
