@@ -35,14 +35,17 @@ def _log_time(line: str) -> float | None:
         return None
 
 
-def main(args: argparse.Namespace) -> int:
+def _cannot_run() -> str | None:
     if os.geteuid() != 0:
-        print("vipd demo: needs root (it creates network namespaces); try: sudo vipd demo",
-              file=sys.stderr)
-        return 1
+        return "vipd demo: needs root (it creates network namespaces); try: sudo vipd demo"
     if shutil.which("ip") is None:
-        print("vipd demo: the 'ip' command (iproute2) is missing; apt-get install iproute2",
-              file=sys.stderr)
+        return "vipd demo: the 'ip' command (iproute2) is missing; apt-get install iproute2"
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    if (problem := _cannot_run()) is not None:
+        print(problem, file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="vipd-demo-"))
