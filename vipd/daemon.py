@@ -88,6 +88,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._done = asyncio.Event()  # the lifecycle ends: stopped, or a second signal
         self._stop_requested = False
+        self._stop_at = 0.0  # time.monotonic() of the first stop signal
         self._reload_requested = asyncio.Event()
         self._fatal: BaseException | None = None
 
@@ -257,8 +258,6 @@ class Daemon:
 
     def _on_reload_signal(self) -> None:
         self._reload_requested.set()
-
-    _stop_at = 0.0
 
     # --- reload --------------------------------------------------------------------------
 
