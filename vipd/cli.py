@@ -120,6 +120,10 @@ def release(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     mover = NetlinkMover(config.interface, config.vips)
     asyncio.run(mover.release())
+    if config.fence == "kernel":
+        from vipd.fence import KernelFence
+
+        KernelFence(config.cluster, config.vips).remove()
     print(f"{args.config}: released {', '.join(map(str, config.vips))} on {config.interface}")
     return EXIT_OK
 

@@ -267,6 +267,9 @@ class Config(_Model):
     # Treat the VIP interface's link as a health check (down: FAULT, VIPs released), as
     # keepalived's interface tracking does; an isolated node then holds no VIP copy.
     track_interface: StrictBool = True
+    # "kernel": the VIPs sit behind an nftables gate that shuts by itself one dead
+    # interval after the holder stops renewing it (vipd/fence.py); "none": no gate.
+    fence: Literal["none", "kernel"] = "none"
 
     @property
     def effective_state_dir(self) -> Path:

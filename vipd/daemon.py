@@ -35,6 +35,7 @@ from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session
 from vipd.errors import VipdError, VipError
+from vipd.fence import KernelFence
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
 from vipd.metrics import StatusCollector, build_metrics, serve_metrics
@@ -137,7 +138,8 @@ class Daemon:
                         now=self.loop_time(), mono=time.monotonic(), started=self.started,
                         held=held, vip_error=vip_error, last_rtt=self.driver.last_rtt,
                         clock_offset=self.session.clock_offset,
-                        rejected=self.metrics.hot.rejected, socket_errors=errors)
+                        rejected=self.metrics.hot.rejected, socket_errors=errors,
+                        fence=self.worker.gate(time.monotonic()))
 
     def handle(self, event: el.Event) -> list[el.Action]:
         """For the control API: an operator command is just another event."""
@@ -155,6 +157,9 @@ class Daemon:
         log.info("vipd %s starting: node %s, cluster %s, VIPs %s on %s, priority %d",
                  __version__, cfg.node, cfg.cluster, ", ".join(map(str, cfg.vips)),
                  cfg.interface, cfg.priority)
+        if cfg.fence == "kernel":  # shut before anything: a previous run's gate goes too
+            self.worker.fence = KernelFence(cfg.cluster, cfg.vips)
+            self.worker.fence.install()
         try:
             await self.mover.release()  # stale VIPs of a crashed previous run
         except VipError as exc:
@@ -224,6 +229,11 @@ class Daemon:
             await asyncio.wait_for(self.mover.release(), 1.0)
         except (VipError, TimeoutError) as exc:
             log.error("releasing VIPs at exit failed: %s", exc)
+        if self.worker.fence is not None:
+            try:
+                self.worker.fence.remove()
+            except VipError as exc:
+                log.error("removing the kernel fence at exit failed: %s", exc)
         await self.checks.close()
         for runner in runners:
             await runner.cleanup()

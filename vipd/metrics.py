@@ -247,6 +247,11 @@ class StatusCollector(Collector):
         for direction in ("send", "receive"):
             errors.add_metric([direction], s.socket_errors.get(direction, 0))
         yield from (age, errors, offset, match)
+        fence = GaugeMetricFamily("vipd_fence_open", "1 while the kernel gate lets the VIPs "
+                                  "answer, 0 while it is shut (absent without `fence`)")
+        if s.fence != "none":
+            fence.add_metric([], float(s.fence == "open"))
+        yield fence
 
 
 log = logging.getLogger(__name__)

@@ -85,6 +85,7 @@ class Status:
     config_digest: str
     rejected_heartbeats: dict[str, int]
     socket_errors: dict[str, int]  # heartbeat socket: "send", "receive"
+    fence: str  # the kernel gate (config `fence`): "none", "open" or "shut"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,7 +103,8 @@ class Status:
 def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
              now: float, mono: float, started: float, held: set[str], vip_error: str | None,
              last_rtt: float | None, clock_offset: float | None,
-             rejected: dict[str, int], socket_errors: dict[str, int]) -> Status:
+             rejected: dict[str, int], socket_errors: dict[str, int],
+             fence: str = "none") -> Status:
     """The node at loop time ``now`` (``mono``: time.monotonic(), for check ages)."""
     e = election
     peer = None
@@ -133,4 +135,4 @@ def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
         vips=[VipView(str(v), str(v) in held) for v in config.vips],
         vip_error=vip_error, peer=peer, config_digest=e.cfg.digest.hex(),
         rejected_heartbeats={r.value: n for r in Reject if (n := rejected.get(r.value, 0))},
-        socket_errors=socket_errors)
+        socket_errors=socket_errors, fence=fence)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from vipd.config import Config
 from vipd.core import election as el
 from vipd.errors import VipError
+from vipd.fence import KernelFence
 from vipd.metrics import Metrics
 from vipd.movers.base import VipMover, announce_burst, lifetime_seconds
 
@@ -35,9 +36,11 @@ LAPSE_MARGIN = 0.5
 
 class VipWorker:
     def __init__(self, config: Config, mover: VipMover, metrics: Metrics,
-                 report: Callable[[el.Event], object]) -> None:
+                 report: Callable[[el.Event], object],
+                 fence: KernelFence | None = None) -> None:
         self.config = config  # replaced on reload (lease, announce)
         self.mover = mover
+        self.fence = fence  # the kernel gate, renewed while holding (config `fence`)
         self._metrics = metrics
         self._report = report  # events for the election (through the driver)
         self._queue: asyncio.Queue[tuple[el.AcquireVips | el.ReleaseVips, float]] = (
@@ -45,6 +48,7 @@ class VipWorker:
         self._holding = False  # what was last applied: acquired, or released
         now = time.monotonic()
         self._last_renew = self._last_announce = self._last_reconcile = now
+        self._last_gate = now
         self._quiet_until = 0.0  # after a stall, the upkeep waits for the election
         self._announcer: asyncio.Task[None] | None = None
 
@@ -102,8 +106,26 @@ class VipWorker:
             if self._announcer is not None:
                 self._announcer.cancel()
 
+    def gate_timeout(self) -> float:
+        """How long the kernel gate stays open unless renewed: one dead interval, the
+        time the peer needs to take over, so a frozen or dead holder is cut off by then."""
+        return self.config.heartbeat.dead_interval
+
+    def gate(self, now: float) -> str:
+        """The kernel gate as an observer sees it: none, open or shut."""
+        if self.fence is None:
+            return "none"
+        is_open = self._holding and now < self._last_gate + self.gate_timeout()
+        return "open" if is_open else "shut"
+
+    def _renew_gate(self, now: float) -> None:
+        if self.fence is not None:
+            self.fence.open(self.gate_timeout())
+            self._last_gate = now
+
     async def _acquire(self, decided_at: float) -> None:
         started = time.monotonic()
+        self._renew_gate(started)  # open before the addresses and the announcement
         await self.mover.acquire(self.config.vip_lease)
         self._holding = True
         self._last_renew = self._last_announce = time.monotonic()
@@ -117,6 +139,8 @@ class VipWorker:
         if self._announcer is not None:  # never announce what is released
             self._announcer.cancel()
         self._holding = False
+        if self.fence is not None:
+            self.fence.close()  # silent at once; the addresses follow
         await self.mover.release()
         log.info("VIPs removed from %s", self.config.interface)
 
@@ -149,6 +173,8 @@ class VipWorker:
                 due.append(self._last_renew + self.renew_period())
             if self.config.announce.refresh:
                 due.append(self._last_announce + self.config.announce.refresh)
+            if self.fence is not None:
+                due.append(self._last_gate + self.gate_timeout() / 4)
             if not due:
                 return None
         else:
@@ -170,6 +196,10 @@ class VipWorker:
                     await self.mover.release()
             return
         lease = self.config.vip_lease
+        if self.fence is not None and now - self._last_gate >= self.gate_timeout():
+            self._lost(f"kernel gate shut: last renewal {1000 * (now - self._last_gate):.0f} "
+                       f"ms ago, timeout {1000 * self.gate_timeout():.0f} ms")
+            return
         if lease and now - self._last_renew >= lifetime_seconds(lease) - LAPSE_MARGIN:
             self._lost(f"lease lapsed: last renewal {1000 * (now - self._last_renew):.0f} ms "
                        f"ago, lease {lease:g} s")
@@ -183,10 +213,14 @@ class VipWorker:
             if lease:
                 left = self._last_renew + lifetime_seconds(lease) - LAPSE_MARGIN - now
                 wait = min(wait, left / 2)
+            if self.fence is not None:  # renew the gate before it shuts, too
+                wait = min(wait, (self._last_gate + self.gate_timeout() - now) / 2)
             self._quiet_until = now + wait
             return
         if now < self._quiet_until:
             return
+        if self.fence is not None and now >= self._last_gate + self.gate_timeout() / 4:
+            self._renew_gate(now)
         if lease and now >= self._last_renew + self.renew_period():
             self._last_renew = now
             added = await self.mover.acquire(lease)

@@ -61,7 +61,7 @@ def status_doc(*, state: str = "ACTIVE", handover: str | None = None,
         interface="eth0",
         vips=[VipView("192.0.2.10/24", here_held), VipView("2001:db8::10/64", here_held)],
         vip_error=None, peer=peer, config_digest="9f" * 32, rejected_heartbeats={},
-        socket_errors={"send": 0, "receive": 0}).to_json()
+        socket_errors={"send": 0, "receive": 0}, fence="none").to_json()
 
 
 class FakeController:
