@@ -107,10 +107,6 @@ class Daemon:
     def transport(self) -> HeartbeatTransport | None:
         return self.driver.transport
 
-    @property
-    def last_rtt(self) -> float | None:
-        return self.driver.last_rtt
-
     def loop_time(self) -> float:
         return self.driver.loop_time()
 

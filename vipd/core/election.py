@@ -381,7 +381,7 @@ class Election:
         if self.timers.vip_fault_until is not None and now < self.timers.vip_fault_until:
             return [CommandResult(kind, False, f"this node cannot hold VIPs now: "
                                                f"{self._fault_detail}")]
-        if self.timers.duplicate_until is not None:
+        if self._duplicated(now):
             return [CommandResult(kind, False, f"this node cannot hold VIPs now: "
                                                f"{self._duplicate_detail}")]
         if self._health is not True:
@@ -571,7 +571,6 @@ class Election:
                 self._start_handover(State.STANDBY, now, switchover=True)
             elif Flag.WANT_ACTIVE in hb.flags and not self.preferred:
                 self._start_handover(State.STANDBY, now, switchover=False)
-                return State.ACTIVE, None, extra
         self._reannounce(extra, now)
         return State.ACTIVE, None, extra
 

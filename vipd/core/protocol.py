@@ -360,6 +360,7 @@ class Session:
         self.boot_id = boot_id
         self.digest = digest
         self._peer_sources = frozenset(peer_sources) if peer_sources is not None else None
+        self._max_skew = max_skew
         self._max_skew_ns = int(max_skew * 1e9)
         self._seq = 0
         self._sent: OrderedDict[int, float] = OrderedDict()
@@ -418,7 +419,7 @@ class Session:
             raise Rejected(Reject.UNKNOWN_PEER, f"node {hb.node!r}, the peer is {self.peer_node!r}")
         sent_at = self._sent.get(hb.echo_seq) if hb.echo_boot == self.boot_id else None
         # Fresh by the echo: made after a heartbeat we sent at most max_skew ago.
-        fresh = sent_at is not None and now - sent_at <= self._max_skew_ns / 1e9
+        fresh = sent_at is not None and now - sent_at <= self._max_skew
         if not fresh:
             skew_ns = hb.send_time_ns - wall_ns - self._offset_ns
             if abs(skew_ns) > self._max_skew_ns:
