@@ -70,7 +70,7 @@ def ref_body(
     term: int = 5,
     priority: int = 150,
     effective_priority: int = 140,
-    reserved: int = 0,
+    kind: int = 0,
     digest: bytes = DIGEST,
     echo_boot: int = 0xFEDCBA9876543210,
     echo_seq: int = 41,
@@ -81,7 +81,7 @@ def ref_body(
 ) -> bytes:
     header = struct.pack(
         LAYOUT, magic, version, state, flags, key_id, newest_key_id, boot_id, seq,
-        send_time_ns, term, priority, effective_priority, reserved, digest, echo_boot,
+        send_time_ns, term, priority, effective_priority, kind, digest, echo_boot,
         echo_seq, echo_hold_us,
     )
     if names is None:
@@ -175,7 +175,7 @@ def test_max_vector_round_trips_at_documented_size() -> None:
     (40, (5).to_bytes(8, "big")),                   # term
     (48, b"\x96"),                                  # priority 150
     (49, b"\x8c"),                                  # effective priority 140
-    (50, b"\x00\x00"),                              # reserved
+    (50, b"\x00\x00"),                              # kind
     (52, DIGEST),                                   # settings digest
     (60, bytes.fromhex("fedcba9876543210")),        # echo boot
     (68, (41).to_bytes(8, "big")),                  # echo sequence
@@ -295,14 +295,14 @@ def test_unknown_state_is_malformed_even_when_signed(state: int) -> None:
     assert rejection(sign(ref_body(state=state))) is Reject.MALFORMED
 
 
-@pytest.mark.parametrize("reserved", [1, 0x8000, 0xFFFF])
-def test_nonzero_reserved_is_malformed_even_when_signed(reserved: int) -> None:
-    assert rejection(sign(ref_body(reserved=reserved))) is Reject.MALFORMED
+@pytest.mark.parametrize("kind", [1, 2, 0x8000, 0xFFFF])
+def test_vote_kind_without_vote_block_is_malformed_even_when_signed(kind: int) -> None:
+    assert rejection(sign(ref_body(kind=kind))) is Reject.MALFORMED
 
 
 def test_valid_reference_datagram_is_accepted() -> None:
     # the control for the three tests above: only the mutated field makes them fail
-    assert decode(sign(ref_body(state=5, reserved=0)), RING).state is State.STOPPED
+    assert decode(sign(ref_body(state=5, kind=0)), RING).state is State.STOPPED
 
 
 @pytest.mark.parametrize("version", [0, 2, 0xFF])
@@ -669,9 +669,9 @@ def test_source_is_filtered_before_parsing() -> None:
     (sign(ref_body(key_id=8, names=b"\x00\x04vm-a")), Reject.MALFORMED),  # names before key
     (ref_body(key_id=8) + b"\x00" * 32, Reject.UNKNOWN_KEY),            # key before MAC
     (ref_body(state=9) + b"\x00" * 32, Reject.BAD_MAC),                 # MAC before state
-    (ref_body(reserved=1) + b"\x00" * 32, Reject.BAD_MAC),              # MAC before reserved
+    (ref_body(kind=7) + b"\x00" * 44, Reject.BAD_MAC),                 # MAC before kind
 ], ids=["size", "magic", "version-key", "version-names", "names-key", "key-mac",
-        "mac-state", "mac-reserved"])
+        "mac-state", "mac-kind"])
 def test_decode_check_order(data: bytes, expected: Reject) -> None:
     assert rejection(data) is expected
 
@@ -882,22 +882,22 @@ def test_fuzz_open_arbitrary_bytes(data: bytes) -> None:
 
 @FUZZ
 @given(
-    state=u(8), flags=u(16), reserved=u(16), version=st.sampled_from([1, 1, 1, 2]),
+    state=u(8), flags=u(16), kind=u(16), version=st.sampled_from([1, 1, 1, 2]),
     cluster=st.binary(max_size=70), node=st.binary(max_size=70),
     cluster_len=st.one_of(st.none(), u(8)), node_len=st.one_of(st.none(), u(8)),
     tail=st.binary(max_size=4),
 )
 def test_fuzz_signed_bodies(
-    state: int, flags: int, reserved: int, version: int, cluster: bytes, node: bytes,
+    state: int, flags: int, kind: int, version: int, cluster: bytes, node: bytes,
     cluster_len: int | None, node_len: int | None, tail: bytes,
 ) -> None:
     # Authentic datagrams with arbitrary field values reach the checks behind the MAC.
     names = (bytes([len(cluster) if cluster_len is None else cluster_len]) + cluster
              + bytes([len(node) if node_len is None else node_len]) + node + tail)
-    data = sign(ref_body(state=state, flags=flags, reserved=reserved, version=version,
+    data = sign(ref_body(state=state, flags=flags, kind=kind, version=version,
                          names=names))
     valid = (
-        version == 1 and state <= 5 and reserved == 0 and not tail
+        version == 1 and state <= 5 and kind == 0 and not tail
         and cluster_len in (None, len(cluster)) and node_len in (None, len(node))
         and 1 <= len(cluster) <= 64 and 1 <= len(node) <= 64
         and cluster.isascii() and node.isascii()

@@ -30,6 +30,14 @@ hears it at all (one-way partitions).
 
 Keys rotate without downtime: heartbeats say which key signed them and the newest key id
 their sender holds; a node signs with its newest key that the peer also holds.
+
+Votes (docs/election.md, "arbitration by lease votes") use the same framing. A heartbeat
+may carry the sender's vote for the receiver (Flag.VOTE: granted at or after receiving
+the heartbeat it echoes, so the receiver counts it from when it sent that one). The
+witness speaks two more kinds of message (the header's former reserved field): a node's
+VOTE_REQUEST and the witness's VOTE_REPLY, each with a 12-byte `Vote` block after the
+names, under the MAC. The reply echoes the request, so the node knows the send time it
+counts the vote from; the same Session filters replays and staleness for both.
 """
 
 from __future__ import annotations
@@ -55,9 +63,13 @@ DEFAULT_MAX_SKEW = 1.0
 _SENT_MEMORY = 512  # own recent sequence numbers remembered for echo lookups
 
 # magic, version, state, flags, key_id, newest_key_id, boot_id, seq, send_time_ns, term,
-# priority, effective_priority, reserved, settings_digest, echo_boot, echo_seq, echo_hold_us
+# priority, effective_priority, kind, settings_digest, echo_boot, echo_seq, echo_hold_us
 _HEADER = struct.Struct("!4sBBHIIQQQQBBH8sQQI")
 HEADER_SIZE = _HEADER.size  # 80
+# Vote block (kinds VOTE_REQUEST and VOTE_REPLY): lease_ms, wait_ms, verdict, 3 zero bytes.
+_VOTE = struct.Struct("!IIB3x")
+VOTE_SIZE = _VOTE.size  # 12
+MAX_LEASE_MS = 60_000
 MIN_DATAGRAM = HEADER_SIZE + 1 + 1 + 1 + 1 + MAC_SIZE
 
 
@@ -85,9 +97,31 @@ class Flag(enum.IntFlag):
     PROMOTE = 1 << 6  # operator promote request to the active peer
     HEALTH_PENDING = 1 << 7  # health not known yet (starting): wait for it if it would win
     SETTLED = 1 << 8  # active for more than two dead intervals (split brain: beats a fresh one)
+    VOTE = 1 << 9  # arbiter: the sender's vote is the receiver's, as of the echoed heartbeat
+    CANDIDATE = 1 << 10  # arbiter: the sender asks for the receiver's vote to take over
+
+
+class Kind(enum.IntEnum):
+    """Message kinds (u16 on the wire, after the priorities; never renumber)."""
+
+    HEARTBEAT = 0
+    VOTE_REQUEST = 1  # node -> witness: grant (or, with RESIGNING, give back) your vote
+    VOTE_REPLY = 2  # witness -> node: the verdict on the request it echoes
+
+
+class Verdict(enum.IntEnum):
+    """A voter's answer to a request (wire values; the names are metric labels)."""
+
+    GRANTED = 0
+    HELD = 1  # the vote is another node's until its lease runs out (`wait_ms`)
+    RESTARTING = 2  # the voter started less than one lease ago: it may have forgotten a grant
+    RELEASED = 3  # the answer to a give-back: the vote is free
+    STALE = 4  # the request could not be proven fresh yet (clocks apart): ask again
 
 
 _STATES: dict[int, State] = {int(member): member for member in State}
+_KINDS: dict[int, Kind] = {int(member): member for member in Kind}
+_VERDICTS: dict[int, Verdict] = {int(member): member for member in Verdict}
 _FLAGS: dict[int, Flag] = {}
 
 
@@ -117,6 +151,7 @@ class Reject(enum.StrEnum):
     REPLAY = "replay"
     DUPLICATE = "duplicate"  # a redundant copy of the last accepted datagram: benign
     DUPLICATE_NODE = "duplicate_node"  # another live node uses our node name: misconfigured
+    WRONG_KIND = "wrong_kind"  # a vote message to a heartbeat port, or the reverse
 
 
 class Rejected(VipdError):
@@ -140,8 +175,18 @@ class Advert:
 
 
 @dataclass(frozen=True, slots=True)
+class Vote:
+    """The vote block of a VOTE_REQUEST (the lease asked for) or a VOTE_REPLY (the lease
+    granted, or how long the vote stays another node's)."""
+
+    lease_ms: int
+    verdict: Verdict = Verdict.GRANTED
+    wait_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """One decoded, authenticated heartbeat."""
+    """One decoded, authenticated message: a heartbeat, or a vote request or reply."""
 
     state: State
     flags: Flag
@@ -159,6 +204,8 @@ class Heartbeat:
     echo_hold_us: int
     cluster: str
     node: str
+    kind: Kind = Kind.HEARTBEAT
+    vote: Vote | None = None  # present exactly for the vote kinds
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,15 +310,20 @@ def _check_digest(digest: bytes) -> None:
 def _body(names: bytes, state: int, flags: int, key_id: int, newest_key_id: int,
           boot_id: int, seq: int, send_time_ns: int, term: int, priority: int,
           effective_priority: int, digest: bytes, echo_boot: int, echo_seq: int,
-          echo_hold_us: int) -> bytes:
-    """Header and names: everything the MAC covers. ValueError for out-of-range fields."""
+          echo_hold_us: int, kind: int = 0, vote: Vote | None = None) -> bytes:
+    """Header, names and vote block: everything the MAC covers. ValueError for
+    out-of-range fields."""
+    if (vote is None) != (kind == Kind.HEARTBEAT):
+        raise ValueError(f"message kind {kind} {'needs' if vote is None else 'has no'} "
+                         "vote block")
     try:
         header = _HEADER.pack(MAGIC, VERSION, state, flags, key_id, newest_key_id, boot_id,
-                              seq, send_time_ns, term, priority, effective_priority, 0,
+                              seq, send_time_ns, term, priority, effective_priority, kind,
                               digest, echo_boot, echo_seq, echo_hold_us)
+        extra = b"" if vote is None else _VOTE.pack(vote.lease_ms, vote.wait_ms, vote.verdict)
     except struct.error as exc:
         raise ValueError(f"heartbeat field out of range: {exc}") from exc
-    return header + names
+    return header + names + extra
 
 
 def encode(hb: Heartbeat, secret: bytes) -> bytes:
@@ -283,7 +335,7 @@ def encode(hb: Heartbeat, secret: bytes) -> bytes:
     body = _body(_name_fields(hb.cluster, hb.node), hb.state, hb.flags, hb.key_id,
                  hb.newest_key_id, hb.boot_id, hb.seq, hb.send_time_ns, hb.term,
                  hb.priority, hb.effective_priority, hb.settings_digest, hb.echo_boot,
-                 hb.echo_seq, hb.echo_hold_us)
+                 hb.echo_seq, hb.echo_hold_us, hb.kind, hb.vote)
     return body + hmac.digest(secret, body, "sha256")
 
 
@@ -315,6 +367,10 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
         except UnicodeDecodeError:
             raise Rejected(Reject.MALFORMED, f"{what} is not ASCII") from None
         pos = end
+    kind = fields[12]
+    names_end = pos
+    if kind != Kind.HEARTBEAT:
+        pos += VOTE_SIZE
     if pos != size - MAC_SIZE:
         raise Rejected(Reject.MALFORMED, f"{size - MAC_SIZE - pos} trailing bytes before MAC")
     key_id = fields[4]
@@ -324,17 +380,29 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
     if not hmac.compare_digest(expected, data[pos:]):
         raise Rejected(Reject.BAD_MAC, f"MAC does not verify with key id {key_id}")
     (_, _, state, flags, _, newest, boot, seq, send_ns, term, prio, eprio,
-     reserved, digest, echo_boot, echo_seq, echo_hold) = fields
+     _, digest, echo_boot, echo_seq, echo_hold) = fields
     state_member = _STATES.get(state)
     if state_member is None:
         raise Rejected(Reject.MALFORMED, f"unknown state {state}")
-    if reserved != 0:
-        raise Rejected(Reject.MALFORMED, "reserved field is not zero")
+    kind_member = _KINDS.get(kind)
+    if kind_member is None:
+        raise Rejected(Reject.MALFORMED, f"unknown message kind {kind}")
+    vote = None
+    if kind_member is not Kind.HEARTBEAT:
+        lease_ms, wait_ms, verdict = _VOTE.unpack_from(data, names_end)
+        verdict_member = _VERDICTS.get(verdict)
+        if verdict_member is None or data[names_end + 9:names_end + 12] != b"\0\0\0":
+            raise Rejected(Reject.MALFORMED, f"bad vote block (verdict {verdict})")
+        if not 0 < lease_ms <= MAX_LEASE_MS:
+            raise Rejected(Reject.MALFORMED, f"vote lease {lease_ms} ms outside "
+                                             f"1..{MAX_LEASE_MS}")
+        vote = Vote(lease_ms=lease_ms, verdict=verdict_member, wait_ms=wait_ms)
     return Heartbeat(
         state=state_member, flags=flag_of(flags), key_id=key_id, newest_key_id=newest,
         boot_id=boot, seq=seq, send_time_ns=send_ns, term=term, priority=prio,
         effective_priority=eprio, settings_digest=digest, echo_boot=echo_boot,
         echo_seq=echo_seq, echo_hold_us=echo_hold, cluster=names[0], node=names[1],
+        kind=kind_member, vote=vote,
     )
 
 
@@ -351,8 +419,10 @@ class Session:
         digest: bytes,
         peer_sources: Iterable[Hashable] | None = None,
         max_skew: float = DEFAULT_MAX_SKEW,
+        expect: Kind = Kind.HEARTBEAT,
     ) -> None:
         self._names = _name_fields(cluster, node)
+        self._expect = expect  # the one kind this end accepts (a witness: VOTE_REQUEST)
         _check_digest(digest)
         self.cluster = cluster
         self.node = node
@@ -381,9 +451,11 @@ class Session:
         """A reload's new key ring (a rotation adds a key id, then removes the old)."""
         self.keys = keys
 
-    def seal(self, advert: Advert, now: float, wall_ns: int) -> bytes:
-        """Sign ``advert`` as our next heartbeat: the bytes `encode` would make of it,
-        without building a Heartbeat first (this runs for every heartbeat)."""
+    def seal(self, advert: Advert, now: float, wall_ns: int, kind: Kind = Kind.HEARTBEAT,
+             vote: Vote | None = None) -> bytes:
+        """Sign ``advert`` as our next message (a heartbeat unless ``kind`` and ``vote``
+        say otherwise): the bytes `encode` would make of it, without building a Heartbeat
+        first (this runs for every heartbeat)."""
         self._seq += 1
         seq = self._seq
         sent = self._sent
@@ -398,7 +470,8 @@ class Session:
         key_id = keys.signing_id(self.peer_newest_key)
         body = _body(self._names, advert.state, advert.flags, key_id, keys.newest_id,
                      self.boot_id, seq, wall_ns, advert.term, advert.priority,
-                     advert.effective_priority, self.digest, echo_boot, echo_seq, hold_us)
+                     advert.effective_priority, self.digest, echo_boot, echo_seq, hold_us,
+                     kind, vote)
         mac = keys.mac(key_id, body)
         assert mac is not None
         return body + mac
@@ -410,6 +483,9 @@ class Session:
         if self._peer_sources is not None and source not in self._peer_sources:
             raise Rejected(Reject.UNKNOWN_PEER, f"datagram from {source}, not a configured peer")
         hb = decode(data, self.keys)
+        if hb.kind is not self._expect:
+            raise Rejected(Reject.WRONG_KIND, f"a {hb.kind.name} message, this port takes "
+                                              f"{self._expect.name}")
         if hb.cluster != self.cluster:
             raise Rejected(Reject.WRONG_CLUSTER,
                            f"cluster {hb.cluster!r}, expected {self.cluster!r}")
