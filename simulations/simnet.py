@@ -13,6 +13,13 @@ the timer's drain), then, in either order, the overdue election timer and the VI
 upkeep, which finds a lapsed lease and reports VipsLost. Wall clocks can be stepped per
 node (`skew_ns`). Announcements are modelled as bursts of rounds, so the checker can
 tell who announced last.
+
+With an arbiter (`Sim(..., witness=True)`) a third process, the witness, votes through
+the same vipd.core.witness code as `vipd witness`, reached over its own links; each
+node's kernel gate is modelled (opened up to the election's `gate_limit`, shut by
+CloseGate, and expiring by itself while the process is frozen or dead), and the checker
+asserts that no two gates are ever open at the same instant. Each process may run its
+monotonic clock at its own rate (`rate`: 0.001 is 0.1 % fast).
 """
 
 from __future__ import annotations
@@ -26,19 +33,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vipd.arbiter.witness_client import WitnessClient
 from vipd.core import election as el
 from vipd.core.protocol import (
+    Advert,
     Flag,
     KeyRing,
+    Kind,
     Reject,
     Rejected,
     Session,
     State,
+    Verdict,
+    Vote,
     settings_digest,
 )
+from vipd.core.votes import Ballot
 
 WALL_EPOCH_NS = 1_800_000_000 * 10**9
 CLUSTER = "web"
+WITNESS = "witness"  # the witness's name and its address in the simulated network
 SOCKET_BACKLOG = 256  # datagrams a default socket buffer holds (measured: 256 of 150 bytes)
 LEASE = 3.0  # vip_lease; the kernel removes the address a little early:
 KERNEL_EARLY = 0.3  # measured 2.6-2.9 s for 3 s
@@ -99,7 +113,7 @@ class SimNode:
     boots: int = 0
     eligible_since: float | None = None
     frozen: bool = False
-    backlog: list[bytes] = field(default_factory=list)
+    backlog: list[tuple[bytes, str | None]] = field(default_factory=list)
     timer_due: bool = False  # the election timer came due while frozen
     last_renew: float = 0.0
     lease_gen: int = 0
@@ -108,10 +122,23 @@ class SimNode:
     rejects: Counter[str] = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
     results: list[el.CommandResult] = field(default_factory=list)
+    rate: float = 0.0  # this host's monotonic clock runs (1 + rate) times real time
+    witness_client: WitnessClient | None = None
+    gate_until: float = float("-inf")  # real time at which the kernel gate shuts
 
     @property
     def state(self) -> State | None:
         return self.election.state if self.up and self.election else None
+
+    def local(self, now: float) -> float:
+        """This host's monotonic clock at real time ``now``."""
+        return now * (1.0 + self.rate)
+
+    def real(self, local: float) -> float:
+        return local / (1.0 + self.rate)
+
+    def gate_open(self, now: float) -> bool:
+        return now < self.gate_until
 
     def wall_ns(self, now: float) -> int:
         return WALL_EPOCH_NS + int(now * 1e9) + self.skew_ns
@@ -119,11 +146,18 @@ class SimNode:
     def start(self) -> None:
         self.up, self.boots = True, self.boots + 1
         self.held = False  # the daemon removes stale VIPs of a previous run at start
+        self.gate_until = float("-inf")  # ... and installs its gate shut
         self.sim.checker.on_start(self)
         self.election = el.Election(self.cfg, term=self.persisted_term,
                                     maintenance=self.persisted_maintenance)
+        boot = self.sim.rng.getrandbits(64)
         self.session = Session(cluster=CLUSTER, node=self.name, keys=self.sim.keys,
-                               boot_id=self.sim.rng.getrandbits(64), digest=self.cfg.digest)
+                               boot_id=boot, digest=self.cfg.digest)
+        if self.cfg.arbiter:
+            self.witness_client = WitnessClient(
+                cluster=CLUSTER, node=self.name, keys=self.sim.keys, boot_id=boot,
+                digest=self.cfg.digest, witnesses=[(WITNESS, (WITNESS, 0))],
+                lease=self.cfg.vote_lease, max_skew=1.0)
         self.handle(el.Start())
         self.handle(el.HealthChanged(self.health, "" if self.health else "sim: down"))
 
@@ -191,8 +225,9 @@ class SimNode:
         if not self.up or self.election is None:
             return
         now = self.sim.clock.now
-        for action in self.election.handle(event, now):
+        for action in self.election.handle(event, self.local(now)):
             self.apply(action, now)
+        self.renew_gate()
         self.rearm()
         if self.election.finished:
             assert not self.held, f"{self.name} stopped while holding VIPs"
@@ -204,7 +239,7 @@ class SimNode:
         deadline = self.election.next_deadline()
         if deadline is not None:
             gen = self.timer_gen
-            self.sim.clock.at(deadline, lambda: self._fire(gen))
+            self.sim.clock.at(self.real(deadline), lambda: self._fire(gen))
 
     def _fire(self, gen: int) -> None:
         if gen == self.timer_gen:
@@ -217,8 +252,15 @@ class SimNode:
         match action:
             case el.SendHeartbeat(advert=advert):
                 assert self.session is not None
-                data = self.session.seal(advert, now, self.wall_ns(now))
+                data = self.session.seal(advert, self.local(now), self.wall_ns(now))
                 self.sim.transmit(self.name, data)
+            case el.AskVotes(release=release):
+                assert self.witness_client is not None and self.election is not None
+                for data, _ in self.witness_client.requests(
+                        self.election.advert(), release, self.local(now), self.wall_ns(now)):
+                    self.sim.transmit(self.name, data, WITNESS)
+            case el.CloseGate():
+                self.gate_until = float("-inf")
             case el.AcquireVips(term=term):
                 self.held = True
                 self.last_renew = now
@@ -228,6 +270,7 @@ class SimNode:
             case el.ReleaseVips():
                 self.held = False
                 self.burst_gen += 1
+                self.gate_until = min(self.gate_until, now)  # the release shuts the gate
             case el.Transition():
                 self.sim.checker.on_transition(self, action, now)
             case el.CommandResult():
@@ -239,14 +282,33 @@ class SimNode:
             case el.RunHook():
                 pass
 
-    def deliver(self, data: bytes, attack: Attack | None = None) -> None:
+    def renew_gate(self) -> None:
+        """The VIP worker keeps the gate open while holding, never past the votes (the
+        daemon renews it every dead/4; renewing at every event only keeps it open longer,
+        which makes the two-gates invariant stricter, not looser)."""
+        e = self.election
+        if (e is None or not self.cfg.arbiter or not self.up or self.frozen or not self.held
+                or e.state is not State.ACTIVE):
+            return
+        now = self.sim.clock.now
+        limit = e.gate_limit(self.local(now))
+        if limit is None or limit <= self.local(now):
+            return
+        until = self.real(min(self.local(now) + self.cfg.dead_interval, limit))
+        if until > self.gate_until:
+            if self.gate_until <= now:
+                self.sim.checker.on_gate_open(self, now)
+            self.gate_until = until
+
+    def deliver(self, data: bytes, attack: Attack | None = None,
+                source: str | None = None) -> None:
         if not self.up or self.session is None or self.election is None:
             return
         if self.frozen:
             if len(self.backlog) < SOCKET_BACKLOG:
-                self.backlog.append(data)
+                self.backlog.append((data, source))
             return
-        event = self._open(data, attack)
+        event = self._open(data, attack, source)
         if event is None:
             return
         before = self.election.state
@@ -254,21 +316,25 @@ class SimNode:
         if attack is not None and self.election is not None and self.election.state != before:
             self.sim.checker.violation(f"{attack.kind} datagram changed {self.name}'s state")
 
-    def deliver_batch(self, batch: list[bytes]) -> None:
+    def deliver_batch(self, batch: list[tuple[bytes, str | None]]) -> None:
         """Queued datagrams as the daemon reads them: all authenticated first, then the
         election acts on each in order."""
         if not self.up or self.session is None or self.election is None:
             return
-        events = [event for data in batch if (event := self._open(data, None)) is not None]
+        events = [event for data, source in batch
+                  if (event := self._open(data, None, source)) is not None]
         for event in events:
             self.handle(event)
 
-    def _open(self, data: bytes, attack: Attack | None
-              ) -> el.HeartbeatReceived | el.DuplicateNode | None:
+    def _open(self, data: bytes, attack: Attack | None, source: str | None = None
+              ) -> el.HeartbeatReceived | el.DuplicateNode | el.VoteReplied | None:
         assert self.session is not None
         now = self.sim.clock.now
         try:
-            rx = self.session.open(data, now, self.wall_ns(now))
+            if source == WITNESS and self.witness_client is not None:
+                return self.witness_client.open(data, WITNESS, self.local(now),
+                                                self.wall_ns(now))
+            rx = self.session.open(data, self.local(now), self.wall_ns(now))
         except Rejected as exc:
             self.rejects[exc.reason.value] += 1
             if exc.reason is Reject.DUPLICATE_NODE:  # as the daemon does
@@ -278,40 +344,128 @@ class SimNode:
         return el.HeartbeatReceived(rx)
 
 
-class Sim:
-    """Two nodes, two directed links, a virtual clock, a checker."""
+@dataclass
+class SimWitness:
+    """The witness process: one ballot for the cluster, one session per node."""
 
-    def __init__(self, seed: int, cfgs: list[el.ElectionConfig], vips: list[str]) -> None:
+    sim: Sim
+    nodes: list[str]
+    up: bool = False
+    rate: float = 0.0
+    started_at: float = 0.0
+    boot: int = 0
+    ballot: Ballot | None = None
+    sessions: dict[str, Session] = field(default_factory=dict)
+    verdicts: Counter[str] = field(default_factory=Counter)
+    grants: list[tuple[float, str]] = field(default_factory=list)  # (real time, node)
+
+    def local(self, now: float) -> float:
+        return now * (1.0 + self.rate)
+
+    def start(self) -> None:
+        """A (re)start forgets every grant: it grants nothing for one lease."""
+        self.up, self.started_at = True, self.local(self.sim.clock.now)
+        self.boot = self.sim.rng.getrandbits(64)
+        self.ballot = None
+        self.sessions = {
+            name: Session(cluster=CLUSTER, node=WITNESS, keys=self.sim.keys,
+                          boot_id=self.boot, digest=b"\0" * 8, expect=Kind.VOTE_REQUEST)
+            for name in self.nodes}
+
+    def crash(self) -> None:
+        self.up = False
+
+    def deliver(self, data: bytes, source: str) -> None:
+        if not self.up:
+            return
+        now = self.sim.clock.now
+        local, wall = self.local(now), WALL_EPOCH_NS + int(now * 1e9)
+        session = self.sessions[source]
+        try:
+            rx = session.open(data, local, wall, None)
+        except Rejected:
+            return
+        hb, vote = rx.heartbeat, rx.heartbeat.vote
+        assert vote is not None
+        lease = vote.lease_ms / 1000
+        if self.ballot is None:
+            self.ballot = Ballot(lease, blocked_until=self.started_at + lease)
+        if Flag.RESIGNING in hb.flags:
+            self.ballot.release(hb.node)
+            verdict = Verdict.RELEASED
+        elif hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags:
+            verdict = self.ballot.grant(hb.node, local, lease)
+            if verdict is Verdict.GRANTED:
+                self.grants.append((now, hb.node))
+        else:  # a standby's probe: is the vote free?
+            verdict = Verdict.HELD if self.ballot.holder(local) not in (None, hb.node) else (
+                Verdict.RELEASED)
+        self.verdicts[verdict.name] += 1
+        granted = verdict is Verdict.GRANTED
+        reply = session.seal(
+            Advert(State.ACTIVE if granted else State.STANDBY,
+                   Flag.VOTE if granted else Flag.NONE, 0, 0, 0), local, wall,
+            kind=Kind.VOTE_REPLY,
+            vote=Vote(vote.lease_ms, verdict, round(1000 * self.ballot.wait(local))))
+        self.sim.transmit(WITNESS, reply, source)
+
+
+class Sim:
+    """Two nodes (and, with an arbiter, a witness), directed links, a virtual clock, a
+    checker."""
+
+    def __init__(self, seed: int, cfgs: list[el.ElectionConfig], vips: list[str],
+                 witness: bool = False) -> None:
         self.rng = random.Random(seed)
         self.clock = Clock()
         self.keys = KeyRing({7: self.rng.randbytes(32)})
         self.nodes: dict[str, SimNode] = {}
         for cfg in cfgs:
-            digest = settings_digest(CLUSTER, vips, cfg.interval, cfg.dead_after)
+            if witness and not cfg.arbiter:
+                cfg = dataclasses.replace(cfg, witnesses=(WITNESS,))
+            digest = settings_digest(CLUSTER, vips, cfg.interval, cfg.dead_after,
+                                     cfg.vote_lease if cfg.arbiter else 0.0)
             node = SimNode(cfg.node, dataclasses.replace(cfg, digest=digest), self)
             self.nodes[cfg.node] = node
         a, b = self.nodes
         self.links = {(a, b): LinkSpec(), (b, a): LinkSpec()}
+        self.witness: SimWitness | None = None
+        if witness:
+            self.witness = SimWitness(self, [a, b])
+            for n in (a, b):
+                self.links[(n, WITNESS)] = LinkSpec()
+                self.links[(WITNESS, n)] = LinkSpec()
         self.captured: list[bytes] = []
         self.checker = Checker(self)
 
     def peer_of(self, name: str) -> SimNode:
         return next(n for n in self.nodes.values() if n.name != name)
 
-    def transmit(self, src: str, data: bytes) -> None:
-        dst = self.peer_of(src)
-        link = self.links[(src, dst.name)]
-        self.captured.append(data)
-        if len(self.captured) > 4000:
-            del self.captured[:2000]
+    def transmit(self, src: str, data: bytes, dst_name: str | None = None) -> None:
+        """Send ``data`` from ``src`` to its peer node (or to ``dst_name``)."""
+        if dst_name is None:
+            dst_name = self.peer_of(src).name
+        link = self.links[(src, dst_name)]
+        if dst_name == WITNESS:
+            assert self.witness is not None
+            deliver = functools.partial(self.witness.deliver, data, src)
+            interval = self.nodes[src].cfg.interval
+        else:
+            dst = self.nodes[dst_name]
+            deliver = functools.partial(dst.deliver, data, None, src)
+            interval = dst.cfg.interval
+            if src != WITNESS:
+                self.captured.append(data)
+                if len(self.captured) > 4000:
+                    del self.captured[:2000]
         if link.blocked or self.rng.random() < link.loss:
             return
         copies = 2 if self.rng.random() < link.dup else 1
         for _ in range(copies):
             delay = link.delay + self.rng.uniform(0, link.jitter)
             if self.rng.random() < link.reorder:
-                delay += self.rng.uniform(0, 2 * dst.cfg.interval)
-            self.clock.at(self.clock.now + delay, functools.partial(dst.deliver, data))
+                delay += self.rng.uniform(0, 2 * interval)
+            self.clock.at(self.clock.now + delay, deliver)
 
     def inject(self, dst: str, attack: Attack) -> None:
         self.nodes[dst].deliver(attack.data, attack)
@@ -344,6 +498,16 @@ class Checker:
     releases: list[tuple[float, str, str]] = field(default_factory=list)
     # (when, node, whether the other node held the VIPs and was not handing them over)
     acquires: list[tuple[float, str, bool]] = field(default_factory=list)
+    gate_opens: list[tuple[float, str]] = field(default_factory=list)
+
+    def on_gate_open(self, node: SimNode, now: float) -> None:
+        """A shut gate opens: the other node's gate must be shut at this instant (gates
+        only open at events, so this finds every overlap)."""
+        other = self.sim.peer_of(node.name)
+        if other.gate_open(now):
+            self.violation(f"{node.name} opened its gate while {other.name}'s is open "
+                           f"until {other.gate_until:.4f}s: two nodes answer for the VIPs")
+        self.gate_opens.append((now, node.name))
 
     def on_acquire(self, node: SimNode, now: float) -> None:
         other = self.sim.peer_of(node.name)

@@ -108,6 +108,33 @@ class AuthConfig(_Model):
     key_file: ConfigPath
 
 
+class ArbiterConfig(_Model):
+    """Lease votes with a witness (docs/election.md): no split brain, still sub-second."""
+
+    witness: list[Endpoint]
+    # How long a vote lasts, counted by each voter from its grant; default (None): the
+    # heartbeat dead interval, so crash failover takes what it takes without an arbiter.
+    lease: PositiveDuration | None = None
+
+    @field_validator("witness")
+    @classmethod
+    def _check_witnesses(cls, witnesses: list[Endpoint]) -> list[Endpoint]:
+        if not witnesses:
+            raise ValueError("expected at least one witness, like [192.0.2.3:5406]")
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first: dict[Endpoint, int] = {}
+        for i, witness in enumerate(witnesses):
+            if witness in first:
+                problems.append(((i,), f"{witness} is listed twice (also "
+                                       f"witness[{first[witness]}])"))
+            elif witness.host.is_unspecified or witness.host.is_multicast:
+                problems.append(((i,), f"{witness} is not a unicast address of a witness"))
+            first.setdefault(witness, i)
+        if problems:
+            raise Problems(problems)
+        return witnesses
+
+
 class HttpCheck(_Model):
     url: str
     status: Annotated[int, Strict(), Field(ge=100, le=599)] = 200
@@ -267,9 +294,27 @@ class Config(_Model):
     # Treat the VIP interface's link as a health check (down: FAULT, VIPs released), as
     # keepalived's interface tracking does; an isolated node then holds no VIP copy.
     track_interface: StrictBool = True
+    # Lease votes with a witness: a node holds the VIPs only while a majority of voters
+    # (the pair and the witnesses) vote for it. Absent: a partition of the heartbeat path
+    # makes both nodes active (said at start and in vipd_arbiter_info).
+    arbiter: ArbiterConfig | None = None
     # "kernel": the VIPs sit behind an nftables gate that shuts by itself one dead
     # interval after the holder stops renewing it (vipd/fence.py); "none": no gate.
+    # Default: "kernel" with an arbiter (which requires it), "none" without.
     fence: Literal["none", "kernel"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fence_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fence" not in data and data.get("arbiter"):
+            return {**data, "fence": "kernel"}
+        return data
+
+    @property
+    def vote_lease(self) -> float:
+        """The arbiter's vote lease (the dead interval unless set)."""
+        lease = self.arbiter.lease if self.arbiter is not None else None
+        return lease or self.heartbeat.dead_interval
 
     @property
     def effective_state_dir(self) -> Path:
@@ -312,6 +357,36 @@ class Config(_Model):
         if problems:
             raise Problems(problems)
         return checks
+
+    @model_validator(mode="after")
+    def _arbiter_needs_fence(self) -> Config:
+        # The votes bound how long a node may answer for the VIPs; after a crash or a
+        # freeze only the kernel can enforce that bound.
+        if self.arbiter is None:
+            return self
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.fence != "kernel":
+            problems.append((("fence",), (
+                "an arbiter needs fence: kernel (the kernel gate enforces the vote lease "
+                "when the process is frozen or killed); remove `fence: none`")))
+        lease, interval = self.vote_lease, self.heartbeat.interval
+        if lease < 3 * interval:
+            problems.append((("arbiter", "lease"), (
+                f"lease {format_duration(lease)} must be at least 3 heartbeat intervals "
+                f"({format_duration(3 * interval)}): votes are renewed once per interval")))
+        peers = set(self.heartbeat.peers) | {self.heartbeat.bind}
+        for i, witness in enumerate(self.arbiter.witness):
+            if witness in peers:
+                problems.append((("arbiter", "witness", i), (
+                    f"{witness} is a heartbeat address of the pair, not a witness")))
+            elif witness.host.version != self.heartbeat.bind.host.version:
+                problems.append((("arbiter", "witness", i), (
+                    f"{witness} is IPv{witness.host.version} but bind "
+                    f"{self.heartbeat.bind} is IPv{self.heartbeat.bind.host.version}; "
+                    "votes travel on the heartbeat socket")))
+        if problems:
+            raise Problems(problems)
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_dead_interval(self) -> Config:

@@ -29,11 +29,11 @@ from aiohttp import web
 from vipd import __version__
 from vipd.api import Api
 from vipd.checks import CheckRunner
-from vipd.config import Config
+from vipd.config import Config, format_duration
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Session, settings_digest
-from vipd.driver import Driver, new_session
+from vipd.driver import Driver, new_session, new_witness_client
 from vipd.errors import VipdError, VipError
 from vipd.fence import KernelFence
 from vipd.hooks import HookRunner
@@ -58,7 +58,9 @@ def election_config(cfg: Config) -> el.ElectionConfig:
         node=cfg.node, priority=cfg.priority, preempt=cfg.preempt,
         preempt_delay=cfg.preempt_delay, interval=hb.interval, dead_after=hb.dead_after,
         digest=settings_digest(cfg.cluster, [str(v) for v in cfg.vips], hb.interval,
-                               hb.dead_after))
+                               hb.dead_after, cfg.vote_lease if cfg.arbiter else 0.0),
+        witnesses=tuple(str(w) for w in cfg.arbiter.witness) if cfg.arbiter else (),
+        lease=cfg.vote_lease if cfg.arbiter else 0.0)
 
 
 class Daemon:
@@ -76,12 +78,16 @@ class Daemon:
         saved = state_file.load()
         election = el.Election(election_config(config), term=int(saved.get("term", 0)),
                                maintenance=bool(saved.get("maintenance", False)))
-        session = new_session(config, KeyRing(load_keys(config.auth.key_file)),
-                              secrets.randbits(64), election.cfg.digest)
+        keys, boot_id = KeyRing(load_keys(config.auth.key_file)), secrets.randbits(64)
+        session = new_session(config, keys, boot_id, election.cfg.digest)
         self.worker = VipWorker(config, self.mover, self.metrics, self._report)
         self.hooks = HookRunner(config, self.metrics, preexec=None)
         self.driver = Driver(config, election, session, self.worker, self.hooks, state_file,
-                             self.notifier, self.metrics, on_finished=self._finish)
+                             self.notifier, self.metrics, on_finished=self._finish,
+                             witnesses=new_witness_client(config, keys, boot_id,
+                                                          election.cfg.digest))
+        # The gate never stays open past the votes held (loop time is time.monotonic()).
+        self.worker.gate_limit = lambda now: self.driver.election.gate_limit(now)
         self.checks = CheckRunner(config, self.metrics, self._report)
         self.api: Api | None = None
         self._held: set[str] = set()  # the VIPs the kernel had at the last status
@@ -135,7 +141,8 @@ class Daemon:
                         held=held, vip_error=vip_error, last_rtt=self.driver.last_rtt,
                         clock_offset=self.session.clock_offset,
                         rejected=self.metrics.hot.rejected, socket_errors=errors,
-                        fence=self.worker.gate(time.monotonic()))
+                        fence=self.worker.gate(time.monotonic()),
+                        witness_replies=self.driver.witness_replies())
 
     def handle(self, event: el.Event) -> list[el.Action]:
         """For the control API: an operator command is just another event."""
@@ -153,6 +160,14 @@ class Daemon:
         log.info("vipd %s starting: node %s, cluster %s, VIPs %s on %s, priority %d",
                  __version__, cfg.node, cfg.cluster, ", ".join(map(str, cfg.vips)),
                  cfg.interface, cfg.priority)
+        if cfg.arbiter is None:
+            log.warning("no arbiter: a partition of the heartbeat path makes both nodes "
+                        "active (configure `arbiter: {witness: [HOST:PORT]}`)")
+        else:
+            log.info("arbiter: witness %s, vote lease %s: a node holds the VIPs only with "
+                     "%d of %d votes", ", ".join(map(str, cfg.arbiter.witness)),
+                     format_duration(cfg.vote_lease), election_config(cfg).voters // 2 + 1,
+                     election_config(cfg).voters)
         if cfg.fence == "kernel":  # shut before anything: a previous run's gate goes too
             self.worker.fence = KernelFence(cfg.cluster, cfg.vips)
             self.worker.fence.install()
@@ -200,6 +215,8 @@ class Daemon:
                                              lambda: self.driver.timer_works(stale)),
                                 "watchdog")
                 self._start(tg, self._reloads(), "reload")
+                if self.driver.witnesses is not None:
+                    self._start(tg, self.driver.probe_witnesses(), "witness probes")
                 self.driver.start()
                 await self._done.wait()
                 for task in self._tasks:

@@ -19,10 +19,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from vipd.arbiter.witness_client import WitnessClient
 from vipd.config import Config
 from vipd.core import election as el
 from vipd.core.events import UNPLANNED_TAKEOVERS
 from vipd.core.protocol import KeyRing, Reject, Rejected, Session, State
+from vipd.core.votes import PROBE_EVERY
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics
 from vipd.statefile import StateFile
@@ -40,11 +42,23 @@ def new_session(config: Config, keys: KeyRing, boot_id: int, digest: bytes) -> S
                    max_skew=hb.max_clock_skew)
 
 
+def new_witness_client(config: Config, keys: KeyRing, boot_id: int,
+                       digest: bytes) -> WitnessClient | None:
+    if config.arbiter is None:
+        return None
+    return WitnessClient(
+        cluster=config.cluster, node=config.node, keys=keys, boot_id=boot_id, digest=digest,
+        witnesses=[(str(w), (str(w.host), w.port)) for w in config.arbiter.witness],
+        lease=config.vote_lease, max_skew=config.heartbeat.max_clock_skew)
+
+
 class Driver:
     def __init__(self, config: Config, election: el.Election, session: Session,
                  worker: VipWorker, hooks: HookRunner, state_file: StateFile,
-                 notifier: Notifier, metrics: Metrics, on_finished: Callable[[], None]) -> None:
+                 notifier: Notifier, metrics: Metrics, on_finished: Callable[[], None],
+                 witnesses: WitnessClient | None = None) -> None:
         self.config = config
+        self.witnesses = witnesses  # the arbiter's witnesses (config `arbiter`)
         self.election = election
         self.session = session
         self.worker = worker
@@ -61,6 +75,7 @@ class Driver:
         self._last_timer_fire = time.monotonic()
         self._ready_sent = False
         self._offset_warned = False
+        self._last_ask = float("-inf")  # loop time of our last vote request to the witnesses
         self.last_rtt: float | None = None
 
     def attach(self, transport: HeartbeatTransport) -> None:
@@ -106,6 +121,8 @@ class Driver:
         event, the rest to the parts that read them."""
         self.config = self.worker.config = self.hooks.config = config
         self.session.rekey(keys)
+        if self.witnesses is not None:
+            self.witnesses.rekey(keys)
         self.handle(el.Reconfigure(election_cfg))
 
     def on_datagrams(self, batch: list[tuple[bytes, str]]) -> None:
@@ -120,8 +137,12 @@ class Driver:
             self.handle(event)
 
     def _open(self, data: bytes, source: str, now: float,
-              wall_ns: int) -> el.HeartbeatReceived | el.DuplicateNode | None:
+              wall_ns: int) -> el.HeartbeatReceived | el.DuplicateNode | el.VoteReplied | None:
         try:
+            if self.witnesses is not None and self.witnesses.knows(source):
+                reply = self.witnesses.open(data, source, now, wall_ns)
+                self.metrics.vote_replies.labels(reply.voter, reply.verdict.name.lower()).inc()
+                return reply
             rx = self.session.open(data, now, wall_ns, source)
         except Rejected as exc:
             rejected = self.metrics.hot.rejected
@@ -210,6 +231,8 @@ class Driver:
                 self._log_transition(old, new, reason, term, now)
                 self.notifier.notify(STATUS=f"{new.name} term {term} ({reason})")
                 self.metrics.transitions.labels(old.name, new.name, why.value).inc()
+                if why is el.Why.NO_QUORUM:
+                    self.metrics.self_fence.labels("votes_lost").inc()
                 peer = self.election.peer
                 if new is State.ACTIVE and peer is not None and why in UNPLANNED_TAKEOVERS:
                     self.metrics.detection.observe(max(now - peer.received_at, 0.0))
@@ -226,6 +249,31 @@ class Driver:
                                      maintenance=self.election.maintenance)
             case el.Warn(message=message):
                 log.warning("%s", message)
+            case el.CloseGate(reason=reason):
+                self.worker.close_gate(reason)  # at once: a later action may vote for the peer
+            case el.AskVotes(release=release):
+                self._ask_witnesses(release, now)
+
+    def _ask_witnesses(self, release: bool, now: float) -> None:
+        """Vote requests to every witness: what the election's advert says decides what
+        the witness does (ACTIVE or CANDIDATE: grant; RESIGNING: give back; else probe)."""
+        if self.witnesses is None or self.transport is None:
+            return
+        self._last_ask = now
+        for data, address in self.witnesses.requests(self.election.advert(), release, now,
+                                                     time.time_ns()):
+            self.transport.send(data, (address,))
+
+    async def probe_witnesses(self) -> None:
+        """A node that asks the witnesses nothing (a standby) still probes them, so both
+        nodes know, and say, whether a failover would find a majority."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            if self._loop is not None and self.loop_time() - self._last_ask >= PROBE_EVERY:
+                self._ask_witnesses(False, self.loop_time())
+
+    def witness_replies(self) -> dict[str, float | None]:
+        return {} if self.witnesses is None else self.witnesses.last_replies()
 
     def _log_transition(self, old: State, new: State, reason: str, term: int,
                         now: float) -> None:

@@ -18,6 +18,7 @@ from vipd import __version__
 from vipd.config import Config
 from vipd.core.election import Election
 from vipd.core.protocol import Flag, Reject, State
+from vipd.core.votes import PROBE_EVERY, REACHABLE_LEASES
 from vipd.health import CheckStatus
 
 
@@ -60,6 +61,38 @@ class VipView:
 
 
 @dataclass(frozen=True, slots=True)
+class VoteView:
+    voter: str
+    kind: str  # "self", "peer" or "witness"
+    remaining_seconds: float  # until this vote runs out, as we count it
+    age_seconds: float  # since we sent the request that won it
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessView:
+    address: str
+    reachable: bool  # an authenticated reply within REACHABLE_FOR
+    last_reply_seconds_ago: float | None
+    verdict: str | None  # of its last reply: granted, held, restarting, released, stale
+
+
+@dataclass(frozen=True, slots=True)
+class ArbiterView:
+    kind: str  # "witness", or "none": a partition of the heartbeat path makes both active
+    lease_seconds: float
+    voters: int
+    majority: int
+    votes: list[VoteView]  # the unexpired votes we hold
+    majority_remaining_seconds: float | None  # how long we may hold the VIPs on them
+    vote_for: str | None  # whom our own vote goes to now
+    campaign: str | None  # a takeover waiting for a majority of votes, and why
+    witnesses: list[WitnessView]
+
+
+NO_ARBITER = ArbiterView("none", 0.0, 2, 2, [], None, None, None, [])
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     node: str
     cluster: str
@@ -86,6 +119,7 @@ class Status:
     rejected_heartbeats: dict[str, int]
     socket_errors: dict[str, int]  # heartbeat socket: "send", "receive"
     fence: str  # the kernel gate (config `fence`): "none", "open" or "shut"
+    arbiter: ArbiterView = NO_ARBITER
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,17 +128,22 @@ class Status:
     def from_json(cls, doc: dict[str, Any]) -> Status:
         """The status document an API returned (vipctl); raises KeyError or TypeError
         when it is not one."""
-        peer = doc["peer"]
+        peer, arb = doc["peer"], doc.get("arbiter")  # absent: an older vipd
+        arbiter = NO_ARBITER if arb is None else ArbiterView(**{
+            **arb, "votes": [VoteView(**v) for v in arb["votes"]],
+            "witnesses": [WitnessView(**w) for w in arb["witnesses"]]})
         return cls(**{**doc, "checks": [CheckView(**c) for c in doc["checks"]],
                       "vips": [VipView(**v) for v in doc["vips"]],
-                      "peer": None if peer is None else PeerView(**peer)})
+                      "peer": None if peer is None else PeerView(**peer),
+                      "arbiter": arbiter})
 
 
 def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
              now: float, mono: float, started: float, held: set[str], vip_error: str | None,
              last_rtt: float | None, clock_offset: float | None,
              rejected: dict[str, int], socket_errors: dict[str, int],
-             fence: str = "none") -> Status:
+             fence: str = "none", witness_replies: dict[str, float | None] | None = None,
+             ) -> Status:
     """The node at loop time ``now`` (``mono``: time.monotonic(), for check ages)."""
     e = election
     peer = None
@@ -135,4 +174,33 @@ def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
         vips=[VipView(str(v), str(v) in held) for v in config.vips],
         vip_error=vip_error, peer=peer, config_digest=e.cfg.digest.hex(),
         rejected_heartbeats={r.value: n for r in Reject if (n := rejected.get(r.value, 0))},
-        socket_errors=socket_errors, fence=fence)
+        socket_errors=socket_errors, fence=fence,
+        arbiter=arbiter_view(e, now, witness_replies or {}))
+
+
+def arbiter_view(e: Election, now: float, replies: dict[str, float | None]) -> ArbiterView:
+    """The votes as this node counts them (docs/election.md)."""
+    cfg = e.cfg
+    if e.tally is None or e.ballot is None:
+        return NO_ARBITER
+    lease = cfg.vote_lease
+    reachable_for = max(REACHABLE_LEASES * lease, 2 * PROBE_EVERY)
+    peer = e.peer.heartbeat.node if e.peer is not None else None
+    votes = [VoteView(voter, "self" if voter == cfg.node else
+                      "peer" if voter == peer else "witness",
+                      round(e.tally.expiries[voter] - now, 3),
+                      round(now - e.tally.counted_from[voter], 3))
+             for voter in e.tally.held(now)]
+    until = e.tally.majority_until(now)
+    witnesses = []
+    for address in cfg.witnesses:
+        at = replies.get(address)
+        seen = e.witnesses.get(address)
+        witnesses.append(WitnessView(
+            address, at is not None and now - at <= reachable_for,
+            None if at is None else round(now - at, 3),
+            None if seen is None else seen.verdict.name.lower()))
+    return ArbiterView(
+        "witness", lease, cfg.voters, cfg.voters // 2 + 1, votes,
+        None if until is None else round(until - now, 3), e.ballot.holder(now),
+        None if e.campaign is None else e.campaign[1], witnesses)

@@ -32,6 +32,7 @@ RECONCILE_EVERY = 2.0  # a standby checks this often that none of its VIPs is on
 # The kernel removes an address up to about 0.4 s before its lifetime runs out (measured:
 # 2.6-2.9 s for 3 s), so a renewal this close to the lifetime may come too late.
 LAPSE_MARGIN = 0.5
+MIN_GATE = 0.002  # a gate opened for less than this is not worth a renewal
 
 
 class VipWorker:
@@ -41,6 +42,9 @@ class VipWorker:
         self.config = config  # replaced on reload (lease, announce)
         self.mover = mover
         self.fence = fence  # the kernel gate, renewed while holding (config `fence`)
+        # Until when the gate may stay open (the election's votes; None: no bound but
+        # the gate's own timeout). Called with time.monotonic(), the loop's clock.
+        self.gate_limit: Callable[[float], float | None] = lambda now: None
         self._metrics = metrics
         self._report = report  # events for the election (through the driver)
         self._queue: asyncio.Queue[tuple[el.AcquireVips | el.ReleaseVips, float]] = (
@@ -49,6 +53,8 @@ class VipWorker:
         now = time.monotonic()
         self._last_renew = self._last_announce = self._last_reconcile = now
         self._last_gate = now
+        self._gate_until = float("-inf")  # when the gate shuts unless renewed
+        self._gate_due = float("inf")  # the next gate renewal (or check)
         self._quiet_until = 0.0  # after a stall, the upkeep waits for the election
         self._announcer: asyncio.Task[None] | None = None
 
@@ -108,20 +114,43 @@ class VipWorker:
 
     def gate_timeout(self) -> float:
         """How long the kernel gate stays open unless renewed: one dead interval, the
-        time the peer needs to take over, so a frozen or dead holder is cut off by then."""
+        time the peer needs to take over, so a frozen or dead holder is cut off by then.
+        With an arbiter, never past the votes held (`gate_limit`)."""
         return self.config.heartbeat.dead_interval
 
     def gate(self, now: float) -> str:
         """The kernel gate as an observer sees it: none, open or shut."""
         if self.fence is None:
             return "none"
-        is_open = self._holding and now < self._last_gate + self.gate_timeout()
-        return "open" if is_open else "shut"
+        return "open" if self._holding and now < self._gate_until else "shut"
+
+    def gate_open_until(self) -> float:
+        return self._gate_until
 
     def _renew_gate(self, now: float) -> None:
+        """Open (or keep open) the gate for one more timeout, bounded by the votes."""
+        if self.fence is None:
+            return
+        timeout = self.gate_timeout()
+        limit = self.gate_limit(now)
+        self._gate_due = now + timeout / 4
+        if limit is not None:
+            timeout = min(timeout, limit - now)
+            if timeout < MIN_GATE:
+                return  # no votes to open it by: the election steps down (or renews them)
+        self.fence.open(timeout)
+        self._last_gate, self._gate_until = now, now + timeout
+        self._gate_due = min(self._gate_due, self._gate_until)
+
+    def close_gate(self, reason: str) -> None:
+        """Shut the gate at once (before the heartbeat that gives our vote away)."""
+        self._holding = False  # nothing to keep up: the release follows
+        if self._announcer is not None:
+            self._announcer.cancel()
         if self.fence is not None:
-            self.fence.open(self.gate_timeout())
-            self._last_gate = now
+            self.fence.close()
+            self._gate_until = float("-inf")
+            log.info("kernel gate shut: %s", reason)
 
     async def _acquire(self, decided_at: float) -> None:
         started = time.monotonic()
@@ -141,6 +170,7 @@ class VipWorker:
         self._holding = False
         if self.fence is not None:
             self.fence.close()  # silent at once; the addresses follow
+            self._gate_until = float("-inf")
         await self.mover.release()
         log.info("VIPs removed from %s", self.config.interface)
 
@@ -174,7 +204,7 @@ class VipWorker:
             if self.config.announce.refresh:
                 due.append(self._last_announce + self.config.announce.refresh)
             if self.fence is not None:
-                due.append(self._last_gate + self.gate_timeout() / 4)
+                due.append(self._gate_due)
             if not due:
                 return None
         else:
@@ -196,10 +226,20 @@ class VipWorker:
                     await self.mover.release()
             return
         lease = self.config.vip_lease
-        if self.fence is not None and now - self._last_gate >= self.gate_timeout():
-            self._lost(f"kernel gate shut: last renewal {1000 * (now - self._last_gate):.0f} "
-                       f"ms ago, timeout {1000 * self.gate_timeout():.0f} ms")
-            return
+        if self.fence is not None and now >= self._gate_until:
+            if self.gate_limit(now) is not None:
+                # With an arbiter the votes say whether the gate may open again: while
+                # they are held no other node can hold the VIPs. Without them the
+                # election steps down (or renews them first).
+                self._renew_gate(now)
+                if now >= self._gate_until:
+                    self._gate_due = now + self.config.heartbeat.interval
+                    return
+            else:
+                self._lost(f"kernel gate shut: last renewal "
+                           f"{1000 * (now - self._last_gate):.0f} ms ago, open for "
+                           f"{1000 * (self._gate_until - self._last_gate):.0f} ms")
+                return
         if lease and now - self._last_renew >= lifetime_seconds(lease) - LAPSE_MARGIN:
             self._lost(f"lease lapsed: last renewal {1000 * (now - self._last_renew):.0f} ms "
                        f"ago, lease {lease:g} s")
@@ -214,12 +254,12 @@ class VipWorker:
                 left = self._last_renew + lifetime_seconds(lease) - LAPSE_MARGIN - now
                 wait = min(wait, left / 2)
             if self.fence is not None:  # renew the gate before it shuts, too
-                wait = min(wait, (self._last_gate + self.gate_timeout() - now) / 2)
+                wait = min(wait, (self._gate_until - now) / 2)
             self._quiet_until = now + wait
             return
         if now < self._quiet_until:
             return
-        if self.fence is not None and now >= self._last_gate + self.gate_timeout() / 4:
+        if self.fence is not None and now >= self._gate_due:
             self._renew_gate(now)
         if lease and now >= self._last_renew + self.renew_period():
             self._last_renew = now

@@ -51,6 +51,8 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     AcquireVips,
     Action,
     Announce,
+    AskVotes,
+    CloseGate,
     Command,
     CommandKind,
     CommandResult,
@@ -71,10 +73,12 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     Transition,
     VipFailed,
     VipsLost,
+    VoteReplied,
     Warn,
     Why,
 )
-from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State, flag_of
+from vipd.core.protocol import Advert, Flag, Heartbeat, Received, State, Verdict, flag_of
+from vipd.core.votes import Ballot, Tally
 
 ELIGIBLE_STATES = (State.STANDBY, State.ACTIVE)
 # Flag bits as plain ints: `Flag.X.value` and IntFlag arithmetic run Python code in the
@@ -85,6 +89,7 @@ _RESIGNING, _SWITCHOVER, _PREFERRED = (int(f) for f in (
     Flag.RESIGNING, Flag.SWITCHOVER, Flag.PREFERRED))
 _WANT_ACTIVE, _SETTLED, _PROMOTE = (int(f) for f in (
     Flag.WANT_ACTIVE, Flag.SETTLED, Flag.PROMOTE))
+_VOTE, _CANDIDATE = int(Flag.VOTE), int(Flag.CANDIDATE)
 
 
 S = State
@@ -140,6 +145,15 @@ class Handover:
 
 
 @dataclass(slots=True)
+class WitnessView:
+    """A witness's last answer to us (status, metrics)."""
+
+    at: float
+    verdict: Verdict
+    wait: float
+
+
+@dataclass(slots=True)
 class _Timers:
     holddown_until: float = 0.0
     preempt_since: float | None = None
@@ -152,6 +166,7 @@ class _Timers:
     listen_until: float | None = None  # after a stall: no takeover before this ...
     listen_from: float = 0.0  # ... unless a heartbeat echoes one we sent since this
     duplicate_until: float | None = None  # FAULT: another node uses our name
+    ask_at: float | None = None  # arbiter: ask the witnesses again (a HELD vote frees then)
 
 
 @dataclass(slots=True)
@@ -172,6 +187,12 @@ class Election:
     peer_term_seen: int = 0
     handover: Handover | None = None
     timers: _Timers = field(default_factory=_Timers)
+    # Arbiter (cfg.arbiter): our own vote, the votes we hold, why we ask for them.
+    ballot: Ballot | None = None
+    tally: Tally | None = None
+    campaign: Reason | None = None  # a takeover waiting for a majority of votes
+    witnesses: dict[str, WitnessView] = field(default_factory=dict)
+    _pending: list[Action] = field(default_factory=list)  # from helpers, flushed by handle()
     _heard_peer: bool = False
     _dual_announced: bool = False
     _peer_announced: bool = False  # the peer may have announced since our last announcement
@@ -199,6 +220,9 @@ class Election:
             case Start():
                 if self.state is State.INIT:
                     self.timers.holddown_until = now + self.cfg.dead_interval
+                    if self.cfg.arbiter:
+                        self.ballot = Ballot.started(self.cfg.vote_lease, now)
+                        self.tally = Tally(self.cfg.voters)
                     self._next_send = now
                     target = State.MAINTENANCE if self.maintenance else State.STANDBY
                     actions += self._transition(target, (Why.START, "started"), now)
@@ -227,8 +251,12 @@ class Election:
                 self.timers.duplicate_until = now + self.cfg.dead_interval
             case Reconfigure(cfg=cfg):
                 self.cfg = cfg
+            case VoteReplied():
+                self._on_vote_reply(event, now)
         if self.state is not State.INIT:
             actions += self._evaluate(now)
+            actions += self._pending
+            self._pending = []
             actions += self._maybe_send(now, answering=answering)
         if self._promote_now:  # one-shot: a promote that could not act now does not linger
             self._promote_now = False
@@ -254,6 +282,12 @@ class Election:
             if self.handover is not None:
                 candidates.append(self.handover.deadline)
             candidates += [t.concede_at, t.promote_until, t.vip_fault_until]
+            if self.tally is not None and self.state is State.ACTIVE:
+                candidates.append(self.tally.majority_until(self._now))  # self-fence
+            if self.campaign is not None:
+                candidates.append(t.ask_at)
+                if self.ballot is not None:  # our own vote frees (start-up, peer's lease)
+                    candidates.append(self._now + self.ballot.wait(self._now))
         # Everything at or before the last handled time has been acted on already.
         return min((c for c in candidates if c is not None and c > self._now), default=None)
 
@@ -312,6 +346,10 @@ class Election:
             flags |= _SETTLED
         if self.timers.promote_until is not None:
             flags |= _PROMOTE
+        if self.campaign is not None:
+            flags |= _CANDIDATE
+        if self._votes_for_peer():
+            flags |= _VOTE
         last = self._advert
         if (last is not None and last.state is self.state and last.flags == flags
                 and last.term == self.term and last.priority == self.cfg.priority):
@@ -339,6 +377,8 @@ class Election:
         if (t.listen_until is not None and rx.echo_sent_at is not None
                 and rx.echo_sent_at >= t.listen_from):
             t.listen_until = None  # the peer answered us after the stall: judge again
+        if self.tally is not None:
+            self._peer_votes(rx)
         if self.cfg.digest and hb.settings_digest != self.cfg.digest:
             if self._digest_warned != hb.settings_digest:
                 self._digest_warned = hb.settings_digest
@@ -349,6 +389,118 @@ class Election:
             self._digest_warned = None
             return [Warn(f"peer {hb.node} pair settings match again")]
         return []
+
+    # --- votes (arbiter) -------------------------------------------------------------------
+
+    def _peer_votes(self, rx: Received) -> None:
+        """The peer's heartbeat as a voter (its vote for us) and as a candidate (asking
+        for ours). Its VOTE counts from when we sent the heartbeat it echoes."""
+        assert self.tally is not None and self.ballot is not None
+        hb, now = rx.heartbeat, rx.received_at
+        # A heartbeat without VOTE withdraws nothing: a grant holds until its lease ends
+        # (or we give it back), and we count it for less than that.
+        if Flag.VOTE in hb.flags and rx.echo_sent_at is not None:
+            self.tally.record(hb.node, rx.echo_sent_at, self.cfg.vote_lease)
+        if Flag.RESIGNING in hb.flags:
+            # Break-before-make: its gate is shut and it counts no vote any more.
+            self.ballot.release(hb.node)
+            return
+        asks = hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags
+        mine = (self.state is State.ACTIVE and self.handover is None) or (
+            self.campaign is not None)
+        if asks and not mine and rx.confirmed:
+            self.ballot.grant(hb.node, now)
+
+    def _votes_for_peer(self) -> bool:
+        """Our heartbeat may say VOTE: the vote is the peer's, granted at or after we
+        received the heartbeat of its that ours will echo (the newest one)."""
+        ballot, peer = self.ballot, self.peer
+        return (ballot is not None and peer is not None
+                and ballot.holder(self._now) == peer.heartbeat.node
+                and ballot.granted_at >= peer.received_at)
+
+    def _on_vote_reply(self, reply: VoteReplied, now: float) -> None:
+        if self.tally is None:
+            return
+        self.witnesses[reply.voter] = WitnessView(now, reply.verdict, reply.wait)
+        if reply.verdict is Verdict.GRANTED and reply.request_sent_at is not None:
+            self.tally.record(reply.voter, reply.request_sent_at, reply.lease)
+            return
+        self.tally.drop(reply.voter)
+        if reply.verdict in (Verdict.HELD, Verdict.RESTARTING, Verdict.STALE):
+            # Ask again the moment the vote may be free (a crashed holder's lease ends).
+            again = now + min(reply.wait + 0.001, self.cfg.interval)
+            t = self.timers
+            t.ask_at = again if t.ask_at is None else min(t.ask_at, again)
+
+    def _self_vote(self, now: float) -> None:
+        """Holding or campaigning: our own vote is ours, renewed at every step."""
+        assert self.ballot is not None and self.tally is not None
+        if self.ballot.grant(self.cfg.node, now) is Verdict.GRANTED:
+            self.tally.record(self.cfg.node, now, self.cfg.vote_lease)
+
+    def _elected(self, reason: Reason, now: float) -> bool:
+        """A standby that should take over asks for votes first: True once it holds a
+        majority of them."""
+        assert self.tally is not None
+        first = self.campaign is None
+        self.campaign = reason
+        self._self_vote(now)
+        until = self.tally.majority_until(now)
+        if until is not None:
+            return True
+        t = self.timers
+        if first or (t.ask_at is not None and now >= t.ask_at):
+            t.ask_at = None
+            self._pending.append(AskVotes())
+        if first:
+            self._send_now(now)  # the CANDIDATE heartbeat asks the peer
+        return False
+
+    def _end_campaign(self) -> None:
+        """No longer a candidate: our vote is free again (we never opened the gate)."""
+        if self.campaign is None:
+            return
+        self.campaign = None
+        self.timers.ask_at = None
+        assert self.ballot is not None and self.tally is not None
+        self.ballot.release(self.cfg.node)
+        self.tally.clear()
+
+    def _give_up_votes(self, reason: str) -> None:
+        """Leaving the holder's role: shut the gate first, then count nothing and free our
+        vote; the witnesses get theirs back. Later actions of this step may vote for the
+        peer, so the CloseGate goes ahead of them."""
+        assert self.ballot is not None and self.tally is not None
+        self._pending.append(CloseGate(reason))
+        self._pending.append(AskVotes(release=True))
+        self.tally.clear()
+        self.ballot.release(self.cfg.node)
+
+    def gate_limit(self, now: float) -> float | None:
+        """Until when the kernel gate may stay open: None without an arbiter (the fence
+        has its own timeout); with one, only while we hold a majority of votes."""
+        if self.tally is None:
+            return None
+        if self.state is not State.ACTIVE or self.handover is not None:
+            return float("-inf")
+        until = self.tally.majority_until(now)
+        return float("-inf") if until is None else until
+
+    def votes_text(self, now: float) -> str:
+        """The votes we hold, for logs and refusals: 'vm-a, vm-b of 3 (majority 2)'."""
+        if self.tally is None:
+            return "no arbiter"
+        held = self.tally.held(now)
+        need = self.tally.voters // 2 + 1
+        parts = [f"{', '.join(held) or 'none'} of {self.tally.voters} (need {need})"]
+        for voter, view in sorted(self.witnesses.items()):
+            if voter not in held:
+                age = round((now - view.at) * 1000)
+                parts.append(f"witness {voter}: {view.verdict.name.lower()} {age} ms ago")
+        missing = [w for w in self.cfg.witnesses if w not in self.witnesses]
+        parts += [f"witness {w}: no answer" for w in missing]
+        return "; ".join(parts)
 
     def _on_command(self, cmd: Command, now: float) -> list[Action]:
         kind = cmd.kind
@@ -413,10 +565,17 @@ class Election:
             t.promote_until = None
             if self.state is not State.ACTIVE:
                 self.health_override = False  # the forced promote did not happen
+        if self.tally is not None and self.state is State.ACTIVE and self.handover is None:
+            self._self_vote(now)
         actions: list[Action] = []
         for _ in range(3):  # at most e.g. FAULT -> STANDBY -> ACTIVE in one step
             target, reason, extra = self._decide(now)
             actions += extra
+            if self.state is State.STANDBY and self.tally is not None:
+                if target is not State.ACTIVE:
+                    self._end_campaign()
+                elif reason is not None and not self._elected(reason, now):
+                    break  # a candidate: STANDBY until a majority votes for us
             if target is self.state:
                 break
             if self.state is not State.STANDBY and target is State.ACTIVE:
@@ -517,6 +676,10 @@ class Election:
         if self._vips_lost:
             why = f"VIPs lost: {self._vips_lost}; re-validating with the peer"
             return State.STANDBY, (Why.VIP_LOST, why), extra
+        if (self.tally is not None and self.handover is None
+                and self.tally.majority_until(now) is None):
+            why = f"self-fence: the majority of votes ran out (held: {self.votes_text(now)})"
+            return State.STANDBY, (Why.NO_QUORUM, why), extra
         peer_alive = self.peer_alive(now)
         hb = self.peer.heartbeat if self.peer is not None else None
         if self.handover is not None:
@@ -526,6 +689,11 @@ class Election:
                 return h.target, (Why.HANDED_OVER, done), extra
             if now >= h.deadline:
                 self.handover = None
+                if h.target is State.STANDBY and self.tally is not None:
+                    return State.STANDBY, (Why.HANDOVER_TIMEOUT, (
+                        "handover aborted: the peer did not take over within "
+                        f"{round(self.cfg.dead_interval * 1000)} ms; the gate is shut and "
+                        "our votes given away, so the election decides again")), extra
                 if h.target is State.STANDBY:
                     extra.append(Warn("handover aborted: the peer did not take over within "
                                       f"{round(self.cfg.dead_interval * 1000)} ms"))
@@ -617,6 +785,11 @@ class Election:
         if old is State.STANDBY:
             self.want_active = False
             self.timers.preempt_since = self.timers.winner_idle_since = None
+        if old is State.ACTIVE and self.tally is not None and self.handover is None:
+            self._give_up_votes(f"{old.name} -> {new.name}: {reason[1]}")
+        if new is State.ACTIVE:
+            self.campaign = None
+            self.timers.ask_at = None
         if old is State.ACTIVE:
             self._vips_lost = ""
             self.preferred = self.health_override = False
@@ -664,6 +837,11 @@ class Election:
 
     def _start_handover(self, target: State, now: float, *, switchover: bool) -> None:
         self.handover = Handover(target, now + self.cfg.dead_interval, switchover)
+        if self.tally is not None and self.ballot is not None and self.peer is not None:
+            # Break-before-make: shut our gate, then give the peer our vote in the
+            # RESIGNING heartbeat, so it takes over without waiting for a lease.
+            self._give_up_votes(f"handing over to {self.peer.heartbeat.node}")
+            self.ballot.grant(self.peer.heartbeat.node, now)
         self._send_now(now)
 
     def _send_now(self, now: float) -> None:
@@ -702,7 +880,11 @@ class Election:
         start = self.timers.active_since
         self._settled_sent = (self.state is State.ACTIVE and start is not None
                               and now >= start + 2 * self.cfg.dead_interval)
-        return [SendHeartbeat(self.advert())]
+        sent: list[Action] = [SendHeartbeat(self.advert())]
+        if self.tally is not None and (self.campaign is not None or (
+                self.state is State.ACTIVE and self.handover is None)):
+            sent.append(AskVotes())  # the holder renews the witnesses' votes as well
+        return sent
 
     def _is_answer(self, rx: Received) -> bool:
         """The peer sent this right after receiving our latest heartbeat: answering it

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from vipd.core.protocol import Advert, Received, State
+from vipd.core.protocol import Advert, Received, State, Verdict
 
 # Defaults chosen with the simulator (simulations/README.md): crash failover ~300 ms
 # while false suspicions at 5% random loss stay around 3.5e-5 per hour.
@@ -28,10 +28,25 @@ class ElectionConfig:
     dead_after: int = DEFAULT_DEAD_AFTER
     digest: bytes = b""
     vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
+    witnesses: tuple[str, ...] = ()  # arbiter: the witnesses' voter ids (none: no arbiter)
+    lease: float = 0.0  # a vote's lease; 0: the dead interval
 
     @property
     def dead_interval(self) -> float:
         return self.interval * self.dead_after
+
+    @property
+    def arbiter(self) -> bool:
+        """Lease votes decide who may hold the VIPs (docs/election.md)."""
+        return bool(self.witnesses)
+
+    @property
+    def vote_lease(self) -> float:
+        return self.lease or self.dead_interval
+
+    @property
+    def voters(self) -> int:
+        return 2 + len(self.witnesses)
 
 
 # --- events ------------------------------------------------------------------------------
@@ -102,8 +117,20 @@ class DuplicateNode:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class VoteReplied:
+    """A witness answered one of our vote requests (the one sent at ``request_sent_at``,
+    by our clock; None if it answers one we no longer remember)."""
+
+    voter: str
+    verdict: Verdict
+    request_sent_at: float | None
+    lease: float
+    wait: float = 0.0
+
+
 Event = (Start | Tick | HeartbeatReceived | HealthChanged | Command | Shutdown | VipFailed
-         | VipsLost | DuplicateNode | Reconfigure)
+         | VipsLost | DuplicateNode | Reconfigure | VoteReplied)
 
 
 # --- actions -----------------------------------------------------------------------------
@@ -132,6 +159,7 @@ class Why(enum.StrEnum):
     ELECTION = "election"
     PEER_IDLE = "peer_idle"
     SPLIT_BRAIN = "split_brain"
+    NO_QUORUM = "no_quorum"  # arbiter: the votes ran out while active (self-fence)
 
 
 class Hook(enum.StrEnum):
@@ -201,8 +229,23 @@ class Warn:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class AskVotes:
+    """Send a vote request to every witness; ``release``: give our vote back instead."""
+
+    release: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CloseGate:
+    """Shut the kernel gate now, before any later action of the step is carried out: the
+    heartbeat that follows may give our vote away (break-before-make)."""
+
+    reason: str
+
+
 Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | RunHook
-          | CommandResult | Warn)
+          | CommandResult | Warn | AskVotes | CloseGate)
 
 
 # Takeovers because the peer failed (not planned, not the start-up election).

@@ -277,14 +277,19 @@ class KeyRing:
         return h.digest()
 
 
-def settings_digest(cluster: str, vips: Iterable[str], interval: float, dead_after: int) -> bytes:
-    """8-byte digest of the settings both nodes of a pair must agree on."""
-    canonical = "|".join([
+def settings_digest(cluster: str, vips: Iterable[str], interval: float, dead_after: int,
+                    vote_lease: float = 0.0) -> bytes:
+    """8-byte digest of the settings both nodes of a pair must agree on (``vote_lease``:
+    with an arbiter, whose lease both must count alike)."""
+    parts = [
         cluster,
         ",".join(sorted(str(v) for v in vips)),
         f"{round(interval * 1_000_000)}us",
         str(dead_after),
-    ])
+    ]
+    if vote_lease:
+        parts.append(f"votes {round(vote_lease * 1_000_000)}us")
+    canonical = "|".join(parts)
     return hashlib.sha256(canonical.encode()).digest()[:8]
 
 

@@ -24,6 +24,11 @@ from vipd.core.protocol import Verdict
 # time between reading the clock and the gate element being written.
 RATE_MARGIN = 0.001
 FIXED_MARGIN = 0.005
+# A node that asks a witness nothing (a standby) probes it this often, so both nodes know
+# whether failover would be possible; a witness is reachable while it answered within
+# REACHABLE_LEASES leases (or two probes).
+PROBE_EVERY = 0.5
+REACHABLE_LEASES = 3
 
 
 def counted_lease(lease: float) -> float:
