@@ -261,40 +261,41 @@ class StatusCollector(Collector):
         if s.fence != "none":
             fence.add_metric([], float(s.fence == "open"))
         yield fence
-        yield from _arbiter_families(s)
+        yield from self._arbiter(s)
 
-
-def _arbiter_families(s: Status) -> Iterable[Metric]:
-    a = s.arbiter
-    info = GaugeMetricFamily("vipd_arbiter_info", "Always 1: the kind of arbiter (none: a "
-                             "partition of the heartbeat path makes both nodes active)",
-                             labels=["kind"])
-    info.add_metric([a.kind], 1.0)
-    yield info
-    if a.kind == "none":
-        return
-    yield GaugeMetricFamily("vipd_arbiter_lease_seconds", "The vote lease", value=a.lease_seconds)
-    yield GaugeMetricFamily("vipd_votes_held", "Unexpired votes this node holds (itself "
-                            "included)", value=float(len(a.votes)))
-    yield GaugeMetricFamily("vipd_votes_needed", "Votes needed to hold the VIPs (a majority "
-                            "of the voters)", value=float(a.majority))
-    reachable = GaugeMetricFamily("vipd_arbiter_reachable", "1 when the witness answered "
-                                  "within three leases", labels=["witness"])
-    last = GaugeMetricFamily("vipd_arbiter_last_reply_age_seconds", "Seconds since the "
-                             "witness's last authenticated reply (absent before the first)",
-                             labels=["witness"])
-    for w in a.witnesses:
-        reachable.add_metric([w.address], float(w.reachable))
-        if w.last_reply_seconds_ago is not None:
-            last.add_metric([w.address], w.last_reply_seconds_ago)
-    age = GaugeMetricFamily("vipd_vote_age_seconds", "Age of each vote held: since the "
-                            "request that won it was sent", labels=["voter", "kind"])
-    left = GaugeMetricFamily("vipd_vote_remaining_seconds", "Until each vote held runs out, "
-                             "as this node counts it", labels=["voter", "kind"])
-    for v in a.votes:
-        age.add_metric([v.voter, v.kind], v.age_seconds)
-        left.add_metric([v.voter, v.kind], v.remaining_seconds)
-    yield from (reachable, last, age, left)
+    @staticmethod
+    def _arbiter(s: Status) -> Iterable[Metric]:
+        a = s.arbiter
+        info = GaugeMetricFamily("vipd_arbiter_info", "Always 1: the kind of arbiter (none: a "
+                                 "partition of the heartbeat path makes both nodes active)",
+                                 labels=["kind"])
+        info.add_metric([a.kind], 1.0)
+        yield info
+        if a.kind == "none":
+            return
+        yield GaugeMetricFamily("vipd_arbiter_lease_seconds", "The vote lease",
+                                value=a.lease_seconds)
+        yield GaugeMetricFamily("vipd_votes_held", "Unexpired votes this node holds (itself "
+                                "included)", value=float(len(a.votes)))
+        yield GaugeMetricFamily("vipd_votes_needed", "Votes needed to hold the VIPs (a majority "
+                                "of the voters)", value=float(a.majority))
+        reachable = GaugeMetricFamily("vipd_arbiter_reachable", "1 when the witness answered "
+                                      "within three leases", labels=["witness"])
+        last = GaugeMetricFamily("vipd_arbiter_last_reply_age_seconds", "Seconds since the "
+                                 "witness's last authenticated reply (absent before the first)",
+                                 labels=["witness"])
+        for w in a.witnesses:
+            reachable.add_metric([w.address], float(w.reachable))
+            if w.last_reply_seconds_ago is not None:
+                last.add_metric([w.address], w.last_reply_seconds_ago)
+        age = GaugeMetricFamily("vipd_vote_age_seconds", "Age of each vote held: since the "
+                                "request that won it was sent", labels=["voter", "kind"])
+        left = GaugeMetricFamily("vipd_vote_remaining_seconds", "Until each vote held runs out, "
+                                 "as this node counts it", labels=["voter", "kind"])
+        for v in a.votes:
+            age.add_metric([v.voter, v.kind], v.age_seconds)
+            left.add_metric([v.voter, v.kind], v.remaining_seconds)
+        yield from (reachable, last, age, left)
 
 
 log = logging.getLogger(__name__)

@@ -292,10 +292,12 @@ async def test_reloads_are_counted_by_result(pair: Pair) -> None:
 # ---------------------------------------------------------------------------- reason codes
 
 
-def _sim() -> tuple[Sim, SimNode, SimNode]:
+def _sim(witness: bool = False) -> tuple[Sim, SimNode, SimNode]:
     cfgs = [el.ElectionConfig(node="node-a", priority=150, interval=0.04, dead_after=8),
             el.ElectionConfig(node="node-b", priority=100, interval=0.04, dead_after=8)]
-    sim = Sim(1, cfgs, ["203.0.113.10/32"])
+    sim = Sim(1, cfgs, ["203.0.113.10/32"], witness=witness)
+    if sim.witness is not None:
+        sim.witness.start()
     return sim, sim.nodes["node-a"], sim.nodes["node-b"]
 
 
@@ -370,6 +372,14 @@ def _scripted() -> None:
     twin = Session(cluster=CLUSTER, node="node-a", keys=sim.keys, boot_id=7,
                    digest=a.cfg.digest)
     a.deliver(twin.seal(a.election.advert(), sim.clock.now, a.wall_ns(sim.clock.now)))
+    sim.run_until(2.0)
+
+    sim, a, b = _sim(witness=True)  # an active cut off from both other voters
+    a.start()
+    b.start()
+    sim.run_until(1.0)
+    for (src, dst), link in sim.links.items():
+        link.blocked = "node-a" in (src, dst)
     sim.run_until(2.0)
 
     sim, a, b = _sim()  # a winning peer that never takes over
