@@ -41,6 +41,13 @@ def check_config(args: argparse.Namespace) -> int:
     keys = load_keys(config.auth.key_file)
     if config.api.tokens_file is not None:
         load_tokens(config.api.tokens_file)  # what the daemon will check at start
+    if config.fence == "kernel":
+        from vipd.fence import FenceError, check_nftables
+
+        try:
+            check_nftables(talk=False)
+        except FenceError as exc:
+            raise ConfigError(file, [("fence", str(exc))]) from exc
     print(f"{file}: ok: {summary(config, len(keys))}")
     return EXIT_OK
 
@@ -56,6 +63,9 @@ def summary(config: Config, key_count: int) -> str:
         f"(dead after {format_duration(hb.dead_interval)})",
         _count(len(config.health), "check"),
         _count(key_count, "key"),
+        (f"arbiter witness {','.join(map(str, config.arbiter.witness))} (vote lease "
+         f"{format_duration(config.vote_lease)})" if config.arbiter else "no arbiter"),
+        f"fence {config.fence}",
     ])
 
 

@@ -75,6 +75,19 @@ class Nft:
             self._ctx = None
 
 
+def check_nftables(talk: bool) -> str:
+    """Raise FenceError (saying what to install) unless libnftables loads and, with
+    ``talk``, the kernel answers a harmless command (needs CAP_NET_ADMIN)."""
+    nft = Nft()
+    try:
+        if talk:
+            nft.run("list tables arp")
+            return "nftables works (libnftables loaded, the kernel answers)"
+        return f"{LIBRARY} loads"
+    finally:
+        nft.close()
+
+
 class KernelFence:
     """The gate of one cluster's VIPs (in the calling thread's network namespace)."""
 

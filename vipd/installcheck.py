@@ -158,6 +158,29 @@ async def check_network(cfg: Config) -> list[Finding]:
     return found
 
 
+def check_fence(cfg: Config) -> list[Finding]:
+    """The arbiter and the kernel fence: is split brain possible, does nftables work."""
+    from vipd.fence import FenceError, check_nftables
+
+    found = []
+    if cfg.arbiter is None:
+        found.append(Finding(WARN, "arbiter", "no arbiter: a partition of the heartbeat path "
+                             "makes both nodes active (docs/election.md: when to use a "
+                             "witness)"))
+    else:
+        found.append(Finding(OK, "arbiter", f"witness {', '.join(map(str, cfg.arbiter.witness))}"
+                             f", vote lease {cfg.vote_lease * 1000:.0f} ms"))
+    if cfg.fence == "kernel":
+        try:
+            found.append(Finding(OK, "fence", check_nftables(talk=os.geteuid() == 0)))
+        except FenceError as exc:
+            found.append(Finding(FAIL, "fence", str(exc)))
+    else:
+        found.append(Finding(WARN, "fence", "fence: none: after kill -9 or a frozen process "
+                             "the VIPs answer until their address lifetime runs out"))
+    return found
+
+
 def run_checks(path: str, user: str | None) -> list[Finding]:
     cfg = load_config(path)
     found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
@@ -178,6 +201,7 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
                              "every address: restrict it with the host firewall"))
     found.append(check_capabilities())
     found += check_sysctls(cfg)
+    found += check_fence(cfg)
     try:
         found += asyncio.run(check_network(cfg))
     except (OSError, VipdError) as exc:

@@ -205,7 +205,9 @@ def render_status(doc: dict[str, Any]) -> str:
              f"up {s.uptime_seconds:.0f} s"]
     lines += [f"  {name:<15}{a:<{width}}{b}" for name, a, b in rows]
     held = [v.address for v in s.vips if v.held]
-    lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}")
+    lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}"
+                 + ("" if s.fence == "none" else f"; kernel gate {s.fence}"))
+    lines += _arbiter_lines(s)
     for c in s.checks:
         lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
     if p and not p.settings_match:
@@ -214,6 +216,29 @@ def render_status(doc: dict[str, Any]) -> str:
     if s.rejected_heartbeats:
         lines.append(f"  rejected heartbeats: {s.rejected_heartbeats}")
     return "\n".join(lines)
+
+
+def _arbiter_lines(s: Status) -> list[str]:
+    """The votes: who has them, for how long, and why a takeover waits."""
+    a = s.arbiter
+    if a.kind == "none":
+        return ["  arbiter: none (a partition of the heartbeat path makes both nodes active)"]
+    votes = ", ".join(f"{v.voter} ({v.kind}, {1000 * v.remaining_seconds:.0f} ms left)"
+                      for v in a.votes) or "none"
+    until = ("" if a.majority_remaining_seconds is None
+             else f"; majority for {1000 * a.majority_remaining_seconds:.0f} ms")
+    lines = [f"  arbiter: witness, lease {1000 * a.lease_seconds:.0f} ms, "
+             f"{a.majority} of {a.voters} votes needed",
+             f"  votes held: {votes}{until}",
+             f"  our vote: {a.vote_for or 'free'}"]
+    for w in a.witnesses:
+        seen = ("never answered" if w.last_reply_seconds_ago is None else
+                f"last reply {1000 * w.last_reply_seconds_ago:.0f} ms ago ({w.verdict})")
+        lines.append(f"  witness {w.address}: {'reachable' if w.reachable else 'UNREACHABLE'}"
+                     f", {seen}")
+    if a.campaign:
+        lines.append(f"  waiting for votes to take over: {a.campaign}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def test_check_config_accepts_the_examples(tmp_path: Path, capsys: pytest.Captur
     out, err = capsys.readouterr()
     assert err == ""
     assert out == (f"{path}: ok: node {node} in cluster web, 2 VIPs on eth0, peer {peer}, "
-                   f"heartbeat 40ms x 8 (dead after 320ms), 2 checks, 2 keys\n")
+                   f"heartbeat 40ms x 8 (dead after 320ms), 2 checks, 2 keys, no arbiter, "
+                   f"fence none\n")
 
 
 def test_examples_differ_only_in_node_priority_bind_and_peers() -> None:
@@ -79,7 +80,7 @@ def test_relative_key_file_is_found_next_to_the_config(
     path.write_text(path.read_text().replace(str(tmp_path / "web.key"), "web.key"))
     monkeypatch.chdir(tmp_path.parent)
     assert main(["check-config", str(path)]) == 0
-    assert capsys.readouterr().out.endswith(", 1 key\n")
+    assert capsys.readouterr().out.endswith(", 1 key, no arbiter, fence none\n")
 
 
 def test_check_config_reports_every_error_as_file_key_message(
