@@ -17,9 +17,10 @@ from vipd.keys import load_keys
 from vipd.tokens import Token, load_tokens
 
 # Settings that cannot change by reload (exec_user is resolved against vipd's own
-# privileges once, at start).
+# privileges once, at start; the arbiter and the fence decide what the votes and the gate
+# are, which both nodes must change together, by restarts).
 FIXED_SETTINGS = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics",
-                  "audit", "exec_user")
+                  "audit", "exec_user", "arbiter", "fence")
 
 
 @dataclass(frozen=True)

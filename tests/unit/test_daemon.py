@@ -289,7 +289,9 @@ async def test_reload_does_not_claim_to_apply_new_health_checks_it_ignores(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("change", [{"exec_user": "nobody"}, {"audit": {"file": "/x.jsonl"}}])
+@pytest.mark.parametrize("change", [{"exec_user": "nobody"}, {"audit": {"file": "/x.jsonl"}},
+                                    {"fence": "kernel"},
+                                    {"arbiter": {"witness": ["198.51.100.3:5406"]}}])
 async def test_reload_refuses_settings_fixed_at_start(
         pair: Pair, caplog: pytest.LogCaptureFixture, change: dict[str, Any]) -> None:
     pair.start()
