@@ -308,3 +308,27 @@ def test_an_older_status_without_arbiter_reads_as_none() -> None:
     assert s.arbiter == NO_ARBITER
     assert "arbiter: none (a partition of the heartbeat path makes both nodes active)" in \
         render_status(status_doc(None))
+
+
+def test_check_config_with_an_arbiter_says_what_to_install_without_nftables(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from vipd import fence
+    from vipd.cli import main
+    from vipd.keys import generate_key_line
+
+    key = tmp_path / "web.key"
+    key.write_text(generate_key_line(1) + "\n")
+    key.chmod(0o600)
+    data = copy.deepcopy(BASE)
+    data["auth"] = {"key_file": str(key)}
+    path = tmp_path / "web.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", str(path)]) == 0  # libnftables1 is installed here
+    assert "arbiter witness 198.51.100.3:5406 (vote lease 320ms), fence kernel" in \
+        capsys.readouterr().out
+    monkeypatch.setattr(fence, "LIBRARY", "libnftables-missing.so.1")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: fence: cannot load libnftables-missing.so.1" in err
+    assert "apt-get install libnftables1 nftables" in err
