@@ -374,11 +374,12 @@ class Config(_Model):
             problems.append((("arbiter", "lease"), (
                 f"lease {format_duration(lease)} must be at least 3 heartbeat intervals "
                 f"({format_duration(3 * interval)}): votes are renewed once per interval")))
-        peers = set(self.heartbeat.peers) | {self.heartbeat.bind}
+        pair_hosts = {p.host for p in self.heartbeat.peers} | {self.heartbeat.bind.host}
         for i, witness in enumerate(self.arbiter.witness):
-            if witness in peers:
+            if witness.host in pair_hosts:
                 problems.append((("arbiter", "witness", i), (
-                    f"{witness} is a heartbeat address of the pair, not a witness")))
+                    f"{witness} is on a heartbeat address of the pair; the witness must "
+                    "run on a third host (its votes arbitrate between the two nodes)")))
             elif witness.host.version != self.heartbeat.bind.host.version:
                 problems.append((("arbiter", "witness", i), (
                     f"{witness} is IPv{witness.host.version} but bind "
