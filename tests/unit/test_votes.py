@@ -128,13 +128,13 @@ def test_counted_lease_margin() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.floats(0.05, 10), st.floats(0, 5), st.floats(0, 0.1),
-       st.floats(-0.001, 0.001), st.floats(-0.001, 0.001))
+       st.floats(-0.0005, 0.0005), st.floats(-0.0005, 0.0005))
 def test_a_candidate_stops_counting_before_the_voter_grants_again(
         lease: float, sent: float, delay: float, rate_voter: float,
         rate_candidate: float) -> None:
     """Real time: the request leaves at `sent`, the voter grants on arrival, the voter's
-    clock runs at (1 + rate_voter), the candidate's at (1 + rate_candidate); the relative
-    rate is within the 0.1 % margin. The vote may go elsewhere only after the voter's
+    clock runs at (1 + rate_voter), the candidate's at (1 + rate_candidate); the two rates
+    differ by at most the 0.1 % margin (RATE_MARGIN). The vote may go elsewhere only after the voter's
     lease ends, which must not be before the candidate stops counting it."""
     voter_free_real = (sent + delay) + lease / (1 + rate_voter)
     counted_until_real = sent + counted_lease(lease) / (1 + rate_candidate)
