@@ -193,6 +193,10 @@ class Witness:
         """Each cluster's vote holder now (None: free)."""
         return {name: c.ballot.holder(now) for name, c in sorted(self._clusters.items())}
 
+    def nodes(self) -> dict[str, list[str]]:
+        """Each cluster's configured nodes, sorted."""
+        return {name: sorted(c.spec.nodes) for name, c in sorted(self._clusters.items())}
+
     def last_requests(self) -> dict[tuple[str, str], float]:
         """(cluster, node) -> when its last request was accepted (monotonic seconds)."""
         return {(name, node): at for name, c in self._clusters.items()
