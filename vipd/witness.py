@@ -40,7 +40,7 @@ from vipd.core.witness import (
 )
 from vipd.errors import ConfigError, VipdError
 from vipd.metrics import build_witness_metrics
-from vipd.systemd import Notifier
+from vipd.systemd import Notifier, watchdog
 from vipd.witnessconfig import WitnessConfig, cluster_specs, load_witness_config
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,10 @@ class WitnessServer:
 
     async def _serve(self) -> None:
         stop = asyncio.ensure_future(self._stop.wait())
+        pings = None
+        if self.notifier.watchdog:  # the pings come from the loop: a wedged loop stops them
+            pings = asyncio.ensure_future(watchdog(self.notifier, self.notifier.watchdog,
+                                                   lambda: True))
         try:
             while not self._stop.is_set():
                 reload = asyncio.ensure_future(self._reload.wait())
@@ -172,6 +176,8 @@ class WitnessServer:
                 reload.cancel()
         finally:
             stop.cancel()
+            if pings is not None:
+                pings.cancel()
 
     def reload(self) -> None:
         """Re-read the config and key files; on any error keep serving the old ones."""
