@@ -6,10 +6,10 @@ Starts the real `vipd witness --config FILE` as a subprocess on 127.0.0.1 with o
 cluster per pair (key files generated in a temporary directory) and drives every pair
 from this one asyncio process, with node-side Sessions (one `Session.seal` per request):
 each pair's holder renews its vote every heartbeat interval (DEFAULT_INTERVAL, 40 ms),
-its standby asks every 10th interval (and is answered HELD). The pairs are spread evenly
-over the interval. The first `lease` plus half a second is a warm-up (the witness grants
-nothing for one lease after it starts, and the standbys start asking once every holder
-has its vote); then, over `--seconds`:
+its standby probes every 10th interval (a STANDBY request: answered HELD). The pairs are
+spread evenly over the interval. The first `lease` plus half a second is a warm-up (the
+witness grants nothing for one lease after it starts, and the standbys start asking once
+every holder has its vote); then, over `--seconds`:
 
 * the witness's CPU (utime + stime from /proc/PID/stat, as % of one core), its RSS at
   the end (VmRSS) and at its peak (VmHWM, /proc/PID/status);
@@ -200,9 +200,12 @@ class Voter:
                                expect=Kind.VOTE_REPLY)
 
     def request(self, now: float, lease_ms: int, resign: bool = False,
-                wall_offset: float = 0.0) -> bytes:
+                wall_offset: float = 0.0, probe: bool = False) -> bytes:
+        """As the active node (grant or renew), or with ``probe`` as a standby (is the
+        vote free? nothing changes)."""
         flags = Flag.HEALTHY | (Flag.RESIGNING if resign else Flag.NONE)
-        return self.session.seal(Advert(State.ACTIVE, flags, 1, 100, 100), now,
+        state = State.STANDBY if probe else State.ACTIVE
+        return self.session.seal(Advert(state, flags, 1, 100, 100), now,
                                  time.time_ns() + round(wall_offset * 1e9),
                                  kind=Kind.VOTE_REQUEST, vote=Vote(lease_ms=lease_ms))
 
@@ -293,7 +296,7 @@ async def drive(witness: WitnessProcess, clusters: list[str], seconds: float,
                 if now >= load.measuring_from:
                     load.sent += 1
                 if standbys_ask:
-                    standby.sock.send(standby.voter.request(now, lease_ms))
+                    standby.sock.send(standby.voter.request(now, lease_ms, probe=True))
                     if now >= load.measuring_from:
                         load.sent += 1
             tick += 1

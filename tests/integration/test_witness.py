@@ -43,9 +43,9 @@ class Node:
         self.sock.connect(witness.address)
 
     def ask(self, lease_ms: int = LEASE_MS, resign: bool = False,
-            wall_offset: float = 0.0) -> Heartbeat:
+            wall_offset: float = 0.0, probe: bool = False) -> Heartbeat:
         sent = time.monotonic()
-        self.sock.send(self.voter.request(sent, lease_ms, resign, wall_offset))
+        self.sock.send(self.voter.request(sent, lease_ms, resign, wall_offset, probe))
         self.sock.settimeout(2.0)
         data = self.sock.recv(2048)
         received = self.voter.open(data, time.monotonic())
@@ -114,6 +114,7 @@ def test_the_witness_votes_counts_reloads_and_stops(witness: WitnessProcess) -> 
         held = b.ask()
         assert verdict(held) is Verdict.HELD and held.vote is not None
         assert 0 < held.vote.wait_ms <= LEASE_MS
+        assert verdict(b.ask(probe=True)) is Verdict.HELD  # a standby's probe
 
         # Refused without a reply, counted by reason.
         assert b.unanswered(
@@ -126,7 +127,7 @@ def test_the_witness_votes_counts_reloads_and_stops(witness: WitnessProcess) -> 
         assert samples[("vipd_witness_requests_total",
                         (("cluster", "web"), ("verdict", "granted")))] == 1
         assert samples[("vipd_witness_requests_total",
-                        (("cluster", "web"), ("verdict", "held")))] == 1
+                        (("cluster", "web"), ("verdict", "held")))] == 2
         assert samples[("vipd_witness_requests_total",
                         (("cluster", "web"), ("verdict", "restarting")))] == 1
         rejected = {dict(labels)["reason"]: value for (name, labels), value in samples.items()
@@ -158,8 +159,10 @@ def test_the_witness_votes_counts_reloads_and_stops(witness: WitnessProcess) -> 
         assert scrape(witness)[("vipd_witness_config_reloads_total",
                                 (("result", "ok"),))] == 1
 
-        # A give-back frees the vote at once.
+        # A give-back frees the vote at once; a probe finds it free and leaves it so.
         assert verdict(a.ask(resign=True)) is Verdict.RELEASED
+        assert verdict(b.ask(probe=True)) is Verdict.RELEASED
+        assert healthz(witness)["holders"]["web"] is None
         assert verdict(b.ask()) is Verdict.GRANTED
     finally:
         a.close()

@@ -1,9 +1,10 @@
 """The witness's decisions (vipd.core.witness), driven by real node-side Sessions over
 bytes, with time passed by hand.
 
-Property (hypothesis): whatever the order and timing of requests, give-backs and witness
-restarts from 2-3 nodes of one cluster, no two nodes are ever granted the vote for
-overlapping leases (a give-back ends the giver's lease when it is sent).
+Property (hypothesis): whatever the order and timing of requests (active, candidate,
+standby probes), give-backs and witness restarts from 2-3 nodes of one cluster, no two
+nodes are ever granted the vote for overlapping leases (a give-back ends the giver's
+lease when it is sent).
 """
 
 from __future__ import annotations
@@ -68,9 +69,14 @@ class Node:
         self.address = (f"198.51.100.{host}", 40000 + host)
         self.offset = clock_offset
 
-    def request(self, now: float, lease_ms: int = LEASE_MS, resign: bool = False) -> bytes:
-        advert = Advert(State.ACTIVE, Flag.HEALTHY | (Flag.RESIGNING if resign else 0),
-                        term=3, priority=150, effective_priority=150)
+    def request(self, now: float, lease_ms: int = LEASE_MS, resign: bool = False,
+                as_: str = "active") -> bytes:
+        """``as_``: "active" (a holder renewing), "candidate" (a standby campaigning),
+        "standby" (a probe)."""
+        state = State.ACTIVE if as_ == "active" else State.STANDBY
+        flags = Flag.HEALTHY | (Flag.RESIGNING if resign else 0) | (
+            Flag.CANDIDATE if as_ == "candidate" else 0)
+        advert = Advert(state, flags, term=3, priority=150, effective_priority=150)
         return self.session.seal(advert, now, wall(now, self.offset),
                                  kind=Kind.VOTE_REQUEST, vote=Vote(lease_ms=lease_ms))
 
@@ -92,9 +98,10 @@ def witness(now: float = 0.0, **clusters: ClusterSpec) -> Witness:
 
 
 def ask(w: Witness, node: Node, now: float, *, lease_ms: int = LEASE_MS,
-        resign: bool = False) -> Heartbeat:
+        resign: bool = False, as_: str = "active") -> Heartbeat:
     """One request, answered at once; the reply as the node opens it."""
-    replies = w.receive(node.request(now, lease_ms, resign), node.address, now, wall(now))
+    replies = w.receive(node.request(now, lease_ms, resign, as_), node.address, now,
+                        wall(now))
     return node.open(replies, now).heartbeat
 
 
@@ -193,6 +200,30 @@ def test_a_give_back_by_another_node_changes_nothing(nodes: tuple[Node, Node]) -
     assert w.holders(READY + 0.2) == {"web": "vm-a"}
     assert verdict(ask(w, b, READY + 0.3)) is Verdict.HELD
     assert not [n for n in w.take_notices() if isinstance(n, VoteReleased)]
+
+
+def test_a_candidate_is_granted_like_an_active_node(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    w = witness()
+    assert verdict(ask(w, b, READY, as_="candidate")) is Verdict.GRANTED
+    assert verdict(ask(w, a, READY + 0.1, as_="candidate")) is Verdict.HELD
+
+
+def test_a_standby_probe_never_takes_the_vote(nodes: tuple[Node, Node]) -> None:
+    a, b = nodes
+    w = witness(now=100.0)
+    probe = ask(w, b, 100.5, as_="standby")  # start-up block: nothing is free yet
+    assert verdict(probe) is Verdict.RESTARTING and probe.vote is not None
+    assert probe.vote.wait_ms == 1500
+    free = ask(w, b, 103.0, as_="standby")
+    assert verdict(free) is Verdict.RELEASED and free.flags == Flag.NONE
+    assert w.holders(103.0) == {"web": None}
+    assert verdict(ask(w, a, 103.1)) is Verdict.GRANTED
+    held = ask(w, b, 103.6, as_="standby")
+    assert verdict(held) is Verdict.HELD and held.vote is not None
+    assert held.vote.wait_ms == 1500
+    assert verdict(ask(w, a, 103.7, as_="standby")) is Verdict.RELEASED  # its own: not HELD
+    assert w.holders(103.7) == {"web": "vm-a"}  # a probe changes nothing, even the holder's
 
 
 # --- start-up --------------------------------------------------------------------------------
@@ -374,8 +405,8 @@ class Grant:
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["vm-a", "vm-b", "vm-c"]),
-                         st.sampled_from(["ask", "ask", "ask", "ask", "give back",
-                                          "restart witness"]),
+                         st.sampled_from(["active", "active", "candidate", "standby",
+                                          "give back", "restart witness"]),
                          st.floats(min_value=0.0, max_value=1.5)),
                max_size=120)
 
@@ -398,7 +429,8 @@ def test_no_two_nodes_ever_hold_overlapping_grants(
             w.configure({"web": spec}, now)
             continue
         node = nodes[name]
-        data = node.request(now, lease_ms, resign=op == "give back")
+        data = node.request(now, lease_ms, resign=op == "give back",
+                            as_="standby" if op == "give back" else op)
         replies = w.receive(data, node.address, now, wall(now))
         reply = node.open(replies, now).heartbeat
         assert reply.vote is not None

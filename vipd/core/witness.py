@@ -12,8 +12,14 @@ Theory of operation
 A pair of nodes and a witness are three voters (docs/election.md, "arbitration by lease
 votes"). Each cluster has one `Ballot` here: the vote is granted to at most one node at a
 time, for the lease the request asks, counted on our monotonic clock from when we grant;
-no other node gets it before that lease has run out. The holder renews it with each
-request; a request with Flag.RESIGNING gives it back (the node has shut its gate).
+no other node gets it before that lease has run out. What a request asks is said by the
+node's advert in it:
+
+    Flag.RESIGNING                   give the vote back (the node has shut its gate):
+                                     freed if that node holds it; RELEASED
+    State.ACTIVE or Flag.CANDIDATE   grant or renew it: GRANTED, HELD or RESTARTING
+    anything else (a standby)        a probe, nothing changes: HELD (another node's),
+                                     RESTARTING, or RELEASED (free)
 
 Start-up: this process may have forgotten a grant of its previous incarnation, so a
 cluster grants nothing before (when it was set up here + the lease the request asks):
@@ -246,15 +252,28 @@ class Witness:
             self._notices.append(NodeBooted(cluster_name, node, hb.boot_id, source,
                                             first=known_boot is None))
         lease_ms = hb.vote.lease_ms
+        c.ballot.blocked_until = c.since + lease_ms / 1000  # the start-up block, this lease
         if Flag.RESIGNING in hb.flags:
             verdict, wait = self._release(c, node, now), 0.0
-        else:
+        elif hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags:
             verdict, wait = self._grant(c, node, lease_ms / 1000, now)
+        else:
+            verdict, wait = self._probe(c, node, now)
         return [(self._seal(c, session, verdict, lease_ms, wait, now, wall_ns), source)]
+
+    def _probe(self, c: _Cluster, node: str, now: float) -> tuple[Verdict, float]:
+        """A node that asks for nothing (a standby) asks whether the vote would be free:
+        HELD (another node's), RESTARTING (our start-up block), else RELEASED (free).
+        Nothing changes."""
+        ballot = c.ballot
+        if ballot.holder(now) not in (None, node):
+            return Verdict.HELD, ballot.wait(now)
+        if now < ballot.blocked_until:
+            return Verdict.RESTARTING, ballot.wait(now)
+        return Verdict.RELEASED, 0.0
 
     def _grant(self, c: _Cluster, node: str, lease: float, now: float) -> tuple[Verdict, float]:
         ballot = c.ballot
-        ballot.blocked_until = c.since + lease  # the start-up block for the lease asked
         previous, previous_until = ballot.grantee, ballot.until
         held_before = ballot.holder(now) == node
         verdict = ballot.grant(node, now, lease)
