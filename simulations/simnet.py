@@ -36,19 +36,17 @@ from typing import Any
 from vipd.arbiter.witness_client import WitnessClient
 from vipd.core import election as el
 from vipd.core.protocol import (
-    Advert,
     Flag,
     KeyRing,
-    Kind,
     Reject,
     Rejected,
     Session,
     State,
     Verdict,
-    Vote,
+    decode,
     settings_digest,
 )
-from vipd.core.votes import Ballot
+from vipd.core.witness import ClusterSpec, Witness
 
 WALL_EPOCH_NS = 1_800_000_000 * 10**9
 CLUSTER = "web"
@@ -346,16 +344,14 @@ class SimNode:
 
 @dataclass
 class SimWitness:
-    """The witness process: one ballot for the cluster, one session per node."""
+    """The witness process: `vipd.core.witness.Witness`, the decisions `vipd witness`
+    runs, serving the one cluster."""
 
     sim: Sim
     nodes: list[str]
     up: bool = False
     rate: float = 0.0
-    started_at: float = 0.0
-    boot: int = 0
-    ballot: Ballot | None = None
-    sessions: dict[str, Session] = field(default_factory=dict)
+    core: Witness | None = None
     verdicts: Counter[str] = field(default_factory=Counter)
     grants: list[tuple[float, str]] = field(default_factory=list)  # (real time, node)
 
@@ -364,50 +360,27 @@ class SimWitness:
 
     def start(self) -> None:
         """A (re)start forgets every grant: it grants nothing for one lease."""
-        self.up, self.started_at = True, self.local(self.sim.clock.now)
-        self.boot = self.sim.rng.getrandbits(64)
-        self.ballot = None
-        self.sessions = {
-            name: Session(cluster=CLUSTER, node=WITNESS, keys=self.sim.keys,
-                          boot_id=self.boot, digest=b"\0" * 8, expect=Kind.VOTE_REQUEST)
-            for name in self.nodes}
+        self.up = True
+        self.core = Witness(WITNESS, self.sim.rng.getrandbits(64))
+        self.core.configure({CLUSTER: ClusterSpec(self.sim.keys, frozenset(self.nodes))},
+                            self.local(self.sim.clock.now))
 
     def crash(self) -> None:
         self.up = False
 
     def deliver(self, data: bytes, source: str) -> None:
-        if not self.up:
+        if not self.up or self.core is None:
             return
         now = self.sim.clock.now
         local, wall = self.local(now), WALL_EPOCH_NS + int(now * 1e9)
-        session = self.sessions[source]
-        try:
-            rx = session.open(data, local, wall, None)
-        except Rejected:
-            return
-        hb, vote = rx.heartbeat, rx.heartbeat.vote
-        assert vote is not None
-        lease = vote.lease_ms / 1000
-        if self.ballot is None:
-            self.ballot = Ballot(lease, blocked_until=self.started_at + lease)
-        if Flag.RESIGNING in hb.flags:
-            self.ballot.release(hb.node)
-            verdict = Verdict.RELEASED
-        elif hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags:
-            verdict = self.ballot.grant(hb.node, local, lease)
-            if verdict is Verdict.GRANTED:
-                self.grants.append((now, hb.node))
-        else:  # a standby's probe: is the vote free?
-            verdict = Verdict.HELD if self.ballot.holder(local) not in (None, hb.node) else (
-                Verdict.RELEASED)
-        self.verdicts[verdict.name] += 1
-        granted = verdict is Verdict.GRANTED
-        reply = session.seal(
-            Advert(State.ACTIVE if granted else State.STANDBY,
-                   Flag.VOTE if granted else Flag.NONE, 0, 0, 0), local, wall,
-            kind=Kind.VOTE_REPLY,
-            vote=Vote(vote.lease_ms, verdict, round(1000 * self.ballot.wait(local))))
-        self.sim.transmit(WITNESS, reply, source)
+        for reply, address in self.core.receive(data, source, local, wall):
+            vote = decode(reply, self.sim.keys).vote
+            assert vote is not None
+            self.verdicts[vote.verdict.name] += 1
+            if vote.verdict is Verdict.GRANTED:
+                self.grants.append((now, source))
+            self.sim.transmit(WITNESS, reply, str(address))
+        self.core.take_notices()
 
 
 class Sim:

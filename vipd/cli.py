@@ -159,6 +159,18 @@ def install_check(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
+def _add_witness(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, metavar="FILE",
+                        help="the witness's YAML config (docs/witness.md)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def witness(args: argparse.Namespace) -> int:
+    from vipd.witness import main as witness_main
+
+    return witness_main(Path(args.config), args.log_format)
+
+
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     from vipd.demo.command import add_arguments
 
@@ -185,6 +197,8 @@ COMMANDS: dict[str, Command] = {
     "install-check": Command("report what is missing or unsafe for running this config "
                              "(file modes, user, capabilities, interface, sysctls, peers)",
                              _add_install_check, install_check),
+    "witness": Command("serve as the third voter (witness) of the pairs in a witness config",
+                       _add_witness, witness),
     "demo": Command("build a throwaway namespace lab, fail over, print the timeline (root)",
                     _add_demo, demo),
 }

@@ -17,7 +17,7 @@ from ipaddress import (
     IPv6Interface,
 )
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -54,6 +54,7 @@ from vipd.core.events import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL, Hook
 from vipd.errors import ConfigError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/vipd")
+M = TypeVar("M", bound=BaseModel)
 
 # --- models -------------------------------------------------------------------------
 
@@ -425,6 +426,13 @@ class _Loader(yaml.SafeLoader):
 def load_config(path: str | Path) -> Config:
     """Read, parse and validate a config file; relative paths in it are resolved against
     the file's directory. Raises ConfigError listing every problem."""
+    return load_model(path, Config)
+
+
+def load_model(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file into ``model`` (a pair's `Config`, the witness's config) with the
+    same rules and messages: relative paths against the file's directory, every problem
+    in one ConfigError."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -442,10 +450,10 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(file, [("", f"expected a mapping of keys at the top level, "
                                       f"got {got}")])
     try:
-        return Config.model_validate(
+        return model.model_validate(
             data, context={BASE_DIR: Path(path).absolute().parent})
     except ValidationError as exc:
-        raise ConfigError(file, validation_problems(exc)) from exc
+        raise ConfigError(file, validation_problems(exc, model)) from exc
 
 
 def _yaml_message(exc: yaml.YAMLError) -> str:
@@ -456,8 +464,10 @@ def _yaml_message(exc: yaml.YAMLError) -> str:
     return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
-def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
-    """One (key.path, message) per pydantic error, in words an operator understands."""
+def validation_problems(exc: ValidationError,
+                        root: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """One (key.path, message) per pydantic error, in words an operator understands.
+    ``root``: the model validated (default `Config`), for the known keys of a typo."""
     problems: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
@@ -467,7 +477,7 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
         elif isinstance(cause, ValueError):
             problems.append((key_path(loc), str(cause)))
         elif err["type"] == "extra_forbidden":
-            problems.append((key_path(loc), _unknown_key(loc)))
+            problems.append((key_path(loc), _unknown_key(loc, root or Config)))
         elif err["type"] == "missing":
             problems.append((key_path(loc), "missing required key"))
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
@@ -488,8 +498,8 @@ def _describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _unknown_key(loc: tuple[str | int, ...]) -> str:
-    known = _keys_at(loc[:-1])
+def _unknown_key(loc: tuple[str | int, ...], root: type[BaseModel]) -> str:
+    known = _keys_at(loc[:-1], root)
     if not known:
         return "unknown key"
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
@@ -498,13 +508,15 @@ def _unknown_key(loc: tuple[str | int, ...]) -> str:
     return f"unknown key; expected one of: {', '.join(known)}"
 
 
-def _keys_at(loc: tuple[str | int, ...]) -> list[str]:
-    """The keys the model at this location accepts (list indexes need no step)."""
-    model: type[BaseModel] | None = Config
+def _keys_at(loc: tuple[str | int, ...], root: type[BaseModel]) -> list[str]:
+    """The keys the model at this location accepts (list indexes need no step, nor do
+    the keys of a mapping of models: the witness's ``clusters.web``)."""
+    model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, str) and model is not None:
             field = model.model_fields.get(part)
-            model = _model_in(field.annotation) if field is not None else None
+            if field is not None:
+                model = _model_in(field.annotation)
     return list(model.model_fields) if model is not None else []
 
 

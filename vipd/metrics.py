@@ -39,6 +39,7 @@ from vipd import __version__
 from vipd.api import HTTP_SHUTDOWN_TIMEOUT
 from vipd.config import Endpoint
 from vipd.core.protocol import Reject, State
+from vipd.core.witness import Witness
 from vipd.errors import VipdError
 from vipd.view import Status
 
@@ -330,3 +331,67 @@ async def serve_metrics(listen: Endpoint | None, metrics: Metrics, collector: St
                         f"{exc.strerror or exc}") from exc
     log.info("metrics on http://%s/metrics", listen)
     return runner
+
+
+# --- the witness (vipd witness) -------------------------------------------------------------
+
+class WitnessCollector(Collector):
+    """Every series of the witness, read from its pure core at scrape time (on the event
+    loop: the core's counters are plain ints the loop updates)."""
+
+    def __init__(self, witness: Witness, now: Callable[[], float]) -> None:
+        self.witness = witness
+        self.now = now
+        self.reloads = dict.fromkeys(("ok", "error"), 0)
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # label sets change with the config
+
+    def collect(self) -> Iterable[Metric]:
+        w, now = self.witness, self.now()
+        yield GaugeMetricFamily("vipd_witness_up", "Always 1 while the witness answers",
+                                value=1.0)
+        yield GaugeMetricFamily("vipd_witness_clusters", "Clusters this witness serves",
+                                value=len(w.clusters))
+        requests = CounterMetricFamily("vipd_witness_requests_total", "Vote requests "
+                                       "answered, by cluster and verdict",
+                                       labels=["cluster", "verdict"])
+        for (cluster, verdict), count in sorted(w.requests.items()):
+            requests.add_metric([cluster, verdict], count)
+        yield requests
+        rejected = CounterMetricFamily("vipd_witness_rejected_total", "Datagrams refused, "
+                                       "by reason", labels=["reason"])
+        for reason, count in list(w.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        age = GaugeMetricFamily("vipd_witness_last_request_age_seconds", "Seconds since "
+                                "the node's last accepted request (absent before the first)",
+                                labels=["cluster", "node"])
+        for (cluster, node), at in sorted(w.last_requests().items()):
+            age.add_metric([cluster, node], max(now - at, 0.0))
+        yield age
+        holder = GaugeMetricFamily("vipd_witness_vote_holder", "1 for the node holding this "
+                                   "witness's vote of its cluster now, 0 for the others",
+                                   labels=["cluster", "node"])
+        holders = w.holders(now)
+        for cluster, nodes in w.nodes().items():
+            for node in nodes:
+                holder.add_metric([cluster, node], float(holders.get(cluster) == node))
+        yield holder
+        reloads = CounterMetricFamily("vipd_witness_config_reloads_total", "Config "
+                                      "reloads (SIGHUP) by result", labels=["result"])
+        for result, count in self.reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
+
+
+def build_witness_metrics(witness: Witness, now: Callable[[], float]) -> tuple[
+        CollectorRegistry, WitnessCollector]:
+    """The witness's own registry: build info, process metrics and `WitnessCollector`."""
+    registry = CollectorRegistry()
+    Info("vipd_build", "vipd build information", registry=registry).info(
+        {"version": __version__})
+    ProcessCollector(registry=registry)
+    collector = WitnessCollector(witness, now)
+    registry.register(collector)
+    return registry, collector

@@ -461,3 +461,53 @@ async def test_loop_lag_is_observed_on_a_node_whose_election_timer_never_fires(
     before = value(a, name) or 0.0
     await asyncio.sleep(1.1)
     assert (value(a, name) or 0.0) >= before + 2
+
+
+# --- the witness's registry (vipd witness) ---------------------------------------------------
+
+def test_the_witness_registry_reads_the_core_at_scrape_time() -> None:
+    from vipd.core.protocol import KeyRing, Kind, Vote
+    from vipd.core.witness import ClusterSpec, Witness
+    from vipd.metrics import build_witness_metrics
+
+    keys = KeyRing({1: bytes(range(32))})
+    clock = [0.0]
+    witness = Witness("witness", 1)
+    witness.configure({"web": ClusterSpec(keys, frozenset({"vm-a", "vm-b"}))}, 0.0)
+    registry, collector = build_witness_metrics(witness, lambda: clock[0])
+    nodes = {name: Session(cluster="web", node=name, keys=keys, boot_id=i, digest=bytes(8),
+                           expect=Kind.VOTE_REPLY) for i, name in enumerate(["vm-a", "vm-b"], 2)}
+
+    def ask(name: str, now: float) -> None:
+        data = nodes[name].seal(Advert(State.ACTIVE, Flag.HEALTHY, 1, 100, 100), now,
+                                1_700_000_000_000_000_000 + round(now * 1e9),
+                                kind=Kind.VOTE_REQUEST, vote=Vote(lease_ms=1000))
+        witness.receive(data, ("198.51.100.1", 1), now, 1_700_000_000_000_000_000
+                        + round(now * 1e9))
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    ask("vm-a", 0.5)  # within the start-up block
+    ask("vm-a", 2.0)
+    ask("vm-b", 2.5)
+    witness.receive(b"junk", ("198.51.100.9", 1), 2.6, 0)
+    clock[0] = 2.75
+    assert sample("vipd_witness_up") == 1 and sample("vipd_witness_clusters") == 1
+    for verdict, count in (("granted", 1), ("held", 1), ("restarting", 1), ("released", 0),
+                           ("stale", 0)):
+        assert sample("vipd_witness_requests_total", cluster="web", verdict=verdict) == count
+    assert sample("vipd_witness_rejected_total", reason="malformed") == 1
+    assert sample("vipd_witness_rejected_total", reason="unknown_node") == 0
+    assert sample("vipd_witness_last_request_age_seconds", cluster="web",
+                  node="vm-a") == pytest.approx(0.75)
+    assert sample("vipd_witness_vote_holder", cluster="web", node="vm-a") == 1
+    assert sample("vipd_witness_vote_holder", cluster="web", node="vm-b") == 0
+    clock[0] = 3.0  # vm-a's lease ran out: nobody holds the vote
+    assert sample("vipd_witness_vote_holder", cluster="web", node="vm-a") == 0
+    collector.reloads["error"] += 1
+    assert sample("vipd_witness_config_reloads_total", result="error") == 1
+    assert sample("vipd_build_info", version=__version__) == 1
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    names = {metric.name for metric in registry.collect() if metric.name.startswith("vipd_")}
+    assert {n for n in names if f"`{n}" not in docs} == set(), "missing from docs/metrics.md"

@@ -37,6 +37,7 @@ from vipd.core.protocol import (
     State,
     decode,
     encode,
+    peek_names,
     settings_digest,
 )
 
@@ -288,6 +289,37 @@ def test_bad_names_are_malformed_even_when_signed(names: bytes) -> None:
 def test_name_overrunning_an_ascii_mac_is_malformed(names: bytes) -> None:
     # a MAC that happens to be ASCII must not be read as part of a name (nor past the end)
     assert rejection(ref_body(names=names) + b"A" * 32) is Reject.MALFORMED
+
+
+@pytest.mark.parametrize("names", [
+    b"\x00\x04vm-a", b"\x03web\x00", b"\x41" + b"c" * 65 + b"\x04vm-a",
+    b"\x03web\x41" + b"n" * 65, b"\x03web\x05vm-a", b"\x40web\x04vm-a",
+    b"\x03w\xe9b\x04vm-a", b"\x03web\x04vm-\xff",
+], ids=["empty-cluster", "empty-node", "long-cluster", "long-node", "node-overruns",
+        "cluster-overruns", "non-ascii-cluster", "non-ascii-node"])
+def test_peek_names_refuses_the_name_framing_decode_refuses(names: bytes) -> None:
+    data = sign(ref_body(names=names))
+    with pytest.raises(Rejected) as info:
+        peek_names(data)
+    assert info.value.reason is Reject.MALFORMED is rejection(data)
+
+
+def test_peek_names_reads_the_names_without_a_key() -> None:
+    forged = VECTOR[:-1] + bytes([VECTOR[-1] ^ 1])  # the MAC is not its business
+    assert peek_names(VECTOR) == peek_names(forged) == ("web", "vm-a")
+    assert peek_names(sign(ref_body(names=b"\x02db\x04db-1", kind=1) + bytes(12))) == \
+        ("db", "db-1")
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (VECTOR[:115], Reject.MALFORMED), (b"VIPE" + VECTOR[4:], Reject.MALFORMED),
+    (VECTOR + bytes(512 - len(VECTOR) + 1), Reject.OVERSIZE),
+    (VECTOR[:4] + b"\x02" + VECTOR[5:], Reject.BAD_VERSION),
+], ids=["truncated", "magic", "oversize", "version"])
+def test_peek_names_refuses_bad_framing(data: bytes, reason: Reject) -> None:
+    with pytest.raises(Rejected) as info:
+        peek_names(data)
+    assert info.value.reason is reason
 
 
 @pytest.mark.parametrize("state", [6, 7, 0x80, 0xFF])
@@ -910,6 +942,7 @@ def test_fuzz_signed_bodies(
         return
     # wrong length bytes may still frame other valid names; then the parse is canonical
     assert encode(hb, SECRET) == data
+    assert peek_names(data) == (hb.cluster, hb.node)  # the witness dispatches on these
     if valid:
         assert (hb.cluster.encode(), hb.node.encode(), int(hb.flags)) == (cluster, node, flags)
 

@@ -344,12 +344,9 @@ def encode(hb: Heartbeat, secret: bytes) -> bytes:
     return body + hmac.digest(secret, body, "sha256")
 
 
-def decode(data: bytes, keys: KeyRing) -> Heartbeat:
-    """Parse and authenticate one datagram. Raises only `Rejected`.
-
-    Structure is checked before the MAC (we must find the key id) but no field is trusted
-    or interpreted before the MAC has been verified.
-    """
+def _frame(data: bytes) -> tuple[str, str, int]:
+    """The framing checks before the MAC: size, magic, version and the two names.
+    Returns (cluster, node, where the names end). Raises only `Rejected`."""
     size = len(data)
     if size > MAX_DATAGRAM:
         raise Rejected(Reject.OVERSIZE, f"{size} bytes, at most {MAX_DATAGRAM} expected")
@@ -359,7 +356,6 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
         raise Rejected(Reject.MALFORMED, "not a vipd heartbeat (bad magic)")
     if data[4] != VERSION:
         raise Rejected(Reject.BAD_VERSION, f"version {data[4]}, expected {VERSION}")
-    fields = _HEADER.unpack_from(data)
     pos = HEADER_SIZE
     names: list[str] = []
     for what in ("cluster", "node"):
@@ -372,6 +368,26 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
         except UnicodeDecodeError:
             raise Rejected(Reject.MALFORMED, f"{what} is not ASCII") from None
         pos = end
+    return names[0], names[1], pos
+
+
+def peek_names(data: bytes) -> tuple[str, str]:
+    """The (cluster, node) a datagram claims, unauthenticated: a witness serving many
+    clusters needs them to find the session (and key) that can verify it. Raises only
+    `Rejected` (the framing reasons of `decode`)."""
+    cluster, node, _ = _frame(data)
+    return cluster, node
+
+
+def decode(data: bytes, keys: KeyRing) -> Heartbeat:
+    """Parse and authenticate one datagram. Raises only `Rejected`.
+
+    Structure is checked before the MAC (we must find the key id) but no field is trusted
+    or interpreted before the MAC has been verified.
+    """
+    size = len(data)
+    cluster, node, pos = _frame(data)
+    fields = _HEADER.unpack_from(data)
     kind = fields[12]
     names_end = pos
     if kind != Kind.HEARTBEAT:
@@ -406,7 +422,7 @@ def decode(data: bytes, keys: KeyRing) -> Heartbeat:
         state=state_member, flags=flag_of(flags), key_id=key_id, newest_key_id=newest,
         boot_id=boot, seq=seq, send_time_ns=send_ns, term=term, priority=prio,
         effective_priority=eprio, settings_digest=digest, echo_boot=echo_boot,
-        echo_seq=echo_seq, echo_hold_us=echo_hold, cluster=names[0], node=names[1],
+        echo_seq=echo_seq, echo_hold_us=echo_hold, cluster=cluster, node=node,
         kind=kind_member, vote=vote,
     )
 
