@@ -22,7 +22,8 @@ import yaml
 
 from vipd.core.events import REASON_CODES
 from vipd.core.protocol import Reject, State
-from vipd.metrics import StatusCollector, build_metrics
+from vipd.core.witness import Witness
+from vipd.metrics import StatusCollector, build_metrics, build_witness_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "configs" / "prometheus" / "vipd-alerts.yml"
@@ -44,7 +45,9 @@ def _exported() -> tuple[set[str], set[str]]:
     """(series names as scraped, names as documented: series plus histogram base names)."""
     series: set[str] = set()
     documented: set[str] = set()
-    for family in build_metrics().registry.collect():
+    witness_registry, _ = build_witness_metrics(Witness("w", 1), lambda: 0.0)
+    families = [*build_metrics().registry.collect(), *witness_registry.collect()]
+    for family in families:
         name = family.name
         if family.type == "counter":
             series |= {f"{name}_total", f"{name}_created"}

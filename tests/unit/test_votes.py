@@ -134,8 +134,8 @@ def test_a_candidate_stops_counting_before_the_voter_grants_again(
         rate_candidate: float) -> None:
     """Real time: the request leaves at `sent`, the voter grants on arrival, the voter's
     clock runs at (1 + rate_voter), the candidate's at (1 + rate_candidate); the two rates
-    differ by at most the 0.1 % margin (RATE_MARGIN). The vote may go elsewhere only after the voter's
-    lease ends, which must not be before the candidate stops counting it."""
+    differ by at most the 0.1 % margin (RATE_MARGIN). The vote may go elsewhere only after
+    the voter's lease ends, which must not be before the candidate stops counting it."""
     voter_free_real = (sent + delay) + lease / (1 + rate_voter)
     counted_until_real = sent + counted_lease(lease) / (1 + rate_candidate)
     assert counted_until_real <= voter_free_real
