@@ -26,6 +26,7 @@ from simulations.simnet import CLUSTER, Sim, SimNode
 from support.daemons import VIP_SET, VIPS, Node, Pair, eventually, exec_check
 from vipd import __version__
 from vipd.core import election as el
+from vipd.core import group
 from vipd.core.events import REASON_CODES
 from vipd.core.protocol import Advert, Flag, Reject, Session, State
 from vipd.metrics import FAST_BUCKETS, HotMetrics, build_metrics
@@ -310,6 +311,23 @@ def _disguise(node: SimNode, rewrite: Callable[[Advert], Advert]) -> None:
     node.apply = apply  # type: ignore[method-assign]
 
 
+def _group_scripted() -> set[str]:
+    """The codes only a group node (arbiter etcd, vipd.core.group) produces: its lease may
+    expire (self-fence), its holder key is gone."""
+    codes = set()
+    # at 1.0 s no keep-alive was answered: the lease may be gone; at 0.5 s b holds the key
+    for ending, at in ((group.Tick(), 1.0),
+                       (group.Observed(group.Holder("b", 9, 2), {}, revision=9), 0.5)):
+        node = group.GroupElection(group.GroupConfig("a", ttl=1.0))
+        acts = node.handle(el.Start(), 0.0) + node.handle(group.LeaseGranted(1, 1.0, 0.0), 0.0)
+        acts += node.handle(el.HealthChanged(True), 0.0)
+        acts += node.handle(group.Observed(None, {}, revision=1), 0.0)
+        acts += node.handle(group.Claimed(True, group.Holder("a", 2, 1)), 0.0)
+        acts += node.handle(ending, at)
+        codes |= {a.why.value for a in acts if isinstance(a, el.Transition)}
+    return codes
+
+
 def _scripted() -> None:
     """Transitions the random scenarios (almost) never produce."""
     sim, a, _ = _sim()  # alone: no peer, maintenance without a peer, VIP failure, stop
@@ -416,7 +434,7 @@ def test_every_reason_code_is_reachable(sim_reasons: list[el.Transition]) -> Non
     assert kinds == set(simulate.KINDS)
     random_codes = {tr.why.value for tr in sim_reasons}
     _scripted()
-    codes = {tr.why.value for tr in sim_reasons}
+    codes = {tr.why.value for tr in sim_reasons} | _group_scripted()
     # Every code is reachable; the random scenarios alone see only some.
     assert codes == set(REASON_CODES), f"never produced: {set(REASON_CODES) - codes}"
     assert {"start", "election", "peer_dead", "health", "handed_over"} <= random_codes

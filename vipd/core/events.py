@@ -83,6 +83,7 @@ class CommandKind(enum.StrEnum):
 class Command:
     kind: CommandKind
     force: bool = False
+    target: str = ""  # switchover in a group (arbiter etcd): the member to hand over to
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,8 @@ class Why(enum.StrEnum):
     PEER_IDLE = "peer_idle"
     SPLIT_BRAIN = "split_brain"
     NO_QUORUM = "no_quorum"  # arbiter: the votes ran out while active (self-fence)
+    LEASE_EXPIRED = "lease_expired"  # etcd: our lease may expire now (self-fence)
+    KEY_LOST = "key_lost"  # etcd: the holder key is no longer ours
 
 
 class Hook(enum.StrEnum):

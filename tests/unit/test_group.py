@@ -1,0 +1,260 @@
+"""The group rule (arbiter etcd, vipd.core.group): what a node asks etcd, when it holds,
+when it must shut its gate. Driven by hand here, as the runtime drives it."""
+
+from __future__ import annotations
+
+import pytest
+
+from vipd.core import group as g
+from vipd.core.events import (
+    AcquireVips,
+    CloseGate,
+    Command,
+    CommandKind,
+    CommandResult,
+    HealthChanged,
+    ReleaseVips,
+    Shutdown,
+    Start,
+    Tick,
+    Transition,
+    Why,
+)
+from vipd.core.protocol import State
+from vipd.core.votes import counted_lease
+
+TTL = 1.0
+
+
+def member(name: str, priority: int = 100, state: State = State.STANDBY, **kw: object
+           ) -> g.Member:
+    return g.Member(name, priority, state, healthy=True, **kw)  # type: ignore[arg-type]
+
+
+def started(name: str = "a", priority: int = 100, now: float = 0.0, **cfg: object
+            ) -> g.GroupElection:
+    """A node with lease 0x10 granted at ``now`` and a healthy check."""
+    e = g.GroupElection(g.GroupConfig(name, priority, ttl=TTL, **cfg))  # type: ignore[arg-type]
+    assert g.GrantLease(TTL) in e.handle(Start(), now)
+    e.handle(g.LeaseGranted(0x10, TTL, now), now)
+    e.handle(HealthChanged(True), now)
+    assert e.state is State.STANDBY and e.store is g.Store.OK
+    return e
+
+
+def of(actions: list[object], kind: type) -> list:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def holding(name: str = "a", priority: int = 100, revision: int = 7, now: float = 0.0,
+            others: tuple[g.Member, ...] = ()) -> g.GroupElection:
+    """A node that claimed the key (revision ``revision``) and is ACTIVE."""
+    e = started(name, priority, now)
+    members = {m.node: m for m in (*others, e.member())}
+    acts = e.handle(g.Observed(None, members, revision=3), now)
+    assert of(acts, g.Claim) == [g.Claim(0x10)]
+    acts = e.handle(g.Claimed(True, g.Holder(name, revision, 0x10)), now)
+    assert of(acts, AcquireVips) == [AcquireVips(revision)]
+    assert e.state is State.ACTIVE and e.term == revision
+    return e
+
+
+def test_start_asks_a_lease_then_publishes_its_record_under_it() -> None:
+    e = g.GroupElection(g.GroupConfig("a", 120, ttl=TTL, digest="d1", version="0.1"))
+    acts = e.handle(Start(), 0.0)
+    assert of(acts, g.GrantLease) == [g.GrantLease(TTL)] and not of(acts, g.Publish)
+    assert of(acts, Transition)[0].new is State.STANDBY  # as a pair node: not yet eligible
+    assert e.store is g.Store.CONNECTING
+    acts = e.handle(g.LeaseGranted(0x10, TTL, 0.0), 0.01)
+    assert of(acts, g.Publish) == [g.Publish(g.Member("a", 120, State.STANDBY, False,
+                                                      version="0.1", digest="d1"))]
+    acts = e.handle(HealthChanged(True), 0.02)
+    assert of(acts, g.Publish)[0].member.healthy
+    assert not of(acts, g.Claim)  # nothing is known of etcd's keys before the watch
+
+
+def test_an_unanswered_lease_grant_is_asked_again_after_one_ttl() -> None:
+    e = g.GroupElection(g.GroupConfig("a", ttl=TTL))
+    e.handle(Start(), 0.0)
+    assert e.next_deadline() == pytest.approx(TTL)
+    assert e.handle(Tick(), TTL) == [g.GrantLease(TTL)]
+
+
+def test_keepalives_every_quarter_ttl_and_the_lease_counts_from_their_send_time() -> None:
+    e = started()
+    assert e.lease_until == pytest.approx(counted_lease(TTL))
+    assert e.next_deadline() == pytest.approx(TTL / 4)
+    assert e.handle(Tick(), 0.25) == [g.KeepAlive(0x10)]
+    e.handle(g.KeptAlive(sent_at=0.25, ttl=TTL), 0.31)  # answered 60 ms later
+    assert e.lease_until == pytest.approx(0.25 + counted_lease(TTL))  # from the send
+    # an older answer never shortens what a newer one gave
+    e.handle(g.KeptAlive(sent_at=0.1, ttl=TTL), 0.32)
+    assert e.lease_until == pytest.approx(0.25 + counted_lease(TTL))
+
+
+def test_a_lease_etcd_says_is_gone_is_replaced() -> None:
+    e = started()
+    e.handle(Tick(), 0.25)
+    acts = e.handle(g.KeptAlive(sent_at=0.25, ttl=0), 0.3)
+    assert e.store is g.Store.LEASE_EXPIRED and e.lease is None
+    assert g.GrantLease(TTL) in acts
+
+
+def test_the_best_eligible_member_claims_at_once_and_takes_the_term_from_the_key() -> None:
+    e = holding("a", 150, revision=42, others=(member("b", 100),))
+    assert e.gate_limit(0.1) == pytest.approx(counted_lease(TTL))
+
+
+def test_a_lesser_member_waits_one_ttl_for_the_best_before_it_claims() -> None:
+    e = started("b", 100)
+    view = g.Observed(None, {"a": member("a", 150), "b": e.member()}, revision=3)
+    assert not of(e.handle(view, 0.1), g.Claim)
+    for t in (0.25, 0.5, 0.75, 1.0):  # keep the lease alive meanwhile
+        e.handle(Tick(), t)
+        e.handle(g.KeptAlive(t, TTL), t)
+    assert not of(e.handle(Tick(), 1.05), g.Claim)
+    assert of(e.handle(Tick(), 0.1 + TTL), g.Claim) == [g.Claim(0x10)]
+
+
+def test_a_claim_that_loses_leaves_the_node_standby() -> None:
+    e = started("a", 150)
+    e.handle(g.Observed(None, {"a": e.member()}, revision=3), 0.0)
+    acts = e.handle(g.Claimed(False, g.Holder("b", 9, 0x20)), 0.01)
+    assert e.state is State.STANDBY and not of(acts, AcquireVips)
+    assert e.view.holder == g.Holder("b", 9, 0x20)
+
+
+def test_no_claim_while_unhealthy_or_with_a_lease_about_to_lapse() -> None:
+    e = started("a", 150)
+    e.handle(HealthChanged(False, "svc down"), 0.0)
+    assert e.state is State.FAULT
+    assert not of(e.handle(g.Observed(None, {"a": e.member()}, revision=3), 0.0), g.Claim)
+    e.handle(HealthChanged(True), 0.0)
+    e.timers.keepalive_due = None  # no keep-alive: the lease runs down
+    acts = e.handle(Tick(), 0.6)  # 0.39 s of the 0.994 left: under half a TTL
+    assert not of(acts, g.Claim)
+
+
+def test_the_holder_self_fences_when_its_lease_may_expire() -> None:
+    e = holding()
+    for t in (0.25, 0.5, 0.75):
+        assert of(e.handle(Tick(), t), g.KeepAlive)  # nothing answers: etcd unreachable
+    e.handle(g.StoreFailed("etcd 198.51.100.9:2379: deadline exceeded"), 0.8)
+    assert e.store is g.Store.UNREACHABLE
+    assert e.state is State.ACTIVE  # the lease still surely lives
+    deadline = e.next_deadline()
+    assert deadline == pytest.approx(counted_lease(TTL))
+    acts = e.handle(Tick(), deadline)
+    assert of(acts, CloseGate) and of(acts, ReleaseVips)
+    tr = of(acts, Transition)[0]
+    assert (tr.new, tr.why) == (State.STANDBY, Why.LEASE_EXPIRED)
+    assert "deadline exceeded" in tr.reason
+    assert of(acts, g.Resign) == [g.Resign(7)]
+    assert e.gate_limit(deadline) is None
+
+
+def test_the_holder_steps_down_when_the_key_is_no_longer_its_own() -> None:
+    e = holding()
+    acts = e.handle(g.Observed(g.Holder("b", 9, 0x20), {}, revision=9), 0.1)
+    tr = of(acts, Transition)[0]
+    assert (tr.new, tr.why) == (State.STANDBY, Why.KEY_LOST)
+    assert of(acts, CloseGate) and not of(acts, g.Resign)
+
+
+def test_a_watch_older_than_our_claim_does_not_unseat_us() -> None:
+    e = holding(revision=7)
+    e.handle(g.Observed(None, {}, revision=5), 0.1)
+    assert e.state is State.ACTIVE
+
+
+def test_an_unhealthy_holder_shuts_its_gate_before_it_gives_the_key_to_the_best() -> None:
+    e = holding("a", 150, others=(member("b", 100), member("c", 120)))
+    acts = e.handle(HealthChanged(False, "svc down"), 0.1)
+    kinds = [type(a) for a in acts]
+    assert kinds.index(CloseGate) < kinds.index(ReleaseVips) < kinds.index(g.Resign)
+    assert of(acts, g.Resign) == [g.Resign(7, "c")]
+    assert e.state is State.FAULT
+
+
+def test_switchover_to_a_named_member_and_refusals() -> None:
+    e = holding("a", 150, others=(member("b", 100), member("c", 120)))
+    acts = e.handle(Command(CommandKind.SWITCHOVER, target="x"), 0.1)
+    assert of(acts, CommandResult)[0].accepted is False
+    assert "'x'" in of(acts, CommandResult)[0].message and e.state is State.ACTIVE
+    acts = e.handle(Command(CommandKind.SWITCHOVER, target="b"), 0.1)
+    assert of(acts, CommandResult)[0].accepted
+    assert of(acts, g.Resign) == [g.Resign(7, "b")] and e.state is State.STANDBY
+    standby = started("b")
+    acts = standby.handle(Command(CommandKind.SWITCHOVER), 0.0)
+    assert of(acts, CommandResult)[0].accepted is False
+
+
+def test_the_named_successor_claims_at_once_and_the_others_wait() -> None:
+    b, c = started("b", 100), started("c", 200)
+    view = g.Observed(None, {"b": b.member(), "c": c.member()}, successor="b", revision=8)
+    assert of(b.handle(view, 0.01), g.Claim)
+    assert not of(c.handle(view, 0.01), g.Claim)  # c ranks higher but b was named
+    acts = b.handle(g.Claimed(True, g.Holder("b", 9, 0x10)), 0.012)
+    tr = of(acts, Transition)[0]
+    assert (tr.new, tr.why, tr.term) == (State.ACTIVE, Why.PEER_HANDOVER, 9)
+    assert b.member().preferred
+
+
+def test_a_higher_priority_standby_preempts_after_its_delay() -> None:
+    b = started("b", 200, preempt_delay=0.5)
+    view = g.Observed(g.Holder("a", 7, 0x20), {"a": member("a", 100, State.ACTIVE),
+                                                 "b": b.member()}, revision=7)
+    b.handle(view, 0.0)
+    assert not b.member().wants
+    acts = b.handle(Tick(), 0.5)
+    assert of(acts, g.Publish)[0].member.wants
+    a = holding("a", 100)
+    acts = a.handle(g.Observed(g.Holder("a", 7, 0x10),
+                               {"a": a.member(), "b": member("b", 200, wants=True)},
+                               revision=8), 0.6)
+    assert of(acts, g.Resign) == [g.Resign(7, "b")]
+    assert of(acts, Transition)[0].why is Why.HANDED_OVER
+
+
+def test_a_holder_that_got_the_vips_by_switchover_is_not_preempted() -> None:
+    b = started("b", 100)
+    b.handle(g.Observed(None, {"b": b.member(), "a": member("a", 200)}, successor="b",
+                        revision=8), 0.0)
+    b.handle(g.Claimed(True, g.Holder("b", 9, 0x10)), 0.0)
+    acts = b.handle(g.Observed(g.Holder("b", 9, 0x10),
+                               {"b": b.member(), "a": member("a", 200, wants=True)},
+                               revision=10), 0.1)
+    assert b.state is State.ACTIVE and not of(acts, g.Resign)
+
+
+def test_promote_asks_the_holder_which_hands_over_whatever_the_rank() -> None:
+    b = started("b", 50)
+    b.handle(g.Observed(g.Holder("a", 7, 0x20), {"a": member("a", 100, State.ACTIVE),
+                                                 "b": b.member()}, revision=7), 0.0)
+    acts = b.handle(Command(CommandKind.PROMOTE), 0.1)
+    assert of(acts, CommandResult)[0].accepted
+    record = of(acts, g.Publish)[0].member
+    assert record.wants and record.promote
+    a = holding("a", 100)
+    acts = a.handle(g.Observed(g.Holder("a", 7, 0x10), {"a": a.member(), "b": record},
+                               revision=8), 0.2)
+    assert of(acts, g.Resign) == [g.Resign(7, "b")]
+    # unanswered, the promote lapses after two TTLs
+    b.handle(Tick(), 0.1 + 2 * TTL)
+    assert not b.member().promote
+
+
+def test_a_graceful_stop_hands_over_then_revokes_the_lease() -> None:
+    e = holding("a", 150, others=(member("b", 100),))
+    acts = e.handle(Shutdown(), 0.1)
+    assert of(acts, g.Resign) == [g.Resign(7, "b")]
+    assert of(acts, g.Revoke) == [g.Revoke(0x10)]
+    assert e.state is State.STOPPED and e.finished
+
+
+def test_maintenance_on_the_holder_hands_over_and_off_makes_it_a_standby_again() -> None:
+    e = holding("a", 150, others=(member("b", 100),))
+    acts = e.handle(Command(CommandKind.MAINTENANCE_ON), 0.1)
+    assert of(acts, g.Resign) == [g.Resign(7, "b")] and e.state is State.MAINTENANCE
+    e.handle(Command(CommandKind.MAINTENANCE_OFF), 0.2)
+    assert e.state is State.STANDBY
