@@ -258,3 +258,15 @@ def test_maintenance_on_the_holder_hands_over_and_off_makes_it_a_standby_again()
     assert of(acts, g.Resign) == [g.Resign(7, "b")] and e.state is State.MAINTENANCE
     e.handle(Command(CommandKind.MAINTENANCE_OFF), 0.2)
     assert e.state is State.STANDBY
+
+
+def test_a_claim_whose_answer_was_lost_is_recognised_in_the_watch() -> None:
+    e = started("a")
+    e.handle(g.Observed(None, {"a": e.member()}, revision=3), 0.0)
+    e.handle(g.StoreFailed("Claim: deadline exceeded"), 0.3)
+    acts = e.handle(g.Observed(g.Holder("a", 4, 0x10), {"a": e.member()}, revision=4), 0.31)
+    assert of(acts, AcquireVips) == [AcquireVips(4)] and e.state is State.ACTIVE
+    # the key of an earlier life of ours (another lease) is not ours: it waits for expiry
+    f = started("a")
+    acts = f.handle(g.Observed(g.Holder("a", 4, 0x99), {}, revision=4), 0.0)
+    assert f.state is State.STANDBY and not of(acts, g.Claim)

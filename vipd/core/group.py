@@ -198,6 +198,7 @@ class _Timers:
     successor_since: float | None = None
     promote_until: float | None = None
     vip_fault_until: float | None = None
+    resign_again: float | None = None  # a Resign not yet seen in the watch is sent again
 
 
 @dataclass(slots=True)
@@ -230,10 +231,14 @@ class GroupElection:
     _vips_lost: str = ""
     _finished: bool = False
     _last_holder: str | None = None  # another node we saw holding (for the takeover reason)
+    _given_up: int = 0  # the revision of the key we last let go (never adopted again)
+    _resigning: Resign | None = None  # the last Resign, until the watch shows it done
+    _now: float = float("-inf")
 
     # --- public interface ----------------------------------------------------------------
 
     def handle(self, event: GroupEvent, now: float) -> list[GroupAction]:
+        self._now = now
         match event:
             case Start():
                 self.state = State.INIT
@@ -271,7 +276,7 @@ class GroupElection:
 
     def next_deadline(self) -> float | None:
         t = self.timers
-        times = [t.keepalive_due, t.promote_until, t.vip_fault_until]
+        times = [t.keepalive_due, t.promote_until, t.vip_fault_until, t.resign_again]
         if self.state is State.ACTIVE:
             times.append(self.lease_until)
         if t.grant_sent is not None:
@@ -282,7 +287,8 @@ class GroupElection:
             times.append(t.successor_since + self._ttl())
         if t.preempt_since is not None:
             times.append(t.preempt_since + self.cfg.preempt_delay)
-        return min((x for x in times if x is not None), default=None)
+        # A deadline already passed was acted on (or cannot be yet: the next event decides).
+        return min((x for x in times if x is not None and x > self._now), default=None)
 
     @property
     def finished(self) -> bool:
@@ -467,7 +473,8 @@ class GroupElection:
         self._pending.append(CloseGate(reason[1]))
         self._transition(new, reason, now)
         if resign and held is not None:
-            self._pending.append(Resign(held.revision, successor))
+            self._resign(Resign(held.revision, successor), now)
+        self._given_up = held.revision if held is not None else self._given_up
         self.holding = None
 
     def _evaluate_other(self, now: float) -> None:
@@ -482,6 +489,11 @@ class GroupElection:
             self._wants, self.timers.preempt_since = False, None
             self.timers.free_since = self.timers.successor_since = None
             return
+        mine = self.view.holder
+        self._resign_again(now)
+        if (self.holding is None and mine is not None and mine.node == self.cfg.node
+                and mine.lease == self.lease and mine.revision != self._given_up):
+            self.holding = mine  # a claim whose answer was lost did land
         if self.holding is not None:
             self._take_over(now)
             return
@@ -537,8 +549,8 @@ class GroupElection:
         """Our claim won: hold the VIPs if we still may; otherwise give the key back."""
         assert self.holding is not None
         if not self.eligible(now) or now >= self.lease_until:
-            self._pending.append(Resign(self.holding.revision))
-            self.holding = None
+            self._resign(Resign(self.holding.revision), now)
+            self._given_up, self.holding = self.holding.revision, None
             return
         view, last = self.view, self._last_holder
         if view.successor == self.cfg.node:
@@ -553,6 +565,22 @@ class GroupElection:
         else:
             reason = (Why.NO_PEER, "nobody holds the VIPs")
         self._transition(State.ACTIVE, reason, now)
+
+    def _resign(self, resign: Resign, now: float) -> None:
+        self._resigning = resign
+        self.timers.resign_again = now + self._ttl() / KEEPALIVES_PER_TTL
+        self._pending.append(resign)
+
+    def _resign_again(self, now: float) -> None:
+        """A key we let go that etcd still shows as ours (the call failed, etcd was down):
+        ask again, at the keep-alive pace, until the watch shows it gone."""
+        held, r = self.view.holder, self._resigning
+        if r is None or held is None or held.revision != r.revision:
+            self._resigning, self.timers.resign_again = None, None
+            return
+        due = self.timers.resign_again
+        if due is not None and now >= due:
+            self._resign(r, now)
 
     def _wants_vips(self, now: float) -> bool:
         """A standby asks the holder for the VIPs: promoted, or preempting after its delay."""
