@@ -43,7 +43,7 @@ def test_the_checker_catches_a_broken_election(monkeypatch: pytest.MonkeyPatch) 
 
 def test_report_has_the_promised_fields() -> None:
     args = argparse.Namespace(seed=3, interval=DEFAULT_INTERVAL, dead_after=DEFAULT_DEAD_AFTER,
-                              soak_hours=0.0)
+                              soak_hours=0.0, arbiter="none")
     outcomes = [simulate.scenario(3_000 + i, DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER)
                 for i in range(24)]
     report = simulate.build_report(outcomes, args)
