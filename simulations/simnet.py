@@ -59,14 +59,15 @@ KERNEL_EARLY = 0.3  # measured 2.6-2.9 s for 3 s
 LAPSE_MARGIN = 0.5  # the daemon's renewal check (vipd.daemon.LAPSE_MARGIN)
 ANNOUNCE_ROUNDS, ANNOUNCE_GAP = 3, 0.1  # the default burst: 3 rounds 100 ms apart
 # With an arbiter a takeover needs a vote round trip, retried with the next heartbeat when
-# the request or the answer is lost. The liveness bound allows as many losses in a row as
-# happen with this probability at the scenario's loss rate.
+# the request or the answer is lost or held back by reordering. The liveness bound allows
+# as many such misses in a row as happen with this probability on the scenario's links.
 RETRY_ODDS = 1e-6
 
 
-def lost_in_a_row(loss: float) -> int:
-    """Round trips that may fail in a row at ``loss`` per direction (RETRY_ODDS)."""
-    fail = 1.0 - (1.0 - loss) ** 2
+def missed_in_a_row(links: list[LinkSpec]) -> int:
+    """Round trips that may miss in a row (RETRY_ODDS) on the worst of ``links``."""
+    miss = max(link.loss + (1.0 - link.loss) * link.reorder for link in links)
+    fail = 1.0 - (1.0 - miss) ** 2
     return 0 if fail <= 0.0 else math.ceil(math.log(RETRY_ODDS) / math.log(fail))
 
 
@@ -650,8 +651,8 @@ class Checker:
         if self.sim.witness is None:
             bound, why = cfg.dead_interval + 2 * cfg.interval, ""
         else:
-            loss = max(link.loss for link in self.sim.links.values())
-            bound = cfg.vote_lease + (2 + lost_in_a_row(loss)) * cfg.interval
+            misses = missed_in_a_row(list(self.sim.links.values()))
+            bound = cfg.vote_lease + (2 + misses) * cfg.interval
             why = " with a majority in reach"
             self._track_quorum(nodes, now)
         for n in nodes:

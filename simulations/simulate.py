@@ -98,7 +98,9 @@ def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none")
             process.rate = rng.choice([-1.0, 1.0, rng.uniform(-1.0, 1.0)]) * RATE_SPREAD
         sim.call(0.0, sim.witness.start)
     sim.call(0.0, a.start)
-    sim.call(rng.uniform(0, 0.1), b.start)
+    # With votes, a voter's start is a disturbance: it grants nothing for one lease.
+    start_b = (lambda: _disturbed(sim.checker, b.start)) if witness else b.start
+    sim.call(rng.uniform(0, 0.1), start_b)
     t_fault = WARMUP + rng.uniform(0, interval)
     sim.run_until(t_fault)
     out = Outcome(seed, kind, loss, delay + jitter / 2, sim.checker.violations)
