@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from vipd.core.protocol import (
     decode,
     settings_digest,
 )
+from vipd.core.votes import majority
 from vipd.core.witness import ClusterSpec, Witness
 
 WALL_EPOCH_NS = 1_800_000_000 * 10**9
@@ -56,6 +58,17 @@ LEASE = 3.0  # vip_lease; the kernel removes the address a little early:
 KERNEL_EARLY = 0.3  # measured 2.6-2.9 s for 3 s
 LAPSE_MARGIN = 0.5  # the daemon's renewal check (vipd.daemon.LAPSE_MARGIN)
 ANNOUNCE_ROUNDS, ANNOUNCE_GAP = 3, 0.1  # the default burst: 3 rounds 100 ms apart
+# With an arbiter a takeover needs a vote round trip, retried with the next heartbeat when
+# the request or the answer is lost or held back by reordering. The liveness bound allows
+# as many such misses in a row as happen with this probability on the scenario's links.
+RETRY_ODDS = 1e-6
+
+
+def missed_in_a_row(links: list[LinkSpec]) -> int:
+    """Round trips that may miss in a row (RETRY_ODDS) on the worst of ``links``."""
+    miss = max(link.loss + (1.0 - link.loss) * link.reorder for link in links)
+    fail = 1.0 - (1.0 - miss) ** 2
+    return 0 if fail <= 0.0 else math.ceil(math.log(RETRY_ODDS) / math.log(fail))
 
 
 @dataclass
@@ -134,6 +147,15 @@ class SimNode:
 
     def real(self, local: float) -> float:
         return local / (1.0 + self.rate)
+
+    def real_at_or_after(self, local: float) -> float:
+        """The first real time at which this clock reads ``local`` or more: a timer set a
+        rounding step early would find its deadline not yet due and be set again for the
+        same instant, forever."""
+        when = self.real(local)
+        while self.local(when) < local:
+            when = math.nextafter(when, math.inf)
+        return when
 
     def gate_open(self, now: float) -> bool:
         return now < self.gate_until
@@ -237,7 +259,7 @@ class SimNode:
         deadline = self.election.next_deadline()
         if deadline is not None:
             gen = self.timer_gen
-            self.sim.clock.at(self.real(deadline), lambda: self._fire(gen))
+            self.sim.clock.at(self.real_at_or_after(deadline), lambda: self._fire(gen))
 
     def _fire(self, gen: int) -> None:
         if gen == self.timer_gen:
@@ -311,7 +333,10 @@ class SimNode:
             return
         before = self.election.state
         self.handle(event)
-        if attack is not None and self.election is not None and self.election.state != before:
+        # A replayed vote reply that was lost on its way is a late grant, which may
+        # legitimately elect a candidate: only a heartbeat attack must change nothing.
+        if (attack is not None and source != WITNESS and self.election is not None
+                and self.election.state != before):
             self.sim.checker.violation(f"{attack.kind} datagram changed {self.name}'s state")
 
     def deliver_batch(self, batch: list[tuple[bytes, str | None]]) -> None:
@@ -330,8 +355,10 @@ class SimNode:
         now = self.sim.clock.now
         try:
             if source == WITNESS and self.witness_client is not None:
-                return self.witness_client.open(data, WITNESS, self.local(now),
-                                                self.wall_ns(now))
+                reply = self.witness_client.open(data, WITNESS, self.local(now),
+                                                 self.wall_ns(now))
+                self.sim.checker.on_vote_accept(self.name, data, attack)
+                return reply
             rx = self.session.open(data, self.local(now), self.wall_ns(now))
         except Rejected as exc:
             self.rejects[exc.reason.value] += 1
@@ -352,6 +379,8 @@ class SimWitness:
     up: bool = False
     rate: float = 0.0
     core: Witness | None = None
+    frozen: bool = False
+    backlog: list[tuple[bytes, str, Attack | None]] = field(default_factory=list)
     verdicts: Counter[str] = field(default_factory=Counter)
     grants: list[tuple[float, str]] = field(default_factory=list)  # (real time, node)
 
@@ -360,7 +389,8 @@ class SimWitness:
 
     def start(self) -> None:
         """A (re)start forgets every grant: it grants nothing for one lease."""
-        self.up = True
+        self.up, self.frozen, self.backlog = True, False, []
+        self.sim.checker.on_witness_start()
         self.core = Witness(WITNESS, self.sim.rng.getrandbits(64))
         self.core.configure({CLUSTER: ClusterSpec(self.sim.keys, frozenset(self.nodes))},
                             self.local(self.sim.clock.now))
@@ -368,12 +398,33 @@ class SimWitness:
     def crash(self) -> None:
         self.up = False
 
-    def deliver(self, data: bytes, source: str) -> None:
+    def freeze(self) -> None:
+        """SIGSTOP: the clock runs on, requests queue in the socket; the grants made
+        before keep running out on the witness's clock."""
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """SIGCONT: the queued requests in order, answered now (their echoes tell the
+        nodes how old they are)."""
+        self.frozen = False
+        backlog, self.backlog = self.backlog, []
+        for data, source, attack in backlog:
+            self.deliver(data, source, attack)
+
+    def deliver(self, data: bytes, source: str, attack: Attack | None = None) -> None:
         if not self.up or self.core is None:
+            return
+        if self.frozen:
+            if len(self.backlog) < SOCKET_BACKLOG:
+                self.backlog.append((data, source, attack))
             return
         now = self.sim.clock.now
         local, wall = self.local(now), WALL_EPOCH_NS + int(now * 1e9)
-        for reply, address in self.core.receive(data, source, local, wall):
+        refused = sum(self.core.rejected.values())
+        replies = self.core.receive(data, source, local, wall)
+        if sum(self.core.rejected.values()) == refused:
+            self.sim.checker.on_vote_accept(WITNESS, data, attack)
+        for reply, address in replies:
             vote = decode(reply, self.sim.keys).vote
             assert vote is not None
             self.verdicts[vote.verdict.name] += 1
@@ -409,6 +460,7 @@ class Sim:
                 self.links[(n, WITNESS)] = LinkSpec()
                 self.links[(WITNESS, n)] = LinkSpec()
         self.captured: list[bytes] = []
+        self.captured_votes: list[tuple[bytes, str, str]] = []  # (data, src, dst)
         self.checker = Checker(self)
 
     def peer_of(self, name: str) -> SimNode:
@@ -431,6 +483,10 @@ class Sim:
                 self.captured.append(data)
                 if len(self.captured) > 4000:
                     del self.captured[:2000]
+        if WITNESS in (src, dst_name):
+            self.captured_votes.append((data, src, dst_name))
+            if len(self.captured_votes) > 4000:
+                del self.captured_votes[:2000]
         if link.blocked or self.rng.random() < link.loss:
             return
         copies = 2 if self.rng.random() < link.dup else 1
@@ -440,8 +496,14 @@ class Sim:
                 delay += self.rng.uniform(0, 2 * interval)
             self.clock.at(self.clock.now + delay, deliver)
 
-    def inject(self, dst: str, attack: Attack) -> None:
-        self.nodes[dst].deliver(attack.data, attack)
+    def inject(self, dst: str, attack: Attack, source: str | None = None) -> None:
+        """Deliver an attacker's datagram to ``dst`` as if it came from ``source`` (a
+        node's peer by default; the witness's address makes a node read a vote reply)."""
+        if dst == WITNESS:
+            assert self.witness is not None and source is not None
+            self.witness.deliver(attack.data, source, attack)
+        else:
+            self.nodes[dst].deliver(attack.data, attack, source)
 
     def run_until(self, end: float) -> None:
         self.clock.run_until(end, self.checker.after_step)
@@ -472,6 +534,8 @@ class Checker:
     # (when, node, whether the other node held the VIPs and was not handing them over)
     acquires: list[tuple[float, str, bool]] = field(default_factory=list)
     gate_opens: list[tuple[float, str]] = field(default_factory=list)
+    votes_seen: dict[str, set[bytes]] = field(default_factory=dict)  # by receiver
+    quorum_since: dict[str, float] = field(default_factory=dict)  # by eligible node
 
     def on_gate_open(self, node: SimNode, now: float) -> None:
         """A shut gate opens: the other node's gate must be shut at this instant (gates
@@ -498,6 +562,22 @@ class Checker:
         """A restarted receiver has forgotten what it accepted (by design, see protocol)."""
         self.seen.pop(node.name, None)
         self.newest.pop(node.name, None)
+        self.votes_seen.pop(node.name, None)
+
+    def on_witness_start(self) -> None:
+        self.votes_seen.pop(WITNESS, None)
+
+    def on_vote_accept(self, receiver: str, data: bytes, attack: Attack | None) -> None:
+        """A vote request (at the witness) or reply (at a node) got past authentication:
+        never twice (the links duplicate, the attacker replays), never a forgery."""
+        seen = self.votes_seen.setdefault(receiver, set())
+        if data in seen:
+            self.violation(f"{receiver} accepted the same vote datagram twice")
+        seen.add(data)
+        if len(seen) > 5000:
+            seen.clear()
+        if attack is not None and attack.kind == "forged":
+            self.violation(f"{receiver} accepted a forged vote datagram")
 
     def on_transition(self, node: SimNode, tr: el.Transition, now: float) -> None:
         if tr.term < self.terms.get(node.name, 0):
@@ -551,6 +631,8 @@ class Checker:
                     n.eligible_since = None
             else:
                 n.eligible_since = None
+        if self.sim.witness is not None:
+            self._check_gates_follow_state(nodes, now)
         claiming = [n for n in nodes if n.state is State.ACTIVE and n.election is not None
                     and n.election.handover is None and n.held]
         if len(claiming) == 2:
@@ -566,15 +648,54 @@ class Checker:
             return
         self.no_holder_since = now if self.no_holder_since is None else self.no_holder_since
         cfg = nodes[0].cfg
-        bound = cfg.dead_interval + 2 * cfg.interval
+        if self.sim.witness is None:
+            bound, why = cfg.dead_interval + 2 * cfg.interval, ""
+        else:
+            misses = missed_in_a_row(list(self.sim.links.values()))
+            bound = cfg.vote_lease + (2 + misses) * cfg.interval
+            why = " with a majority in reach"
+            self._track_quorum(nodes, now)
         for n in nodes:
             if n.eligible_since is not None:
                 since = max(n.eligible_since, self.last_disturbance, self.no_holder_since)
+                if self.sim.witness is not None:
+                    if n.name not in self.quorum_since:
+                        continue  # no majority to be elected by: waiting is right
+                    since = max(since, self.quorum_since[n.name])
                 if now - since > bound + 1e-9:
                     self.violation(f"no node ACTIVE for {1000 * (now - since):.0f} ms although "
-                                   f"{n.name} is eligible (bound {1000 * bound:.0f} ms)")
+                                   f"{n.name} is eligible{why} (bound {1000 * bound:.0f} ms)")
                     self.last_disturbance = now  # report once per episode
 
+    def _track_quorum(self, nodes: list[SimNode], now: float) -> None:
+        """Since when each eligible node could be elected: it and enough other voters are
+        up, not frozen, and connected to it in both directions (a vote needs the request
+        and the answer)."""
+        w = self.sim.witness
+        assert w is not None
+        voters = {n.name: n.up and not n.frozen for n in nodes}
+        voters[WITNESS] = w.up and not w.frozen
+        need = majority(nodes[0].cfg.voters)
+        for n in nodes:
+            links = self.sim.links
+            reach = 1 + sum(1 for v, alive in voters.items() if v != n.name and alive
+                            and not links[(n.name, v)].blocked
+                            and not links[(v, n.name)].blocked)
+            if n.eligible_since is not None and reach >= need:
+                self.quorum_since.setdefault(n.name, now)
+            else:
+                self.quorum_since.pop(n.name, None)
+
+    def _check_gates_follow_state(self, nodes: list[SimNode], now: float) -> None:
+        """A running holder (ACTIVE, VIPs added, not handing over) has its gate open: it
+        steps down (NO_QUORUM) the moment its majority, and so its gate, runs out. A shut
+        gate under an ACTIVE node would be an outage no state check sees."""
+        for n in nodes:
+            e = n.election
+            if (n.up and not n.frozen and e is not None and e.state is State.ACTIVE
+                    and e.handover is None and n.held and n.gate_until < now - 1e-9):
+                self.violation(f"{n.name} is ACTIVE with the VIPs but its gate has been shut "
+                               f"since {n.gate_until:.4f}s")
     def _check_dual(self, nodes: list[SimNode], now: float) -> None:
         assert self.dual_since is not None
         cfg = nodes[0].cfg

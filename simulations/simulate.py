@@ -2,7 +2,10 @@
 
 Every scenario is built from its seed alone (so any violation replays with
 `--replay SEED`), runs the real election and protocol code on a virtual clock, and is
-checked after every event by `simnet.Checker`. See simulations/README.md.
+checked after every event by `simnet.Checker`. With `--arbiter witness` the pair votes
+with a simulated witness (the real vipd.core.witness), each of the three processes runs
+its clock at its own rate, and the faults include the witness's. See
+simulations/README.md.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from simulations.simnet import CLUSTER, Attack, Checker, Sim, SimNode
+from simulations.simnet import CLUSTER, WITNESS, Attack, Checker, Sim, SimNode
 from vipd.core import election as el
-from vipd.core.protocol import KeyRing, Session, State
+from vipd.core.protocol import KeyRing, Kind, Session, State, Vote
+from vipd.core.votes import RATE_MARGIN, counted_lease
 
 DEFAULTS = el.ElectionConfig(node="x")
 KINDS = ["crash", "crash_restart", "stop", "health_fail", "health_flap", "partition",
@@ -33,6 +38,23 @@ LOSSES = [0.0, 0.01, 0.05, 0.05, 0.2]
 WARMUP = 1.5
 RUN_AFTER = 4.0
 
+# --arbiter witness: the pair's faults that still apply, and the witness's own.
+ARBITER_KINDS = ["crash", "crash_restart", "stop", "health_fail", "switchover", "maintenance",
+                 "promote", "standby_restart", "partition", "partition_pair",
+                 "partition_witness", "isolate_active", "isolate_standby", "witness_crash",
+                 "witness_restart", "witness_crash_then_active_crash", "freeze_active",
+                 "freeze_standby", "freeze_witness", "attack"]
+ARBITER_MEASURED = MEASURED | {"isolate_active"}
+# Only the witness is out or cut off: the pair's own two votes keep the holder.
+WITNESS_OUTAGES = {"witness_crash", "witness_restart", "freeze_witness", "partition_witness"}
+# The witness keeps voting for the incumbent when the pair link fails or the standby is
+# cut off (docs/election.md, "What happens when ..."): nothing moves either.
+HOLDER_STAYS = WITNESS_OUTAGES | {"partition_pair", "isolate_standby"}
+# Each clock at most this far from real time, so any two differ by at most the margin
+# the vote count allows for (vipd.core.votes.RATE_MARGIN).
+RATE_SPREAD = RATE_MARGIN / 2
+FREEZE_RANGE = (0.2, 12.0)  # s, log-uniform: as many freezes shorter than a lease as longer
+
 
 @dataclass
 class Outcome:
@@ -46,10 +68,11 @@ class Outcome:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def scenario(seed: int, interval: float, dead_after: int) -> Outcome:
+def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none") -> Outcome:
     sim_rng_seed = seed * 7919 + 17
-    kind = KINDS[seed % len(KINDS)]
-    import random
+    witness = arbiter == "witness"
+    kinds = ARBITER_KINDS if witness else KINDS
+    kind = kinds[seed % len(kinds)]
     rng = random.Random(sim_rng_seed)
     loss = rng.choice(LOSSES)
     delay = rng.uniform(0.0002, 0.003)
@@ -60,7 +83,7 @@ def scenario(seed: int, interval: float, dead_after: int) -> Outcome:
                               preempt_delay=rng.choice([0.0, 0.2, 1.0]),
                               interval=interval, dead_after=dead_after)
             for name, prio in zip(("node-a", "node-b"), prios, strict=True)]
-    sim = Sim(sim_rng_seed, cfgs, ["203.0.113.10/32", "2001:db8::10/128"])
+    sim = Sim(sim_rng_seed, cfgs, ["203.0.113.10/32", "2001:db8::10/128"], witness=witness)
     for link in sim.links.values():
         link.loss, link.delay, link.jitter = loss, delay, jitter
         if rng.random() < 0.2:
@@ -70,8 +93,14 @@ def scenario(seed: int, interval: float, dead_after: int) -> Outcome:
     a, b = sim.nodes.values()
     for node in (a, b):
         node.skew_ns = int(rng.uniform(-0.05, 0.05) * 1e9)
+    if sim.witness is not None:
+        for process in (a, b, sim.witness):
+            process.rate = rng.choice([-1.0, 1.0, rng.uniform(-1.0, 1.0)]) * RATE_SPREAD
+        sim.call(0.0, sim.witness.start)
     sim.call(0.0, a.start)
-    sim.call(rng.uniform(0, 0.1), b.start)
+    # With votes, a voter's start is a disturbance: it grants nothing for one lease.
+    start_b = (lambda: _disturbed(sim.checker, b.start)) if witness else b.start
+    sim.call(rng.uniform(0, 0.1), start_b)
     t_fault = WARMUP + rng.uniform(0, interval)
     sim.run_until(t_fault)
     out = Outcome(seed, kind, loss, delay + jitter / 2, sim.checker.violations)
@@ -81,14 +110,20 @@ def scenario(seed: int, interval: float, dead_after: int) -> Outcome:
         return out
     other = sim.peer_of(active.name)
     end = t_fault + RUN_AFTER
-    _inject(kind, sim, rng, active, other, t_fault, interval, out)
+    if witness:
+        _inject_arbiter(kind, sim, rng, active, other, t_fault, interval, out)
+    else:
+        _inject(kind, sim, rng, active, other, t_fault, interval, out)
     if kind == "crash_restart":
         end += 1.5
     if "thaw_at" in out.notes:
         end = max(end, out.notes["thaw_at"] + 2.0)
     sim.run_until(end)
-    _measure(kind, sim, active, other, t_fault, out)
-    _check_end(kind, sim, active, other, out)
+    _measure(kind, sim, active, other, t_fault, out, ARBITER_MEASURED if witness else MEASURED)
+    if witness:
+        _check_end_arbiter(kind, sim, active, other, t_fault, out)
+    else:
+        _check_end(kind, sim, active, other, out)
     return out
 
 
@@ -145,16 +180,119 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
         sim.call(t + rng.uniform(0.1, 1.0), lambda: _disturbed(chk, other.start))
     elif kind in ("freeze_standby", "freeze_active"):
         node = other if kind == "freeze_standby" else active
-        pause = rng.choice(FREEZES)
-        out.notes.update(pause_s=pause, thaw_at=t + pause)
-        node.freeze()
-        upkeep_first = rng.random() < 0.5
-        sim.call(t + pause, lambda: _disturbed(chk, lambda: node.thaw(upkeep_first)))
+        _freeze(sim, rng, node, rng.choice(FREEZES), t, out)
     elif kind == "clock_step":
         node = rng.choice([active, other])
         step = rng.choice(CLOCK_STEPS)
         out.notes.update(step_s=step, stepped=node.name)
         node.skew_ns += int(step * 1e9)
+
+
+def _freeze(sim: Sim, rng: Any, node: SimNode, pause: float, t: float, out: Outcome) -> None:
+    out.notes.update(pause_s=pause, thaw_at=t + pause)
+    node.freeze()
+    upkeep_first = rng.random() < 0.5
+    sim.call(t + pause, lambda: _disturbed(sim.checker, lambda: node.thaw(upkeep_first)))
+
+
+def _inject_arbiter(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode,
+                    t: float, interval: float, out: Outcome) -> None:
+    """The faults of --arbiter witness; those the pair has too are injected as there."""
+    chk, witness = sim.checker, sim.witness
+    assert witness is not None
+    out.notes["rates"] = {**{n: node.rate for n, node in sim.nodes.items()},
+                          WITNESS: witness.rate}
+    if kind in ("partition", "partition_pair", "partition_witness", "isolate_active",
+                "isolate_standby"):
+        chk.disturb()
+        _partition(kind, sim, rng, active, other, t, out)
+    elif kind in ("witness_crash", "witness_restart", "witness_crash_then_active_crash"):
+        chk.disturb()
+        witness.crash()
+        if kind == "witness_restart":
+            sim.call(t + rng.uniform(0.05, 1.5), lambda: _disturbed(chk, witness.start))
+        elif kind == "witness_crash_then_active_crash":
+            sim.call(t + rng.uniform(0.1, 1.0), lambda: _disturbed(chk, active.crash))
+    elif kind in ("freeze_active", "freeze_standby", "freeze_witness"):
+        chk.disturb()
+        pause = math.exp(rng.uniform(*(math.log(x) for x in FREEZE_RANGE)))
+        if kind == "freeze_witness":
+            out.notes.update(pause_s=pause, thaw_at=t + pause)
+            witness.freeze()
+            sim.call(t + pause, lambda: _disturbed(chk, witness.thaw))
+        else:
+            _freeze(sim, rng, active if kind == "freeze_active" else other, pause, t, out)
+    elif kind == "attack":
+        _inject(kind, sim, rng, active, other, t, interval, out)
+        _schedule_vote_attacks(sim, rng, t)
+    else:
+        _inject(kind, sim, rng, active, other, t, interval, out)
+
+
+def _partition(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: float,
+               out: Outcome) -> None:
+    """Block some of the six directed links for 0.1-2 s: any non-empty subset
+    (`partition`), the pair link both ways or one way, only node<->witness links, or
+    every link of one node."""
+    links = list(sim.links)
+    if kind == "partition":
+        mask = rng.randrange(1, 1 << len(links))
+        cut = [link for i, link in enumerate(links) if mask >> i & 1]
+    elif kind == "partition_pair":
+        pair = [link for link in links if WITNESS not in link]
+        cut = rng.choice([pair, pair[:1], pair[1:]])
+    elif kind == "partition_witness":
+        via = [link for link in links if WITNESS in link]
+        mask = rng.randrange(1, 1 << len(via))
+        cut = [link for i, link in enumerate(via) if mask >> i & 1]
+    else:
+        node = active if kind == "isolate_active" else other
+        cut = [link for link in links if node.name in link]
+    for link in cut:
+        sim.links[link].blocked = True
+
+    def heal() -> None:
+        for link in cut:
+            sim.links[link].blocked = False
+    duration = rng.uniform(0.1, 2.0)
+    out.notes.update(partition_s=duration, cut=[f"{s}>{d}" for s, d in cut],
+                     witness_only=all(WITNESS in link for link in cut))
+    sim.call(t + duration, heal)
+
+
+def _schedule_vote_attacks(sim: Sim, rng: Any, t: float) -> None:
+    """Replayed and bit-flipped vote requests and replies, requests sealed with a wrong
+    key, from a node the cluster does not have, and garbage, to the witness."""
+    bad_keys = KeyRing({7: rng.randbytes(32)})
+    names = list(sim.nodes)
+    for i in range(20):
+        when = t + rng.uniform(0, RUN_AFTER - 0.5)
+
+        def fire(i: int = i) -> None:
+            votes = sim.captured_votes
+            if not votes:
+                return
+            data, src, dst = rng.choice(votes[-200:]) if i % 2 else rng.choice(votes)
+            choice = i % 4
+            if choice in (0, 1):
+                sim.inject(dst, Attack("replay", data), src)
+            elif choice == 2:
+                flipped = bytearray(data)
+                flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+                sim.inject(dst, Attack("forged", bytes(flipped)), src)
+            else:
+                now, node = sim.clock.now, rng.choice(names)
+                advert = replace(el.Election(el.ElectionConfig(node=node)).advert(),
+                                 state=State.ACTIVE, term=10**6)
+                for name, keys in ((node, bad_keys), ("node-x", sim.keys)):
+                    fake = Session(cluster=CLUSTER, node=name, keys=keys, boot_id=1,
+                                   digest=b"\0" * 8, expect=Kind.VOTE_REPLY)
+                    request = fake.seal(advert, now, sim.nodes[node].wall_ns(now),
+                                        kind=Kind.VOTE_REQUEST, vote=Vote(60_000))
+                    sim.inject(WITNESS, Attack("forged", request), node)
+                sim.inject(WITNESS, Attack("forged", rng.randbytes(rng.randrange(0, 300))),
+                           node)
+        sim.call(when, fire)
 
 
 def _schedule_attacks(sim: Sim, rng: Any, t: float) -> None:
@@ -198,9 +336,12 @@ def _disturbed(checker: Checker, act: Callable[[], None]) -> None:
 
 
 def _measure(kind: str, sim: Sim, active: SimNode, other: SimNode, t: float,
-             out: Outcome) -> None:
-    if kind not in MEASURED:
+             out: Outcome, measured: set[str]) -> None:
+    if kind not in measured:
         return
+    if kind == "isolate_active" and out.notes["partition_s"] <= (
+            active.cfg.vote_lease + 2 * active.cfg.interval):
+        return  # healed before its votes could run out: nothing had to move
     taker = other  # every measured fault moves the VIPs to the node that was standby
     after = [when for when, name, _ in sim.checker.takeovers if when >= t and name == taker.name]
     out.failover = (after[0] - t) if after else None
@@ -222,14 +363,7 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
     settled = kind == "crash_restart" or (
         kind == "partition" and out.notes["partition_s"] > 3 * active.cfg.dead_interval + 0.2)
     if settled and out.loss < 0.2:
-        back = active.cfg.preempt and active.cfg.priority > other.cfg.priority
-        expected = active.name if back else other.name
-        if actives != [expected]:
-            what = (f"partition of {out.notes['partition_s']:.2f}s healed"
-                    if kind == "partition" else "crash_restart")
-            sim.checker.violation(f"{what} (preempt={active.cfg.preempt}, priorities "
-                                  f"{active.cfg.priority}/{other.cfg.priority}): expected "
-                                  f"{expected} ACTIVE at the end, got {states}")
+        _check_settled(kind, sim, active, other, states, out)
     if kind == "switchover" and actives != [other.name]:
         sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
     if len(actives) == 1:
@@ -240,6 +374,68 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
         _check_frozen_active(sim, active, out)
     elif kind == "clock_step":
         _check_clock_step(sim, out)
+
+
+def _check_settled(kind: str, sim: Sim, active: SimNode, other: SimNode,
+                   states: dict[str, State | None], out: Outcome) -> None:
+    """After a crash and restart, or a partition long enough for the taker to settle, the
+    taker keeps the VIPs (clients followed it) unless the old active preempts it back."""
+    actives = [n for n, s in states.items() if s is State.ACTIVE]
+    back = active.cfg.preempt and active.cfg.priority > other.cfg.priority
+    expected = active.name if back else other.name
+    if actives != [expected]:
+        what = ("crash_restart" if kind == "crash_restart"
+                else f"{kind} of {out.notes['partition_s']:.2f}s healed")
+        sim.checker.violation(f"{what} (preempt={active.cfg.preempt}, priorities "
+                              f"{active.cfg.priority}/{other.cfg.priority}): expected "
+                              f"{expected} ACTIVE at the end, got {states}")
+
+
+def _check_end_arbiter(kind: str, sim: Sim, active: SimNode, other: SimNode, t: float,
+                       out: Outcome) -> None:
+    """The pair's end checks that still hold with a witness, and the witness's own."""
+    states = {n.name: n.state for n in sim.nodes.values()}
+    actives = [n for n, s in states.items() if s is State.ACTIVE]
+    if kind == "witness_crash_then_active_crash":
+        _check_no_takeover_without_majority(sim, other, t)
+    elif len(actives) != 1 and kind != "stop":
+        sim.checker.violation(f"end of {kind}: expected exactly one ACTIVE, got {states}")
+    settled = kind == "crash_restart" or (
+        kind == "isolate_active" and out.notes["partition_s"] > 3 * active.cfg.dead_interval + 0.2)
+    if settled and out.loss < 0.2:
+        _check_settled(kind, sim, active, other, states, out)
+    if (kind in HOLDER_STAYS or out.notes.get("witness_only")) and out.loss < 0.2:
+        _check_holder_stays(kind, sim, t, out)
+    if kind == "switchover" and actives != [other.name]:
+        sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
+    if len(actives) == 1:
+        _check_last_announcement(sim, sim.nodes[actives[0]])
+    if kind == "freeze_standby":
+        _check_frozen_standby(sim, active, other, out)
+    elif kind == "freeze_active":
+        _check_frozen_active(sim, active, out)
+
+
+def _check_no_takeover_without_majority(sim: Sim, standby: SimNode, t: float) -> None:
+    """The witness down, then the active dead: the standby alone is one vote of three, so
+    it must not take over, and its status must say that it waits for votes."""
+    took = [when for when, name, _ in sim.checker.takeovers if when >= t and name == standby.name]
+    if took:
+        sim.checker.violation(f"{standby.name} took over at {took[0]:.3f}s with the witness "
+                              f"and the active down (one vote of three)")
+    e = standby.election
+    if e is None or e.campaign is None:
+        sim.checker.violation(f"{standby.name} does not say it waits for votes (campaign "
+                              f"{None if e is None else e.campaign})")
+
+
+def _check_holder_stays(kind: str, sim: Sim, t: float, out: Outcome) -> None:
+    """Losing the witness alone, or the pair link while the witness reaches both, never
+    moves the VIPs: no takeover, no release after the fault."""
+    moved = [x for x in sim.checker.takeovers + sim.checker.releases if x[0] >= t]
+    if moved:
+        cut = f" (cut {out.notes['cut']})" if "cut" in out.notes else ""
+        sim.checker.violation(f"{kind}{cut}: the VIPs moved: {moved[:2]}")
 
 
 def _check_last_announcement(sim: Sim, holder: SimNode) -> None:
@@ -294,16 +490,20 @@ def quantiles(values: list[float]) -> dict[str, float | int]:
             "p99": round(1000 * q(0.99), 1), "max": round(1000 * values[-1], 1)}
 
 
-def soak(loss: float, hours: float, interval: float, dead_after: int, seed: int) -> dict[str, Any]:
-    """A healthy pair under random loss only: how often does the standby falsely take over?"""
+def soak(loss: float, hours: float, interval: float, dead_after: int, seed: int,
+         witness: bool = False) -> dict[str, Any]:
+    """A healthy pair under random loss only: how often does the standby falsely take over?
+    With a witness a false suspicion finds the witness's vote held for the incumbent."""
     cfgs = [el.ElectionConfig(node="node-a", priority=150, interval=interval,
                               dead_after=dead_after),
             el.ElectionConfig(node="node-b", priority=100, interval=interval,
                               dead_after=dead_after)]
-    sim = Sim(seed, cfgs, ["203.0.113.10/32"])
+    sim = Sim(seed, cfgs, ["203.0.113.10/32"], witness=witness)
     for link in sim.links.values():
         link.loss, link.delay, link.jitter = loss, 0.0005, 0.0005
     a, b = sim.nodes.values()
+    if sim.witness is not None:
+        sim.call(0.0, sim.witness.start)
     sim.call(0.0, a.start)
     sim.call(0.01, b.start)
     sim.run_until(2.0)
@@ -345,12 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=int, help="run one scenario seed and print its violations")
     ap.add_argument("--soak-hours", type=float, default=0.25,
                     help="simulated hours per loss level for the false-failover check")
+    ap.add_argument("--arbiter", choices=["none", "witness"], default="none",
+                    help="the pair alone (default) or voting with a simulated witness")
     args = ap.parse_args(argv)
     if args.replay is not None:
-        out = scenario(args.replay, args.interval, args.dead_after)
+        out = scenario(args.replay, args.interval, args.dead_after, args.arbiter)
         print(json.dumps(out.__dict__, indent=2, default=str))
         return 1 if out.violations else 0
-    outcomes = [scenario(args.seed * 1_000_003 + i, args.interval, args.dead_after)
+    outcomes = [scenario(args.seed * 1_000_003 + i, args.interval, args.dead_after,
+                         args.arbiter)
                 for i in range(args.scenarios)]
     report = build_report(outcomes, args)
     if args.json:
@@ -361,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, Any]:
+    witness = args.arbiter == "witness"
     bad = [o for o in outcomes if o.violations]
     failover: dict[str, Any] = {}
-    for kind in sorted(MEASURED):
+    for kind in sorted(ARBITER_MEASURED if witness else MEASURED):
         # (outcome, failover) of the scenarios where the other node did take over
         rows = [(o, o.failover) for o in outcomes if o.kind == kind and o.failover is not None]
         failover[kind] = quantiles([f for _, f in rows])
@@ -378,13 +582,14 @@ def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str,
         if kind in ("switchover", "maintenance", "promote", "stop"):
             failover[kind]["max_gap_without_holder_ms"] = round(
                 1000 * max((o.gap or 0.0 for o, _ in rows), default=0.0), 1)
-    soaks = [soak(p, args.soak_hours, args.interval, args.dead_after, args.seed)
+    soaks = [soak(p, args.soak_hours, args.interval, args.dead_after, args.seed, witness)
              for p in (0.2, 0.3, 0.4)] if args.soak_hours > 0 else []
     for s in soaks:
         s["analytic_per_hour"] = round(analytic_rate(s["loss"], args.interval,
                                                      args.dead_after), 3)
         s["simulated_per_hour"] = round(s["spurious_takeovers"] / s["hours"], 3)
-    return {
+    replay = "python -m simulations.simulate" + (" --arbiter witness" if witness else "")
+    report: dict[str, Any] = {
         "scenarios": len(outcomes),
         "seed": args.seed,
         "heartbeat": {"interval_ms": round(args.interval * 1000, 3),
@@ -394,7 +599,7 @@ def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str,
                        "scenarios": len(bad),
                        "first": [{"seed": o.seed, "kind": o.kind, "loss": o.loss,
                                   "violations": o.violations[:3],
-                                  "replay": f"python -m simulations.simulate --replay {o.seed}"}
+                                  "replay": f"{replay} --replay {o.seed}"}
                                  for o in bad[:5]]},
         "failover_ms": failover,
         "false_failovers_per_hour": {
@@ -406,6 +611,28 @@ def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str,
             "the VIP because the incumbent wins the split brain, so this rate bounds it"),
         "soak_checks": soaks,
     }
+    if witness:
+        report["arbiter"] = arbiter_summary(outcomes, args)
+    return report
+
+
+def arbiter_summary(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, Any]:
+    """What the witness runs add to the report: the lease and margin, and how often the
+    faults that must not move the VIPs (or must not elect a lone standby) were run."""
+    lease = args.interval * args.dead_after
+    kinds = {o.kind for o in outcomes}
+    return {
+        "kind": "witness",
+        "vote_lease_ms": round(1000 * lease, 3),
+        "counted_lease_ms": round(1000 * counted_lease(lease), 3),
+        "max_clock_rate_difference": 2 * RATE_SPREAD,
+        "kinds": sorted(kinds),
+        "holder_must_stay": sum(1 for o in outcomes if o.kind in HOLDER_STAYS
+                                or o.notes.get("witness_only")),
+        "lone_standby_must_wait": sum(1 for o in outcomes
+                                      if o.kind == "witness_crash_then_active_crash"),
+        "liveness_bound_ms": round(1000 * (lease + 2 * args.interval), 3),
+    }
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -413,6 +640,11 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{report['scenarios']} scenarios, seed {report['seed']}, heartbeat "
           f"{hb['interval_ms']} ms x {hb['dead_after']}: "
           f"{report['violations']['count']} violations")
+    if "arbiter" in report:
+        arb = report["arbiter"]
+        print(f"arbiter: witness, vote lease {arb['vote_lease_ms']} ms (counted "
+              f"{arb['counted_lease_ms']} ms), clock rates within "
+              f"{arb['max_clock_rate_difference']:.2%} of each other")
     for v in report["violations"]["first"]:
         print(f"  seed {v['seed']} ({v['kind']}, loss {v['loss']}): {v['violations']}")
     print(f"{'fault':<14}{'n':>5}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}   at 5% loss: "

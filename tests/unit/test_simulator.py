@@ -6,6 +6,7 @@ A failing seed found later (python -m simulations.simulate) belongs here as a re
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_the_checker_catches_a_broken_election(monkeypatch: pytest.MonkeyPatch) 
 
 def test_report_has_the_promised_fields() -> None:
     args = argparse.Namespace(seed=3, interval=DEFAULT_INTERVAL, dead_after=DEFAULT_DEAD_AFTER,
-                              soak_hours=0.0)
+                              soak_hours=0.0, arbiter="none")
     outcomes = [simulate.scenario(3_000 + i, DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER)
                 for i in range(24)]
     report = simulate.build_report(outcomes, args)
@@ -109,3 +110,41 @@ def test_the_checker_catches_liveness_that_depends_on_wall_clocks(
 
     monkeypatch.setattr(protocol.Session, "open", wall_clock_open)
     assert any("dropped as stale" in v for v in _violations(seeds))
+
+
+# --- with a witness (--arbiter witness) -----------------------------------------------------
+
+def test_forty_arbiter_scenarios_pass_through_main(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two scenarios of every arbiter fault kind, through the command line."""
+    argv = ["--arbiter", "witness", "--scenarios", "40", "--seed", "3", "--soak-hours", "0",
+            "--json"]
+    assert simulate.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["violations"]["count"] == 0
+    assert report["arbiter"]["kinds"] == sorted(simulate.ARBITER_KINDS)
+    assert report["failover_ms"]["isolate_active"]["n"] >= 1
+
+
+def test_the_arbiter_seeds_that_found_the_one_way_vote_bugs_pass() -> None:
+    """Votes granted to a node that could not hear them (tests/unit/test_election_votes.py)
+    left the pair without a holder for as long as these partitions lasted."""
+    for seed in (7_000_148, 7_000_208, 7_000_348, 7_000_448):
+        out = simulate.scenario(seed, DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER, "witness")
+        assert out.violations == [], (seed, out.kind, out.notes.get("cut"))
+
+
+def test_the_checker_catches_votes_counted_longer_than_the_voter_grants_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vote rule broken: a candidate counts a vote for half a lease longer than the
+    voter promised it. The first scenarios of every kind must then show two open gates."""
+    from vipd.core import votes
+
+    seeds = range(2 * len(simulate.ARBITER_KINDS))
+
+    def violations() -> list[str]:
+        return [v for seed in seeds for v in simulate.scenario(
+            seed, DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER, "witness").violations]
+
+    assert violations() == []
+    monkeypatch.setattr(votes, "counted_lease", lambda lease: lease * 1.5)
+    assert any("two nodes answer for the VIPs" in v for v in violations())

@@ -408,7 +408,9 @@ class Election:
         asks = hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags
         mine = (self.state is State.ACTIVE and self.handover is None) or (
             self.campaign is not None)
-        if asks and not mine and rx.confirmed:
+        # Our vote travels only in our heartbeats: granted to a peer that does not hear
+        # them, it would reach nobody and only keep us from using it ourselves.
+        if asks and not mine and rx.confirmed and self.peer_hears_us(now):
             self.ballot.grant(hb.node, now)
 
     def _votes_for_peer(self) -> bool:

@@ -256,7 +256,7 @@ class Witness:
         if Flag.RESIGNING in hb.flags:
             verdict, wait = self._release(c, node, now), 0.0
         elif hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags:
-            verdict, wait = self._grant(c, node, lease_ms / 1000, now)
+            verdict, wait = self._grant(c, node, lease_ms / 1000, now, received.echo_sent_at)
         else:
             verdict, wait = self._probe(c, node, now)
         return [(self._seal(c, session, verdict, lease_ms, wait, now, wall_ns), source)]
@@ -272,7 +272,16 @@ class Witness:
             return Verdict.RESTARTING, ballot.wait(now)
         return Verdict.RELEASED, 0.0
 
-    def _grant(self, c: _Cluster, node: str, lease: float, now: float) -> tuple[Verdict, float]:
+    def _grant(self, c: _Cluster, node: str, lease: float, now: float,
+               echo_sent_at: float | None) -> tuple[Verdict, float]:
+        """Grant or renew, but not to a node that has stopped hearing us: its request
+        echoes a reply of ours older than the lease. Such a grant counts for nobody and
+        only keeps the vote from the other node, and a node whose replies are lost (a
+        one-way path) would renew it for as long as the path stays broken. It gets
+        STALE, as a request that proves nothing does: the reply is what its next
+        request echoes, so it is granted again as soon as it hears us."""
+        if echo_sent_at is not None and now - echo_sent_at > lease:
+            return Verdict.STALE, 0.0
         ballot = c.ballot
         previous, previous_until = ballot.grantee, ballot.until
         held_before = ballot.holder(now) == node
