@@ -145,3 +145,56 @@ def test_the_baseline_must_show_node1_alone() -> None:
     silent = _obs([(i / 100, set()) for i in range(20)], addr=[(-1.0, "node1", True)])
     assert "probe rounds" in disturb._implausible(silent, disturb.Window(0.0, 0.2, 0.2, 0.3),
                                                   MACS)
+
+
+LISTING = ("table arp vipd_lab {\n\tset lease4 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n"
+           "\t\telements = { 198.51.100.7 timeout 1s expires 800ms, 198.51.100.100 timeout "
+           "320ms expires 1s290ms }\n\t}\n}\n")
+
+
+def test_gate_remaining_reads_the_vips_element_from_a_listing() -> None:
+    assert arpwatch.gate_remaining(LISTING, VIP) == pytest.approx(1.29)
+    assert arpwatch.gate_remaining(LISTING, "198.51.100.10") == 0.0  # 198.51.100.100 != .10
+    shut = "table arp vipd_lab {\n\tset lease4 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t}\n}\n"
+    assert arpwatch.gate_remaining(shut, VIP) == 0.0
+    assert arpwatch.gate_remaining("elements = { 198.51.100.100 }", VIP) == float("inf")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("290ms", 0.29), ("1s200ms", 1.2), ("2m3s", 123.0), ("1h", 3600.0), ("0ms", 0.0)])
+def test_nft_durations(text: str, seconds: float) -> None:
+    assert arpwatch.nft_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "12", "1x", "ms", "1s 2ms"])
+def test_a_malformed_nft_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not an nftables time"):
+        arpwatch.nft_duration(text)
+
+
+def test_a_gate_is_open_from_a_sample_until_the_next_or_its_expiry() -> None:
+    obs = Observations(gates={"node1": [(0.0, None), (1.0, 0.3), (1.002, 0.298),
+                                        (1.004, 0.0), (2.0, 0.3), (2.5, 0.3), (3.5, 0.0)]})
+    # 1.000-1.004 open, then shut (flushed); 2.0 open for 0.3 s with no sample between:
+    # the expiry ends it at 2.3 (not the next sample); 2.5 open until its expiry at 2.8
+    assert obs.gate_open("node1", 0.0, 10.0) == [
+        pytest.approx((1.0, 1.004)), (2.0, pytest.approx(2.3)), (2.5, pytest.approx(2.8))]
+    assert obs.gate_open("node1", 2.1, 2.6) == [(2.1, pytest.approx(2.3)), (2.5, 2.6)]
+    assert obs.gate_open("node2", 0.0, 1.0) == []
+
+
+def test_gates_open_together_is_the_overlap_of_two_nodes_open_spans() -> None:
+    obs = Observations(gates={
+        "node1": [(0.0, 0.3), (0.2, 0.3), (0.4, 0.0)],       # open 0.0 - 0.4
+        "node2": [(0.0, 0.0), (0.35, 0.3), (0.6, 0.0)],      # open 0.35 - 0.6
+    })
+    assert obs.gates_open_together(0.0, 1.0) == [(0.35, 0.4)]
+    obs.gates["node2"] = [(0.0, 0.0), (0.4, 0.3), (0.6, 0.0)]  # opens as node1 shuts
+    assert obs.gates_open_together(0.0, 1.0) == []
+
+
+def test_gate_rows_are_parsed_per_node_in_time_order() -> None:
+    obs = Observations.parse(['["gate", 2.0, "node1", 0]', '["gate", 1.0, "node1", 0.25]',
+                              '["gate", 1.5, "node2", null]', '["probe", 1.0]'])
+    assert obs.gates == {"node1": [(1.0, 0.25), (2.0, 0)], "node2": [(1.5, None)]}
+    assert obs.probes == [1.0]

@@ -51,6 +51,7 @@ ECHO_PORT = 7000
 WITNESS_PORT = 5406
 API = "http://127.0.0.1:9440"  # each node's own, inside its namespace (vipd's defaults)
 METRICS = "http://127.0.0.1:9441/metrics"
+FENCE_TABLE = "vipd_lab"  # vipd.fence.KernelFence's table for the lab's cluster "lab"
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 FAULTS = {
     "kill": "SIGKILL of vipd and the service on the active node (a node crash)",
@@ -86,6 +87,7 @@ class PairLab:
     witness_config: Path | None = None  # with arbiter="witness"
     witness: subprocess.Popen[str] | None = None
     token: str | None = None  # the nodes' API operate token (api=True)
+    fence_table: str | None = None  # the nodes' nftables fence table, if they have one
 
     @classmethod
     def create(cls, workdir: Path, *, preempt: bool = False, preempt_delay: float = 0.0,
@@ -110,6 +112,8 @@ class PairLab:
             extra = f'arbiter: {{witness: ["{pair.witness_address}"]}}\n{extra}'
         if fence is not None:
             extra = f"fence: {fence}\n{extra}"
+        if fence == "kernel" or (fence is None and witness):
+            pair.fence_table = FENCE_TABLE
         if api:
             pair.token, line = new_token("lab", "operate")
             _private(workdir / "tokens", line)
