@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from simulations import arpwatch, disturb
+from simulations import arpwatch, disturb, splitbrain
 from simulations.arpwatch import Observations
 
 M1, M2 = "02:76:64:00:00:01", "02:76:64:00:00:02"
@@ -198,3 +198,71 @@ def test_gate_rows_are_parsed_per_node_in_time_order() -> None:
                               '["gate", 1.5, "node2", null]', '["probe", 1.0]'])
     assert obs.gates == {"node1": [(1.0, 0.25), (2.0, 0)], "node2": [(1.5, None)]}
     assert obs.probes == [1.0]
+
+
+METRICS_PAGE = """# TYPE vipd_votes_held gauge
+vipd_votes_held 1.0
+# TYPE vipd_votes_needed gauge
+vipd_votes_needed 2.0
+# TYPE vipd_arbiter_reachable gauge
+vipd_arbiter_reachable{witness="198.51.100.4:5406"} 0.0
+# TYPE vipd_self_fence_total counter
+vipd_self_fence_total{reason="votes_lost"} 1.0
+"""
+
+
+def test_metric_values_key_samples_by_name_and_sorted_labels() -> None:
+    values = splitbrain.metric_values(METRICS_PAGE)
+    assert values[("vipd_votes_held", "")] == 1.0
+    assert values[("vipd_arbiter_reachable", "witness=198.51.100.4:5406")] == 0.0
+    assert values[("vipd_self_fence_total", "reason=votes_lost")] == 1.0
+
+
+def test_why_is_the_standbys_own_account_of_a_failover_it_cannot_make() -> None:
+    status = {"state": "STANDBY", "arbiter": {
+        "campaign": "peer node1 silent for 1973 ms",
+        "votes": [{"voter": "node2", "kind": "self", "remaining_seconds": 0.3,
+                   "age_seconds": 0.01}]}}
+    assert splitbrain.why(status, METRICS_PAGE) == {
+        "state": "STANDBY", "campaign": "peer node1 silent for 1973 ms", "votes": ["node2"],
+        "votes_held": 1.0, "votes_needed": 2.0, "arbiter_reachable": [0.0]}
+
+
+def _detail(**changes: object) -> dict[str, object]:
+    detail: dict[str, object] = {
+        "failover_ms": 0.0, "two_macs_ms": 0, "both_gates_ms": 0, "moves": 0,
+        "standby_held": False, "final_holders": ["node1"], "node1_last_reply_ms": None,
+        "tracebacks": []}
+    return {**detail, **changes}
+
+
+def test_a_trial_with_a_witness_is_judged_against_the_promise_of_its_fault() -> None:
+    assert splitbrain.unexpected("partition-pair", _detail()) == ""
+    assert splitbrain.unexpected("partition-pair", _detail(moves=1, standby_held=True)) == \
+        "node2 held the VIP (1 moves)"
+    took = _detail(takeover_confirmed_ms=300.0, final_holders=["node2"], moves=1)
+    assert splitbrain.unexpected("kill", took) == ""
+    assert splitbrain.unexpected("kill", {**took, "two_macs_ms": 10.0, "both_gates_ms": 4.2}) \
+        == "two MACs answered for 10 ms; both gates open for 4.2 ms"
+    assert splitbrain.unexpected("isolate-active", _detail(takeover_confirmed_ms=None)) == \
+        "node2 did not take over"
+    assert "not [node2]" in splitbrain.unexpected(
+        "pause-active-1s", {**took, "final_holders": ["node1", "node2"]})
+
+
+def test_the_summary_row_shows_no_failover_and_the_stale_vip_of_kill() -> None:
+    trials = [disturb.Trial("kill", 1, detail=_detail(failover_ms=290.0,
+                                                      node1_last_reply_ms=230.0, moves=1)),
+              disturb.Trial("kill", 2, detail=_detail(failover_ms=310.0,
+                                                      node1_last_reply_ms=None, moves=1)),
+              disturb.Trial("kill", 3, error="no stable pair")]
+    s = splitbrain.summarize(trials)
+    assert (s["n"], s["failed"], s["trials_with_move"]) == (2, 1, 2)
+    assert s["failover_ms"] == {"median": 300.0, "max": 310.0}
+    assert s["stale_ms"] == {"median": 115.0, "max": 230.0}  # no reply after the kill: 0
+    assert splitbrain.row("kill", s) == (
+        "| kill | 2 (1 failed) | 300 / 310 | 0 / 0 | 0 / 0 | 2 (1) | 115 / 230 | - | 0 |")
+    none = splitbrain.summarize([disturb.Trial("witness-stop-then-kill", 1,
+                                               detail=_detail(failover_ms=None, unexpected=""))])
+    assert "| - / - (none in 1) |" in splitbrain.row("witness-stop-then-kill", none)
+    assert "| 1 of 1 |" in splitbrain.row("witness-stop-then-kill", none)
