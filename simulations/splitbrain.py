@@ -312,8 +312,9 @@ def row(fault: str, s: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, list[disturb.Trial]], arbiter: str, fence: str) -> str:
+    gates = "gates sampled every 2 ms" if fence == "kernel" else "no gates to sample"
     lines = [f"split-brain faults, arbiter {arbiter}, fence {fence} (ARP probe every 10 ms, "
-             f"gates sampled every 2 ms, UDP probe every 5 ms)", "", HEADER]
+             f"{gates}, UDP probe every 5 ms)", "", HEADER]
     summaries = {kind: summarize(trials) for kind, trials in results.items()}
     lines += [row(kind, s) for kind, s in summaries.items()]
     for kind, s in summaries.items():
