@@ -181,7 +181,7 @@ def reset(pair: PairLab, asker: Asker, dead_interval: float) -> None:
         kill_probe(pair)
         clear_daemons(pair)
         revive_responders(pair)
-        pair.lab.heal()
+        pair.heal()
         for name in pair.nodes:
             pair.set_health(name, True)
             pair.link(name, True)

@@ -79,18 +79,18 @@ FAULTS = {
 
 
 def _inject(pair: PairLab, fault: str) -> None:
-    lab, witness = pair.lab, pair.witness_config is not None
+    witness = pair.witness_config is not None
     if fault == "partition-pair":
-        lab.block(ACTIVE, STANDBY)
+        pair.block(ACTIVE, STANDBY)
     elif fault in ("isolate-active", "isolate-standby"):
         node = ACTIVE if fault == "isolate-active" else STANDBY
-        lab.block(node, STANDBY if node == ACTIVE else ACTIVE)
+        pair.block(node, STANDBY if node == ACTIVE else ACTIVE)
         if witness:
-            lab.block(node, "witness")
+            pair.block(node, "witness")
     elif fault == "oneway-12":
-        lab.block(ACTIVE, STANDBY, oneway=True)
+        pair.block(ACTIVE, STANDBY, oneway=True)
     elif fault == "oneway-21":
-        lab.block(STANDBY, ACTIVE, oneway=True)
+        pair.block(STANDBY, ACTIVE, oneway=True)
     elif fault == "witness-stop":
         pair.stop_witness()
     elif fault == "witness-stop-then-kill":
@@ -111,7 +111,7 @@ def _inject(pair: PairLab, fault: str) -> None:
 
 def _undo(pair: PairLab) -> None:
     """After an error too: no partition stays, no daemon stays frozen."""
-    pair.lab.heal()
+    pair.heal()
     for node in pair.nodes.values():
         if node.daemon is not None and node.daemon.poll() is None:
             pair.resume(node.name)

@@ -86,7 +86,7 @@ def test_a_pair_partition_with_the_witness_reachable_moves_nothing(pair: PairLab
     dead = dead_interval(pair)
     with oracle(pair) as seen:
         start = time.time()
-        pair.lab.block("node1", "node2")
+        pair.block("node1", "node2")
         # node2 hears node1 no more and campaigns; the witness keeps voting for node1
         expect(pair, lambda: arbiter(pair, "node2")["campaign"] is not None, 3 * dead,
                "node2 to notice the partition and ask for votes")
@@ -95,7 +95,7 @@ def test_a_pair_partition_with_the_witness_reachable_moves_nothing(pair: PairLab
         assert status["state"] == "STANDBY" and status["fence"] == "shut", status
         assert [w["verdict"] for w in status["arbiter"]["witnesses"]] == ["held"], status
         assert pair.status("node1")["state"] == "ACTIVE"
-        pair.lab.heal()
+        pair.heal()
         expect(pair, lambda: arbiter(pair, "node2")["campaign"] is None, 3 * dead,
                "node2 to hear node1 again and stop campaigning")
         end = time.time()
@@ -111,8 +111,8 @@ def test_an_isolated_active_fences_itself_and_the_standby_takes_over(pair: PairL
     dead = dead_interval(pair)
     with oracle(pair) as seen:
         start = time.time()
-        pair.lab.block("node1", "node2")
-        pair.lab.block("node1", "witness")  # the client still reaches node1
+        pair.block("node1", "node2")
+        pair.block("node1", "witness")  # the client still reaches node1
         expect(pair, lambda: pair.holders() == ["node2"], 3 * dead,
                "node2 alone to hold the VIP")
         taken = time.time()
@@ -123,7 +123,7 @@ def test_an_isolated_active_fences_itself_and_the_standby_takes_over(pair: PairL
         assert metrics[("vipd_transitions_total",
                         "from_state=ACTIVE,reason=no_quorum,to_state=STANDBY")] == 1
         time.sleep(OBSERVE)  # the oracle's window: node1 reachable, node2 holding
-        pair.lab.heal()
+        pair.heal()
         end = time.time()
     obs = seen[0]
     assert any("ACTIVE -> STANDBY (self-fence" in line for line in pair.log_lines("node1")), \

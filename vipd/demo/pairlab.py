@@ -19,7 +19,7 @@ With ``arbiter="witness"`` the lab has a fourth host, ``witness`` (198.51.100.4)
 with the pair's key, and both nodes' configs name it. ``fence`` sets the nodes' `fence`
 key (None: left to vipd's default, "kernel" with a witness). ``api=True`` gives the
 nodes' control API an operate token, for `status` and `switchover`; `metrics` reads a
-node's /metrics. Partitions come from the lab (`Lab.block`, `Lab.heal`).
+node's /metrics. `block` and `heal` cut and mend links at the switch (`Lab.block`).
 """
 
 from __future__ import annotations
@@ -299,6 +299,14 @@ class PairLab:
             for path in (f"/dev/shm/faketime_shm_{pid}", f"/dev/shm/sem.faketime_sem_{pid}"):
                 Path(path).unlink(missing_ok=True)
             node.faked_pids.remove(pid)
+
+    def block(self, a: str, b: str, *, oneway: bool = False) -> None:
+        """A partition between hosts ``a`` and ``b`` (both ways unless ``oneway``: only
+        from ``a`` to ``b``), cut at the switch until `heal` (`Lab.block`)."""
+        self.lab.block(a, b, oneway=oneway)
+
+    def heal(self) -> None:
+        self.lab.heal()
 
     def link(self, name: str, up: bool) -> None:
         self.lab[name].ip("link", "set", "eth0", "up" if up else "down")
