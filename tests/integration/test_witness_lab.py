@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -49,8 +50,9 @@ def replies_from(pair: PairLab, obs: Observations, node: str, since: float) -> l
     return [t for t, m in obs.replies if m == mac and t >= since]
 
 
-def arbiter(pair: PairLab, node: str) -> dict:  # type: ignore[type-arg]
-    return pair.status(node)["arbiter"]  # type: ignore[no-any-return]
+def arbiter(pair: PairLab, node: str) -> dict[str, Any]:
+    section: dict[str, Any] = pair.status(node)["arbiter"]
+    return section
 
 
 def test_a_killed_active_is_replaced_within_the_dead_interval_without_overlap(
