@@ -123,7 +123,7 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random, interva
     ``who`` asks the VIP from the client which node answers."""
     spec = FAULTS[fault]
     trial = disturb.Trial(fault, index)
-    tails = {name: disturb._log_tail(pair, name) for name in pair.nodes}
+    tails = {name: disturb.log_tail(pair, name) for name in pair.nodes}
     obs, samples = Observations(), []
     try:
         watch = ArpWatch.start(pair, VIP4)
@@ -231,7 +231,7 @@ def measure(obs: Observations, samples: list[tuple[float, str | None]], start: f
         if fenced else None,
         "gate_samples": {node: len(s) for node, s in obs.gates.items()},
         "moves": disturb.moves(points),
-        "standby_held": any(STANDBY in s for _, s in disturb._from(points, fault_at)),
+        "standby_held": any(STANDBY in s for _, s in disturb.points_from(points, fault_at)),
         "node1_last_reply_ms": _ms(max(replies) - fault_at) if replies else None,
         "final_holders": sorted(points[-1][1]),
     }

@@ -183,9 +183,6 @@ class PairLab:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def witness_running(self) -> bool:
-        return self.witness is not None and self.witness.poll() is None
-
     # --- a node's API and metrics (from a thread in its namespace) ------------------------
 
     def status(self, name: str) -> dict[str, Any]:
