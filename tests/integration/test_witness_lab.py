@@ -7,6 +7,7 @@ of the fault's window."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -180,3 +181,49 @@ def test_a_switchover_with_a_witness_takes_well_under_a_dead_interval(pair: Pair
     assert gap < dead / 4, f"the client went {gap * 1000:.0f} ms without an answer"
     assert two_mac_rounds(seen[0], start, end) == []
     assert seen[0].gates_open_together(start, end) == []
+
+
+def _udp_arrives(pair: PairLab, src: str, dst: str) -> bool:
+    """One datagram from host ``src`` to host ``dst``'s address: did it arrive?"""
+    address = str(pair.host(dst).ipv4.ip)
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((address, 9999))
+        sock.settimeout(0.3)
+        return sock
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"lab", (address, 9999))
+
+    receiver = pair.host(dst).run(listen)
+    try:
+        pair.host(src).run(send)
+        receiver.recv(16)
+    except TimeoutError:
+        return False
+    finally:
+        receiver.close()
+    return True
+
+
+def test_block_cuts_one_or_both_directions_at_the_switch_and_heal_mends(
+        pair: PairLab) -> None:
+    def links() -> dict[str, bool]:
+        return {f"{a}>{b}": _udp_arrives(pair, a, b) for a, b in (
+            ("node1", "node2"), ("node2", "node1"), ("node1", "witness"),
+            ("node1", "client"))}
+
+    everything = {"node1>node2": True, "node2>node1": True, "node1>witness": True,
+                  "node1>client": True}
+    assert links() == everything
+    pair.block("node1", "node2", oneway=True)
+    assert links() == {**everything, "node1>node2": False}
+    pair.block("node1", "witness")
+    assert pair.lab.blocked() == [("node1", "node2"), ("node1", "witness"),
+                                  ("witness", "node1")]
+    assert links() == {**everything, "node1>node2": False, "node1>witness": False}
+    pair.heal()
+    assert pair.lab.blocked() == []
+    assert links() == everything
