@@ -12,6 +12,12 @@ times, until SIGTERM:
   netlink socket opened in that node's namespace (the first rows are a dump: the
   state at the start). These have no kernel time stamp; the process is idle enough
   that they are late by well under a millisecond.
+* ``["gate", t, node, remaining]`` (with a kernel fence, every GATE_EVERY s per node):
+  the node's fence gate for the VIP (vipd/fence.py: the element of the ``arp`` table's
+  ``lease4`` set), read with libnftables by a thread inside that node's namespace;
+  ``remaining`` is the element's time left in seconds (> 0: open), 0 when the set has
+  no element for the VIP (shut), None when there is no fence table (no daemon, or a
+  clean stop removed it). ``t`` is the middle of the read (~0.15 ms).
 
 The prober speaks from its own MAC and address (PROBER_MAC, PROBER_IP), not the
 client's: replies go to that MAC, which the client's kernel drops (not its own), so the
@@ -27,11 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -39,12 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vipd.demo.lab import run_in_netns
+from vipd.demo.lab import enter_netns, run_in_netns
+from vipd.fence import FenceError, Nft
 
 if TYPE_CHECKING:
     from vipd.demo.pairlab import PairLab
 
 PROBE_EVERY = 0.010
+GATE_EVERY = 0.002
 PROBER_MAC = "02:76:64:00:00:fe"  # the lab's hosts are 02:76:64:00:00:0n
 PROBER_IP = "198.51.100.250"  # unused by the lab (hosts are .1-.3, the VIP .100)
 ETH_P_ARP = 0x0806
@@ -81,6 +92,56 @@ def classify(frame: bytes, vip: bytes) -> tuple[str, str] | None:
     if op == ARPOP_REPLY and spa == vip and tpa == socket.inet_aton(PROBER_IP):
         return "reply", mac
     return None
+
+
+_NFT_TIME = re.compile(r"(\d+)(ms|d|h|m|s)")
+_NFT_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def nft_duration(text: str) -> float:
+    """Seconds of an nftables time like ``1s200ms`` or ``290ms``."""
+    parts = _NFT_TIME.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not an nftables time: {text!r}")
+    return sum(int(n) * _NFT_UNITS[u] for n, u in parts)
+
+
+def gate_remaining(listing: str, vip: str) -> float:
+    """Time left on ``vip``'s element in the output of ``list set``, in seconds: 0 when the
+    set holds none (the gate is shut), math.inf for an element without a timeout."""
+    found = re.search(r"elements = \{([^}]*)\}", listing)
+    if found is None:
+        return 0.0
+    for element in found.group(1).split(","):
+        words = element.split()
+        if words and words[0] == vip:
+            if "expires" in words[:-1]:
+                return nft_duration(words[words.index("expires") + 1])
+            return math.inf
+    return 0.0
+
+
+def _sample_gates(ns: str, node: str, table: str, vip: str, every: float,
+                  rows: list[list[Any]], stop: threading.Event) -> None:
+    """Thread body: read the node's gate every ``every`` s until ``stop``."""
+    enter_netns(ns)
+    nft = Nft()
+    command = f"list set arp {table} lease4"
+    next_at = time.monotonic()
+    try:
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                left: float | None = gate_remaining(nft.run(command), vip)
+            except FenceError:  # no table (yet, or any more)
+                left = None
+            t1 = time.time()
+            rows.append(["gate", (t0 + t1) / 2, node,
+                         None if left is None else min(left, 1e9)])
+            next_at = max(next_at + every, time.monotonic())
+            stop.wait(max(next_at - time.monotonic(), 0))
+    finally:
+        nft.close()
 
 
 def _netlink_addr_socket() -> socket.socket:
@@ -142,8 +203,10 @@ def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> float:
     return time.time()
 
 
-def watch(out: str, vip: str, every: float, nodes: dict[str, str]) -> None:
-    """The oracle's main loop (runs in the client namespace until SIGTERM)."""
+def watch(out: str, vip: str, every: float, nodes: dict[str, str],
+          gates: tuple[str, float] | None = None) -> None:
+    """The oracle's main loop (runs in the client namespace until SIGTERM); ``gates``:
+    (fence table, period) to sample each node's gate."""
     stop = False
 
     def on_term(*_: object) -> None:
@@ -159,6 +222,13 @@ def watch(out: str, vip: str, every: float, nodes: dict[str, str]) -> None:
     rows: list[list[Any]] = []
     for sock, node in links.items():  # the state at the start, before "ready"
         rows.extend(["addr", time.time(), node, held] for held in _read_dump(sock, vip_bytes))
+    stop_sampling = threading.Event()
+    samplers = [threading.Thread(target=_sample_gates, daemon=True, name=f"gate-{node}",
+                                 args=(ns, node, gates[0], vip, gates[1], rows,
+                                       stop_sampling))
+                for node, ns in nodes.items()] if gates else []
+    for sampler in samplers:
+        sampler.start()
     request = _arp_request(vip)
     next_probe = time.monotonic()
     probed = False
@@ -184,8 +254,11 @@ def watch(out: str, vip: str, every: float, nodes: dict[str, str]) -> None:
                 t = time.time()
                 rows.extend(["addr", t, links[sock], held]
                             for held in address_events(sock.recv(65536), vip_bytes))
+    stop_sampling.set()
+    for sampler in samplers:
+        sampler.join(1.0)
     with open(out, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.writelines(json.dumps(row) + "\n" for row in list(rows))
 
 
 # --- from the benchmark's side ------------------------------------------------------------
@@ -215,6 +288,8 @@ class Observations:
     replies: list[tuple[float, str]] = field(default_factory=list)
     garps: list[tuple[float, str]] = field(default_factory=list)
     addr: list[tuple[float, str, bool]] = field(default_factory=list)
+    # node -> (time, seconds left on its gate: > 0 open, 0 shut, None no fence table)
+    gates: dict[str, list[tuple[float, float | None]]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, lines: list[str]) -> Observations:
@@ -229,10 +304,51 @@ class Observations:
                 obs.garps.append((t, rest[0]))
             elif kind == "addr":
                 obs.addr.append((t, rest[0], rest[1]))
+            elif kind == "gate":
+                obs.gates.setdefault(rest[0], []).append((t, rest[1]))
         obs.replies.sort()
         obs.garps.sort()
         obs.addr.sort(key=lambda row: row[0])
+        for samples in obs.gates.values():
+            samples.sort(key=lambda row: row[0])
         return obs
+
+    def gate_open(self, node: str, start: float, end: float) -> list[tuple[float, float]]:
+        """The node's gate as open intervals within [start, end]: each sample that saw
+        it open counts from its own time until the next sample, but no longer than the
+        time the element had left (so a sampler that fell behind cannot invent open
+        time past an expiry). A gate that opened between two samples counts from the
+        later one, one that was shut (flushed) from the sample that saw it shut: both
+        ends are off by at most a sampling period."""
+        samples = self.gates.get(node, [])
+        ends = [t for t, _ in samples[1:]] + [end] if samples else []
+        spans: list[tuple[float, float]] = []
+        for (t, left), nxt in zip(samples, ends, strict=True):
+            if not left or left <= 0:
+                continue
+            lo, hi = max(t, start), min(nxt, t + left, end)
+            if hi <= lo:
+                continue
+            if spans and spans[-1][1] >= lo:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+            else:
+                spans.append((lo, hi))
+        return spans
+
+    def gates_open_together(self, start: float, end: float) -> list[tuple[float, float]]:
+        """Intervals within [start, end] during which two or more nodes' gates were open."""
+        edges = sorted((t, d) for node in self.gates
+                       for lo, hi in self.gate_open(node, start, end)
+                       for t, d in ((lo, 1), (hi, -1)))
+        spans: list[tuple[float, float]] = []
+        depth, since = 0, 0.0
+        for t, d in edges:  # at a tie the closing edge (-1) sorts first: no zero spans
+            if depth >= 2 and depth + d < 2 and t > since:
+                spans.append((since, t))
+            if depth < 2 <= depth + d:
+                since = t
+            depth += d
+        return spans
 
     def rounds(self, start: float, end: float) -> list[tuple[float, float, set[str]]]:
         """Probe rounds in [start, end): (sent, next sent or end, MACs that answered).
@@ -300,9 +416,14 @@ class ArpWatch:
         self.out = out
 
     @classmethod
-    def start(cls, pair: PairLab, vip: str, every: float = PROBE_EVERY) -> ArpWatch:
+    def start(cls, pair: PairLab, vip: str, every: float = PROBE_EVERY,
+              gates: float | None = GATE_EVERY) -> ArpWatch:
+        """``gates``: sample each node's fence gate that often, if the pair has a kernel
+        fence (None: never)."""
         out = pair.workdir / f"arpwatch-{time.monotonic_ns()}.jsonl"
         nodes = [f"{name}={pair.host(name).ns}" for name in pair.nodes]
+        if gates and pair.fence_table:
+            nodes.append(f"--gates={pair.fence_table}:{gates}")
         # cwd: the checkout holding `simulations`, wherever the benchmark was started from.
         proc = pair.lab["client"].spawn(sys.executable, "-m", "simulations.arpwatch",
                                         str(out), vip, str(every), *nodes,
@@ -338,6 +459,10 @@ class ArpWatch:
 
 
 if __name__ == "__main__":
-    # python -m simulations.arpwatch OUT VIP EVERY NODE=NETNS...
+    # python -m simulations.arpwatch OUT VIP EVERY [--gates=TABLE:EVERY] NODE=NETNS...
+    options = [a for a in sys.argv[4:] if a.startswith("--gates=")]
+    table, _, period = options[-1].removeprefix("--gates=").partition(":") if options \
+        else ("", "", "")
     watch(sys.argv[1], sys.argv[2], float(sys.argv[3]),
-          dict(arg.split("=", 1) for arg in sys.argv[4:]))
+          dict(a.split("=", 1) for a in sys.argv[4:] if not a.startswith("--")),
+          (table, float(period)) if options else None)

@@ -23,6 +23,19 @@ the VIP (an ARP oracle in the client namespace, `simulations.arpwatch`), whether
 moves, and how soon the winner announces after a dual-active episode; --pause sets how
 long the pause faults freeze a daemon. They have their own tables.
 
+Split-brain faults (issue 12, part 6): with ``--arbiter witness`` or ``--arbiter none``
+every fault runs as a `simulations.splitbrain` trial from the same stable pair (plus a
+witness host running `vipd witness`, restarted by the reset when a fault stopped it),
+with the ARP oracle sampling both nodes' kernel gates (``--fence kernel``, the default
+with a witness): client-visible failover, ms with two MACs answering, ms with both gates
+open, VIP moves, and for kill the stale-VIP time. The faults: partition-pair,
+isolate-active, isolate-standby, oneway-12, oneway-21, witness-stop,
+witness-stop-then-kill (these two need a witness), kill, pause-active-1s,
+pause-active-5s, switchover, stop.
+
+    python -m simulations.bench_failover --arbiter witness --trials 20 --idle-seconds 0
+    python -m simulations.bench_failover --arbiter none --fence kernel --faults kill
+
 Idle resources: with a stable pair and no probe, each daemon's CPU % of one core (the
 scheduler's own accounting, /proc/PID/task/*/schedstat; the median of 5 windows over
 --idle-seconds, 30 by default) and its VmRSS.
@@ -48,17 +61,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations import disturb
+from simulations import disturb, splitbrain
 from vipd.config import load_config
 from vipd.demo.lab import list_namespaces
 from vipd.demo.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
-from vipd.tokens import new_token
 
 FAULTS = {
     "kill": "SIGKILL of the daemon and its service (node crash)",
@@ -69,8 +79,6 @@ FAULTS = {
     **disturb.DISTURBANCES,
 }
 OUTAGE_FAULTS = [kind for kind in FAULTS if kind not in disturb.DISTURBANCES]
-# The operate token of the switchover lab (the API needs one; made per run, never stored).
-_TOKEN, _TOKEN_LINE = new_token("bench", "operate")
 ACTIVE, OTHER = "node1", "node2"
 PROBE_EVERY = 0.005
 PHASE_BASE = 0.5
@@ -173,9 +181,12 @@ def reset(pair: PairLab, asker: Asker, dead_interval: float) -> None:
         kill_probe(pair)
         clear_daemons(pair)
         revive_responders(pair)
+        pair.heal()
         for name in pair.nodes:
             pair.set_health(name, True)
             pair.link(name, True)
+        if pair.witness_config is not None:
+            pair.start_witness()  # after witness-stop: it grants nothing for one lease
         problem = _start_stable(pair, asker, dead_interval)
         if not problem:
             return
@@ -235,20 +246,9 @@ def inject(pair: PairLab, fault: str, node: str) -> None:
         pair.inject(fault, node)
         return
     # From a thread inside the node's namespace: no process start in the measurement.
-    status = pair.lab[node].run(_post_switchover)
+    status = pair.switchover(node)
     if status != 200:
         raise RuntimeError(f"switchover refused with HTTP {status}")
-
-
-def _post_switchover() -> int:
-    request = urllib.request.Request(
-        "http://127.0.0.1:9440/v1/switchover", data=b"{}", method="POST",
-        headers={"Authorization": f"Bearer {_TOKEN}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
 
 
 def run_trial(pair: PairLab, asker: Asker, fault: str, index: int, rng: random.Random,
@@ -348,6 +348,29 @@ def disturbance_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Na
     return trials
 
 
+def splitbrain_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
+                      rng: random.Random, interval: float, dead_interval: float
+                      ) -> list[disturb.Trial]:
+    """args.trials faults of kind (`splitbrain.run_trial`), each from a freshly reset
+    stable pair; the trial stops the probe, and an error leaves none running."""
+    trials = []
+    for i in range(1, args.trials + 1):
+        try:
+            reset(pair, asker, dead_interval)
+        except RuntimeError as exc:
+            t = disturb.Trial(kind, i, error=f"no stable pair to start from: {exc}")
+        else:
+            try:
+                t = splitbrain.run_trial(pair, kind, i, rng, interval, asker.who)
+            finally:
+                kill_probe(pair)
+        trials.append(t)
+        shown = {k: v for k, v in t.detail.items() if k != "tracebacks" or v}
+        log(f"{kind:<22} #{i:<3} {'FAILED: ' + t.error if t.error else 'ok'}  "
+            f"{json.dumps(shown)}")
+    return trials
+
+
 # --- idle resources -----------------------------------------------------------------------
 
 IDLE_SAMPLES = 5  # the idle window is cut into this many; the table shows their median
@@ -387,7 +410,8 @@ def measure_idle_without_checks(workdir: Path, args: argparse.Namespace,
                                 prefixes: list[str]) -> dict[str, dict[str, float]]:
     """Idle cost of the daemons alone: a pair without the lab's exec check."""
     pair = PairLab.create(workdir / "idle", checks=False, interval=args.interval,
-                          dead_after=args.dead_after)
+                          dead_after=args.dead_after, arbiter=args.arbiter or "none",
+                          fence=args.fence)
     prefixes.append(pair.lab.prefix)
     try:
         if pair.start_settled(responder=False, lead=START_LEAD) != ACTIVE:
@@ -477,6 +501,9 @@ def table(report: dict[str, Any]) -> str:
                              f"{windows}")
     if report.get("disturbance_trials"):
         lines += ["", disturb.table(report["disturbance_trials"], report["pause_s"])]
+    if report.get("splitbrain_trials"):
+        lines += ["", splitbrain.table(report["splitbrain_trials"], report["arbiter"],
+                                       report["fence"])]
     return "\n".join(lines)
 
 
@@ -487,12 +514,23 @@ def _num(ms: float) -> float | int:
     return int(ms) if ms == int(ms) else ms
 
 
-def _faults(text: str) -> list[str]:
+def _faults(text: str | None, arbiter: str | None) -> list[str]:
+    """The fault kinds asked for (default: all of the mode's), checked against the mode:
+    the split-brain faults with --arbiter, the outage and disturbance faults without."""
+    if arbiter is None:
+        known, default = list(FAULTS), OUTAGE_FAULTS
+    else:
+        known = [k for k, f in splitbrain.FAULTS.items()
+                 if arbiter == "witness" or not f.witness]
+        default = known
+    if text is None:
+        return default
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in FAULTS]
+    bad = [k for k in kinds if k not in known]
     if bad or not kinds:
-        raise argparse.ArgumentTypeError(
-            f"unknown fault(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FAULTS)}")
+        mode = f"with --arbiter {arbiter}" if arbiter else "without --arbiter"
+        raise ValueError(f"unknown fault(s) {', '.join(bad) or '(none)'} {mode}; choose "
+                         f"from {', '.join(known)}")
     return kinds
 
 
@@ -501,9 +539,16 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20, help="trials per fault (default 20)")
-    ap.add_argument("--faults", type=_faults, default=OUTAGE_FAULTS,
+    ap.add_argument("--faults", default=None,
                     help=f"comma-separated fault kinds: {', '.join(FAULTS)} (default "
-                         f"{','.join(OUTAGE_FAULTS)})")
+                         f"{','.join(OUTAGE_FAULTS)}); with --arbiter: "
+                         f"{', '.join(splitbrain.FAULTS)} (default: all; the witness-* "
+                         f"ones need a witness)")
+    ap.add_argument("--arbiter", choices=("none", "witness"), default=None,
+                    help="run the split-brain faults (issue 12) on a pair with this "
+                         "arbiter")
+    ap.add_argument("--fence", choices=("none", "kernel"), default=None,
+                    help="the nodes' fence (default: vipd's, kernel with a witness)")
     ap.add_argument("--pause", type=float, default=5.0,
                     help="seconds pause-standby and pause-active freeze a daemon (default 5)")
     ap.add_argument("--idle-seconds", type=float, default=30.0,
@@ -520,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--trials must be at least 1")
     if args.pause <= 0:
         ap.error("--pause must be positive")
+    try:
+        args.faults = _faults(args.faults, args.arbiter)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.arbiter == "witness" and args.fence == "none":
+        ap.error("a witness needs --fence kernel (vipd refuses an arbiter without it)")
     if os.geteuid() != 0:
         log("bench_failover: needs root (it creates network namespaces)")
         return 1
@@ -532,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict[str, list[Trial]] = {}
     disturbed: dict[str, list[disturb.Trial]] = {}
+    split: dict[str, list[disturb.Trial]] = {}
     idle: dict[str, dict[str, float]] = {}
     idle_bare: dict[str, dict[str, float]] = {}
     hb = None
@@ -540,19 +592,14 @@ def main(argv: list[str] | None = None) -> int:
         f"work dir {workdir}")
     try:
         for kind_no, kind in enumerate(args.faults):
-            extra = ""
-            if kind == "switchover":
-                tokens = workdir / "tokens"
-                fd = os.open(tokens, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(_TOKEN_LINE + "\n")
-                extra = f"api: {{tokens_file: {tokens}}}\n"
-            pair = PairLab.create(workdir / kind, extra=extra, interval=args.interval,
-                                  dead_after=args.dead_after)
+            pair = PairLab.create(workdir / kind, interval=args.interval,
+                                  dead_after=args.dead_after, arbiter=args.arbiter or "none",
+                                  fence=args.fence,
+                                  api=kind == "switchover" or args.arbiter is not None)
             prefixes.append(pair.lab.prefix)
             try:
                 hb = load_config(pair.nodes[ACTIVE].config).heartbeat
-                if kind in disturb.DISTURBANCES:
+                if kind in disturb.DISTURBANCES and args.arbiter is None:
                     disturb.prepare(pair, kind)
                 asker = Asker(pair)
                 try:
@@ -565,7 +612,10 @@ def main(argv: list[str] | None = None) -> int:
                         clear_daemons(pair)  # alone: no exec-check pair running beside
                         idle_bare = measure_idle_without_checks(workdir, args, prefixes)
                         log("idle without health checks: " + json.dumps(idle_bare))
-                    if kind in disturb.DISTURBANCES:
+                    if args.arbiter is not None:
+                        split[kind] = splitbrain_trials(pair, asker, kind, args, rng,
+                                                        hb.interval, hb.dead_interval)
+                    elif kind in disturb.DISTURBANCES:
                         disturbed[kind] = disturbance_trials(pair, asker, kind, args, rng,
                                                              hb.interval, hb.dead_interval)
                     else:
@@ -597,6 +647,13 @@ def main(argv: list[str] | None = None) -> int:
         # the same pair with no health check (the lab's check is an exec every 100 ms)
         "idle_without_checks": idle_bare,
     }
+    if split:
+        report["arbiter"] = args.arbiter
+        report["fence"] = args.fence or ("kernel" if args.arbiter == "witness" else "none")
+        report["splitbrain"] = {
+            kind: {"summary": splitbrain.summarize(trials),
+                   "trials": [{"error": t.error, **t.detail} for t in trials]}
+            for kind, trials in split.items()}
     if disturbed:
         report["pause_s"] = args.pause
         report["disturbances"] = {
@@ -604,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                    "trials": [{"error": t.error, **t.detail} for t in trials]}
             for kind, trials in disturbed.items()}
     runtime = time.monotonic() - started
-    shown = {**report, "idle_seconds": args.idle_seconds, "disturbance_trials": disturbed}
+    shown = {**report, "idle_seconds": args.idle_seconds, "disturbance_trials": disturbed,
+             "splitbrain_trials": split}
     if args.json:
         print(json.dumps(report))
         log(table(shown))

@@ -95,7 +95,7 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random, interva
               pause: float) -> Trial:
     """One disturbance of a stable pair with the UDP probe running; stops the probe."""
     trial = Trial(fault, index)
-    tails = {name: _log_tail(pair, name) for name in pair.nodes}
+    tails = {name: log_tail(pair, name) for name in pair.nodes}
     obs, samples, window = Observations(), [], None
     try:
         watch = ArpWatch.start(pair, VIP4)
@@ -155,7 +155,7 @@ def _undo(pair: PairLab, fault: str) -> None:
             pair.resume(node.name)
 
 
-def _log_tail(pair: PairLab, name: str) -> Callable[[], list[str]]:
+def log_tail(pair: PairLab, name: str) -> Callable[[], list[str]]:
     log = pair.nodes[name].log
     seen = len(log.read_text().splitlines()) if log.exists() else 0
     return lambda: pair.log_lines(name)[seen:]
@@ -179,7 +179,7 @@ def measure(obs: Observations, samples: list[tuple[float, str | None]], w: Windo
                                                lambda s: len(s) > 1)),
         "moves": moves(points),
         "holders": [[_ms(t - w.fault), sorted(s)] for t, s in points],
-        "held_after_fault": sorted(set().union(*(s for t, s in _from(points, w.fault)))),
+        "held_after_fault": sorted(set().union(*(s for t, s in points_from(points, w.fault)))),
         "garps_after_fault": {name: sum(1 for t, m in obs.garps if m == mac and t >= w.fault)
                               for mac, name in macs.items()},
         "garp_after_resolution_ms": [None if d is None else _ms(d) for d in delays],
@@ -224,7 +224,7 @@ def _garp_delay(obs: Observations, episode: Episode) -> float | None:
                 None)
 
 
-def _from(points: list[tuple[float, frozenset[str]]], since: float
+def points_from(points: list[tuple[float, frozenset[str]]], since: float
           ) -> list[tuple[float, frozenset[str]]]:
     """The change points from ``since`` on, starting with the set in force at ``since``."""
     before = [p for p in points if p[0] <= since]

@@ -14,8 +14,10 @@ deleted. ``netns_prefix`` (session scope) is the unique name prefix
 ``pair`` (function scope): a `vipd.demo.pairlab.PairLab` built in ``tmp_path / "pair"``: the
 same kind of lab with a vipd config, key, health file and log per node (node1 priority
 150, node2 priority 100), not yet started. Options of ``PairLab.create`` come from the
-marker ``@pytest.mark.pair(preempt=True, preempt_delay=1.0, ipv6=..., extra=...)``
-(default: no marker, no preemption). Destroyed after the test, pass or fail (daemons,
+marker ``@pytest.mark.pair(preempt=True, preempt_delay=1.0, ipv6=..., extra=...,
+arbiter="witness", fence="kernel", api=True)`` (default: no marker, no preemption, no
+arbiter; with ``arbiter="witness"`` the lab has a fourth host ``witness`` running
+`vipd witness`, started by ``start_pair``). Destroyed after the test, pass or fail (daemons,
 responders and the probe SIGKILLed, namespaces deleted); a namespace of it still there
 afterwards fails the test.
 
@@ -55,8 +57,9 @@ _lab_numbers = itertools.count(1)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "pair(preempt=False, preempt_delay=0.0, ipv6=True, extra=''): "
-        "options for PairLab.create in the `pair` fixture")
+        "markers", "pair(preempt=False, preempt_delay=0.0, ipv6=True, extra='', "
+        "arbiter='none', fence=None, api=False): options for PairLab.create in the `pair` "
+        "fixture")
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,10 @@ def start_pair(pair: PairLab, settle: float = 0.5) -> None:
     """node1 first, then node2 once node1 holds the VIP: a known starting point for the
     fault scenarios. Returns `settle` s after node2's health check passed, with node1
     the only holder and node2 STANDBY since its start. `settle` must exceed the dead
-    interval (320 ms): by then node2 has heard node1 and left its hold-down."""
+    interval (320 ms): by then node2 has heard node1 and left its hold-down. A lab with a
+    witness starts it first."""
+    if pair.witness_config is not None:
+        pair.start_witness()
     pair.start("node1")
     expect_only(pair, "node1", timeout=10.0)
     pair.start("node2")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from simulations import arpwatch, disturb
+from simulations import arpwatch, disturb, splitbrain
 from simulations.arpwatch import Observations
 
 M1, M2 = "02:76:64:00:00:01", "02:76:64:00:00:02"
@@ -145,3 +145,124 @@ def test_the_baseline_must_show_node1_alone() -> None:
     silent = _obs([(i / 100, set()) for i in range(20)], addr=[(-1.0, "node1", True)])
     assert "probe rounds" in disturb._implausible(silent, disturb.Window(0.0, 0.2, 0.2, 0.3),
                                                   MACS)
+
+
+LISTING = ("table arp vipd_lab {\n\tset lease4 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n"
+           "\t\telements = { 198.51.100.7 timeout 1s expires 800ms, 198.51.100.100 timeout "
+           "320ms expires 1s290ms }\n\t}\n}\n")
+
+
+def test_gate_remaining_reads_the_vips_element_from_a_listing() -> None:
+    assert arpwatch.gate_remaining(LISTING, VIP) == pytest.approx(1.29)
+    assert arpwatch.gate_remaining(LISTING, "198.51.100.10") == 0.0  # 198.51.100.100 != .10
+    shut = "table arp vipd_lab {\n\tset lease4 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t}\n}\n"
+    assert arpwatch.gate_remaining(shut, VIP) == 0.0
+    assert arpwatch.gate_remaining("elements = { 198.51.100.100 }", VIP) == float("inf")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("290ms", 0.29), ("1s200ms", 1.2), ("2m3s", 123.0), ("1h", 3600.0), ("0ms", 0.0)])
+def test_nft_durations(text: str, seconds: float) -> None:
+    assert arpwatch.nft_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "12", "1x", "ms", "1s 2ms"])
+def test_a_malformed_nft_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not an nftables time"):
+        arpwatch.nft_duration(text)
+
+
+def test_a_gate_is_open_from_a_sample_until_the_next_or_its_expiry() -> None:
+    obs = Observations(gates={"node1": [(0.0, None), (1.0, 0.3), (1.002, 0.298),
+                                        (1.004, 0.0), (2.0, 0.3), (2.5, 0.3), (3.5, 0.0)]})
+    # 1.000-1.004 open, then shut (flushed); 2.0 open for 0.3 s with no sample between:
+    # the expiry ends it at 2.3 (not the next sample); 2.5 open until its expiry at 2.8
+    assert obs.gate_open("node1", 0.0, 10.0) == [
+        pytest.approx((1.0, 1.004)), (2.0, pytest.approx(2.3)), (2.5, pytest.approx(2.8))]
+    assert obs.gate_open("node1", 2.1, 2.6) == [(2.1, pytest.approx(2.3)), (2.5, 2.6)]
+    assert obs.gate_open("node2", 0.0, 1.0) == []
+
+
+def test_gates_open_together_is_the_overlap_of_two_nodes_open_spans() -> None:
+    obs = Observations(gates={
+        "node1": [(0.0, 0.3), (0.2, 0.3), (0.4, 0.0)],       # open 0.0 - 0.4
+        "node2": [(0.0, 0.0), (0.35, 0.3), (0.6, 0.0)],      # open 0.35 - 0.6
+    })
+    assert obs.gates_open_together(0.0, 1.0) == [(0.35, 0.4)]
+    obs.gates["node2"] = [(0.0, 0.0), (0.4, 0.3), (0.6, 0.0)]  # opens as node1 shuts
+    assert obs.gates_open_together(0.0, 1.0) == []
+
+
+def test_gate_rows_are_parsed_per_node_in_time_order() -> None:
+    obs = Observations.parse(['["gate", 2.0, "node1", 0]', '["gate", 1.0, "node1", 0.25]',
+                              '["gate", 1.5, "node2", null]', '["probe", 1.0]'])
+    assert obs.gates == {"node1": [(1.0, 0.25), (2.0, 0)], "node2": [(1.5, None)]}
+    assert obs.probes == [1.0]
+
+
+METRICS_PAGE = """# TYPE vipd_votes_held gauge
+vipd_votes_held 1.0
+# TYPE vipd_votes_needed gauge
+vipd_votes_needed 2.0
+# TYPE vipd_arbiter_reachable gauge
+vipd_arbiter_reachable{witness="198.51.100.4:5406"} 0.0
+# TYPE vipd_self_fence_total counter
+vipd_self_fence_total{reason="votes_lost"} 1.0
+"""
+
+
+def test_metric_values_key_samples_by_name_and_sorted_labels() -> None:
+    values = splitbrain.metric_values(METRICS_PAGE)
+    assert values[("vipd_votes_held", "")] == 1.0
+    assert values[("vipd_arbiter_reachable", "witness=198.51.100.4:5406")] == 0.0
+    assert values[("vipd_self_fence_total", "reason=votes_lost")] == 1.0
+
+
+def test_why_is_the_standbys_own_account_of_a_failover_it_cannot_make() -> None:
+    status = {"state": "STANDBY", "arbiter": {
+        "campaign": "peer node1 silent for 1973 ms",
+        "votes": [{"voter": "node2", "kind": "self", "remaining_seconds": 0.3,
+                   "age_seconds": 0.01}]}}
+    assert splitbrain.why(status, METRICS_PAGE) == {
+        "state": "STANDBY", "campaign": "peer node1 silent for 1973 ms", "votes": ["node2"],
+        "votes_held": 1.0, "votes_needed": 2.0, "arbiter_reachable": [0.0]}
+
+
+def _detail(**changes: object) -> dict[str, object]:
+    detail: dict[str, object] = {
+        "failover_ms": 0.0, "two_macs_ms": 0, "both_gates_ms": 0, "moves": 0,
+        "standby_held": False, "final_holders": ["node1"], "node1_last_reply_ms": None,
+        "tracebacks": []}
+    return {**detail, **changes}
+
+
+def test_a_trial_with_a_witness_is_judged_against_the_promise_of_its_fault() -> None:
+    assert splitbrain.unexpected("partition-pair", _detail()) == ""
+    assert splitbrain.unexpected("partition-pair", _detail(moves=1, standby_held=True)) == \
+        "node2 held the VIP (1 moves)"
+    took = _detail(takeover_confirmed_ms=300.0, final_holders=["node2"], moves=1)
+    assert splitbrain.unexpected("kill", took) == ""
+    assert splitbrain.unexpected("kill", {**took, "two_macs_ms": 10.0, "both_gates_ms": 4.2}) \
+        == "two MACs answered for 10 ms; both gates open for 4.2 ms"
+    assert splitbrain.unexpected("isolate-active", _detail(takeover_confirmed_ms=None)) == \
+        "node2 did not take over"
+    assert "not [node2]" in splitbrain.unexpected(
+        "pause-active-1s", {**took, "final_holders": ["node1", "node2"]})
+
+
+def test_the_summary_row_shows_no_failover_and_the_stale_vip_of_kill() -> None:
+    trials = [disturb.Trial("kill", 1, detail=_detail(failover_ms=290.0,
+                                                      node1_last_reply_ms=230.0, moves=1)),
+              disturb.Trial("kill", 2, detail=_detail(failover_ms=310.0,
+                                                      node1_last_reply_ms=None, moves=1)),
+              disturb.Trial("kill", 3, error="no stable pair")]
+    s = splitbrain.summarize(trials)
+    assert (s["n"], s["failed"], s["trials_with_move"]) == (2, 1, 2)
+    assert s["failover_ms"] == {"median": 300.0, "max": 310.0}
+    assert s["stale_ms"] == {"median": 115.0, "max": 230.0}  # no reply after the kill: 0
+    assert splitbrain.row("kill", s) == (
+        "| kill | 2 (1 failed) | 300 / 310 | 0 / 0 | 0 / 0 | 2 (1) | 115 / 230 | - | 0 |")
+    none = splitbrain.summarize([disturb.Trial("witness-stop-then-kill", 1,
+                                               detail=_detail(failover_ms=None, unexpected=""))])
+    assert "| - / - (none in 1) |" in splitbrain.row("witness-stop-then-kill", none)
+    assert "| 1 of 1 |" in splitbrain.row("witness-stop-then-kill", none)

@@ -13,6 +13,13 @@ which gives the client-visible outage and who answers.
 A node's daemon can run with a faked wall clock (`fake_clock`, `step_clock`: libfaketime
 preloaded into that process only, its monotonic clock left alone) and be frozen and
 thawed (`pause`, `resume`).
+
+With ``arbiter="witness"`` the lab has a fourth host, ``witness`` (198.51.100.4), running
+`vipd witness` (`start_witness`, `stop_witness`, `kill_witness`) for the pair's cluster
+with the pair's key, and both nodes' configs name it. ``fence`` sets the nodes' `fence`
+key (None: left to vipd's default, "kernel" with a witness). ``api=True`` gives the
+nodes' control API an operate token, for `status` and `switchover`; `metrics` reads a
+node's /metrics. `block` and `heal` cut and mend links at the switch (`Lab.block`).
 """
 
 from __future__ import annotations
@@ -26,18 +33,25 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vipd.demo.lab import Host, Lab, new_prefix
+from vipd.demo.lab import DEFAULT_ROLES, Host, Lab, new_prefix
 from vipd.keys import generate_key_line
+from vipd.tokens import new_token
 from vipd.transport import IP_FREEBIND
 
 VIP4 = "198.51.100.100"
 VIP6 = "2001:db8:1::100"
 PORT = 5405
 ECHO_PORT = 7000
+WITNESS_PORT = 5406
+API = "http://127.0.0.1:9440"  # each node's own, inside its namespace (vipd's defaults)
+METRICS = "http://127.0.0.1:9441/metrics"
+FENCE_TABLE = "vipd_lab"  # vipd.fence.KernelFence's table for the lab's cluster "lab"
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 FAULTS = {
     "kill": "SIGKILL of vipd and the service on the active node (a node crash)",
@@ -70,18 +84,40 @@ class PairLab:
     nodes: dict[str, Node] = field(default_factory=dict)
     probe: subprocess.Popen[str] | None = None
     probe_out: Path | None = None
+    witness_config: Path | None = None  # with arbiter="witness"
+    witness: subprocess.Popen[str] | None = None
+    token: str | None = None  # the nodes' API operate token (api=True)
+    fence_table: str | None = None  # the nodes' nftables fence table, if they have one
 
     @classmethod
     def create(cls, workdir: Path, *, preempt: bool = False, preempt_delay: float = 0.0,
                ipv6: bool = True, extra: str = "", interval: str | None = None,
-               dead_after: int | None = None, checks: bool = True) -> PairLab:
+               dead_after: int | None = None, checks: bool = True, arbiter: str = "none",
+               fence: str | None = None, api: bool = False) -> PairLab:
+        if arbiter not in ("none", "witness") or fence not in (None, "none", "kernel"):
+            raise ValueError(f"arbiter {arbiter!r}, fence {fence!r}: expected arbiter "
+                             f"'none' or 'witness', fence None, 'none' or 'kernel'")
         workdir.mkdir(parents=True, exist_ok=True)
         key = workdir / "pair.key"
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(generate_key_line(1) + "\n")
-        lab = Lab.create(new_prefix())
+        _private(key, generate_key_line(1))
+        witness = arbiter == "witness"
+        lab = Lab.create(new_prefix(), (*DEFAULT_ROLES, "witness") if witness else DEFAULT_ROLES)
         pair = cls(workdir, lab)
+        if witness:
+            pair.witness_config = workdir / "witness.yaml"
+            pair.witness_config.write_text(
+                f"name: witness\nlisten: {pair.witness_address}\n"
+                f"metrics: {{listen: 127.0.0.1:9442}}\n"
+                f"clusters: {{lab: {{key_file: {key}, nodes: [node1, node2]}}}}\n")
+            extra = f'arbiter: {{witness: ["{pair.witness_address}"]}}\n{extra}'
+        if fence is not None:
+            extra = f"fence: {fence}\n{extra}"
+        if fence == "kernel" or (fence is None and witness):
+            pair.fence_table = FENCE_TABLE
+        if api:
+            pair.token, line = new_token("lab", "operate")
+            _private(workdir / "tokens", line)
+            extra = f"api: {{tokens_file: {workdir / 'tokens'}}}\n{extra}"
         vips = f'[{VIP4}/32, "{VIP6}/128"]' if ipv6 else f"[{VIP4}/32]"
         for index, prio in ((1, 150), (2, 100)):
             name, other = f"node{index}", 3 - index
@@ -116,6 +152,58 @@ class PairLab:
     def host(self, name: str) -> Host:
         return self.lab[name]
 
+    @property
+    def witness_address(self) -> str:
+        return f"{self.lab['witness'].ipv4.ip}:{WITNESS_PORT}"
+
+    # --- the witness ---------------------------------------------------------------------
+
+    def start_witness(self) -> None:
+        """Start `vipd witness` on the witness host (it grants nothing for one lease)."""
+        if self.witness_config is None:
+            raise RuntimeError("this lab has no witness (PairLab.create(arbiter='witness'))")
+        if self.witness is not None and self.witness.poll() is None:
+            return
+        with (self.workdir / "witness.log").open("a") as log:
+            self.witness = self.lab["witness"].spawn(
+                sys.executable, "-m", "vipd.cli", "witness", "--config",
+                str(self.witness_config), stderr=log)
+
+    def stop_witness(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM and wait; the exit code (None: it was not running)."""
+        proc, self.witness = self.witness, None
+        if proc is None or proc.poll() is not None:
+            return None
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def kill_witness(self) -> None:
+        proc, self.witness = self.witness, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    # --- a node's API and metrics (from a thread in its namespace) ------------------------
+
+    def status(self, name: str) -> dict[str, Any]:
+        """GET /v1/status of node ``name`` (needs api=True)."""
+        code, body = self.lab[name].run(_http, f"{API}/v1/status", self.token, None)
+        if code != 200:
+            raise RuntimeError(f"{name}: GET /v1/status answered {code}: {body[:200]}")
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def switchover(self, name: str) -> int:
+        """POST /v1/switchover to node ``name`` (needs api=True); the HTTP status."""
+        code, _ = self.lab[name].run(_http, f"{API}/v1/switchover", self.token, b"{}")
+        return code
+
+    def metrics(self, name: str) -> str:
+        code, body = self.lab[name].run(_http, METRICS, None, None)
+        if code != 200:
+            raise RuntimeError(f"{name}: GET /metrics answered {code}")
+        return body
+
     # --- processes -----------------------------------------------------------------------
 
     def start(self, name: str, *, responder: bool = True) -> None:
@@ -133,7 +221,10 @@ class PairLab:
 
     def start_settled(self, *, responder: bool = True, lead: float = 0.3) -> str | None:
         """node1, then node2 ``lead`` s later (node1 is up well within node2's hold-down
-        and wins); returns the single VIP holder once there is one, None after 10 s."""
+        and wins), after the witness if there is one; returns the single VIP holder once
+        there is one, None after 10 s."""
+        if self.witness_config is not None:
+            self.start_witness()
         self.start("node1", responder=responder)
         time.sleep(lead)
         self.start("node2", responder=responder)
@@ -206,6 +297,14 @@ class PairLab:
                 Path(path).unlink(missing_ok=True)
             node.faked_pids.remove(pid)
 
+    def block(self, a: str, b: str, *, oneway: bool = False) -> None:
+        """A partition between hosts ``a`` and ``b`` (both ways unless ``oneway``: only
+        from ``a`` to ``b``), cut at the switch until `heal` (`Lab.block`)."""
+        self.lab.block(a, b, oneway=oneway)
+
+    def heal(self) -> None:
+        self.lab.heal()
+
     def link(self, name: str, up: bool) -> None:
         self.lab[name].ip("link", "set", "eth0", "up" if up else "down")
 
@@ -270,13 +369,32 @@ class PairLab:
         return [(r[0], r[1]) for r in rows]
 
     def destroy(self) -> None:
-        """Daemons, responders and the probe were all spawned through the lab's hosts,
-        so the lab kills them with its namespaces."""
+        """Daemons, responders, the witness and the probe were all spawned through the
+        lab's hosts, so the lab kills them with its namespaces."""
         try:
             self.lab.destroy()
         finally:
             for node in self.nodes.values():
                 self._drop_faketime_shm(node)
+
+
+def _private(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(line + "\n")
+
+
+def _http(url: str, token: str | None, data: bytes | None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers,
+                                     method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode(errors="replace")
 
 
 def _faketime_env(clock_file: Path) -> dict[str, str]:
