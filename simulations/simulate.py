@@ -43,7 +43,7 @@ ARBITER_KINDS = ["crash", "crash_restart", "stop", "health_fail", "switchover", 
                  "promote", "standby_restart", "partition", "partition_pair",
                  "partition_witness", "isolate_active", "isolate_standby", "witness_crash",
                  "witness_restart", "witness_crash_then_active_crash", "freeze_active",
-                 "freeze_standby", "freeze_witness", "attack"]
+                 "freeze_standby", "freeze_witness", "attack", "health_flap"]
 ARBITER_MEASURED = MEASURED | {"isolate_active"}
 # Only the witness is out or cut off: the pair's own two votes keep the holder.
 WITNESS_OUTAGES = {"witness_crash", "witness_restart", "freeze_witness", "partition_witness"}

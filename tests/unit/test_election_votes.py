@@ -9,7 +9,7 @@ from __future__ import annotations
 from simulations.simnet import WITNESS, Sim, SimNode
 from vipd.core import election as el
 from vipd.core.events import Why
-from vipd.core.protocol import State
+from vipd.core.protocol import State, Verdict
 from vipd.core.votes import counted_lease
 
 INTERVAL, DEAD_AFTER = 0.04, 8
@@ -154,3 +154,18 @@ def test_the_witness_stops_renewing_a_node_that_no_longer_hears_it() -> None:
     sim.run_until(sim.clock.now + 0.2)
     assert sim.witness.core.holders(sim.witness.local(sim.clock.now)) == {"web": "node-a"}
     assert reasons(sim, t) == [] and sim.checker.violations == []
+
+
+def test_a_late_grant_for_a_request_sent_before_stepping_down_is_not_counted() -> None:
+    """The holder asks the witness, fails its health check (giving its votes up) and
+    recovers: the witness's late GRANTED for the request sent while it was still ACTIVE
+    must not count towards a new campaign; the witness may have granted node-b since."""
+    sim, a, _ = running_pair()
+    assert a.election is not None and a.election.tally is not None
+    now = sim.clock.now
+    asked_at = a.local(now) - 0.001  # a request that left just before the step-down
+    a.health = False
+    a.handle(el.HealthChanged(False, "sim: down"))
+    assert a.state is State.FAULT and a.election.tally.held(a.local(now)) == []
+    a.handle(el.VoteReplied(WITNESS, Verdict.GRANTED, asked_at, LEASE))
+    assert WITNESS not in a.election.tally.held(a.local(now))

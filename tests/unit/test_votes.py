@@ -119,6 +119,19 @@ def test_an_older_request_never_shortens_a_vote() -> None:
     assert t.expiries["peer"] == pytest.approx(2.0 + counted_lease(0.32))
 
 
+def test_an_answer_to_a_request_sent_before_a_give_back_counts_for_nothing() -> None:
+    """We gave our votes up at 2.0; the voter may have granted another node since our
+    give-back reached it, so a late GRANTED for a request of 1.99 must not count."""
+    t = Tally(3)
+    t.record("witness", 1.9, 0.32)
+    t.clear(2.0)
+    assert t.held(2.0) == []
+    t.record("witness", 1.99, 0.32)
+    assert t.held(2.01) == []
+    t.record("witness", 2.0, 0.32)  # a request sent at or after the give-back counts
+    assert t.held(2.01) == ["witness"]
+
+
 def test_counted_lease_margin() -> None:
     # 0.1 % for clock rates, 5 ms for the gate's timer and the write
     assert counted_lease(0.32) == pytest.approx(0.32 * 0.999 - 0.005)

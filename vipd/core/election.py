@@ -467,7 +467,7 @@ class Election:
         self.timers.ask_at = None
         assert self.ballot is not None and self.tally is not None
         self.ballot.release(self.cfg.node)
-        self.tally.clear()
+        self.tally.clear(self._now)
 
     def _give_up_votes(self, reason: str) -> None:
         """Leaving the holder's role: shut the gate first, then count nothing and free our
@@ -476,7 +476,7 @@ class Election:
         assert self.ballot is not None and self.tally is not None
         self._pending.append(CloseGate(reason))
         self._pending.append(AskVotes(release=True))
-        self.tally.clear()
+        self.tally.clear(self._now)
         self.ballot.release(self.cfg.node)
 
     def gate_limit(self, now: float) -> float | None:

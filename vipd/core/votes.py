@@ -93,9 +93,15 @@ class Tally:
     voters: int  # both nodes plus the witnesses
     expiries: dict[str, float] = field(default_factory=dict)
     counted_from: dict[str, float] = field(default_factory=dict)  # request send times
+    # Requests sent before this (our clock) are answered for nobody: we gave our votes up
+    # then, and the voter may have granted another node since our give-back reached it.
+    floor: float = float("-inf")
 
     def record(self, voter: str, request_sent_at: float, lease: float) -> None:
-        """A vote granted in answer to the request we sent at ``request_sent_at``."""
+        """A vote granted in answer to the request we sent at ``request_sent_at``
+        (ignored if we have given up our votes since we sent it)."""
+        if request_sent_at < self.floor:
+            return
         until = request_sent_at + counted_lease(lease)
         if until > self.expiries.get(voter, float("-inf")):
             self.expiries[voter] = until
@@ -105,9 +111,11 @@ class Tally:
         self.expiries.pop(voter, None)
         self.counted_from.pop(voter, None)
 
-    def clear(self) -> None:
+    def clear(self, now: float) -> None:
+        """We count nothing from now on, and no answer to a request sent before now."""
         self.expiries.clear()
         self.counted_from.clear()
+        self.floor = now
 
     def held(self, now: float) -> list[str]:
         """The voters whose vote is unexpired now, sorted."""
