@@ -1,0 +1,222 @@
+"""The group's keys on etcd (arbiter etcd): what vipd.core.group asks, as etcd v3 calls.
+
+Keys under ``PREFIX/CLUSTER/``: ``holder`` (the holder's name, created put-if-absent
+under its lease; its create revision is the term), ``successor`` (a planned handover's
+target, no lease: the claim deletes it) and ``members/NODE`` (each node's record, under
+its own lease). Values are JSON.
+
+The client is aetcd (asyncio, gRPC; the extra ``vipd[etcd]``). aetcd 1.0 opens only
+plaintext channels to one host; `_Client` keeps its calls and replaces the channel: TLS
+from the config's ca/cert/key, and every endpoint in one gRPC target, so gRPC itself
+fails over between the members of an etcd cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vipd.core.group import Holder, Member, Observed
+from vipd.core.protocol import State
+from vipd.errors import VipError
+
+
+class EtcdError(VipError):
+    """An etcd call failed; the message names the endpoint set and the call."""
+
+
+def _aetcd() -> Any:
+    try:
+        import aetcd
+    except ImportError as exc:
+        raise EtcdError("arbiter etcd needs the aetcd client: pip install 'vipd[etcd]'") from exc
+    return aetcd
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+def _target(endpoints: Sequence[tuple[str, int]]) -> str:
+    """One gRPC target naming every endpoint (gRPC's pick_first tries them in order)."""
+    v6 = any(":" in host for host, _ in endpoints)
+    if v6:
+        return "ipv6:" + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                                  for h, p in endpoints)
+    return "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints)
+
+
+def _client_class() -> Any:
+    aetcd = _aetcd()
+    import grpc
+
+    class _Client(aetcd.Client):  # type: ignore[misc,name-defined]
+        """aetcd's client on a channel to every endpoint, with TLS when configured."""
+
+        def __init__(self, target: str, tls: EtcdTls | None, timeout: float) -> None:
+            super().__init__(timeout=timeout)  # type: ignore[arg-type]
+            self._target, self._tls = target, tls
+
+        async def connect(self) -> None:
+            if self._connected.is_set():
+                return
+            options = [("grpc.lb_policy_name", "pick_first")]
+            if self._tls is not None:
+                creds = grpc.ssl_channel_credentials(
+                    self._tls.ca.read_bytes(),
+                    self._tls.key.read_bytes() if self._tls.key else None,
+                    self._tls.cert.read_bytes() if self._tls.cert else None)
+                self.channel = grpc.aio.secure_channel(self._target, creds, options=options)
+            else:
+                self.channel = grpc.aio.insecure_channel(self._target, options=options)
+            rpc = aetcd.rpc
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout, metadata=None)
+            self._connected.set()
+
+    return _Client
+
+
+def encode_member(member: Member) -> bytes:
+    record = asdict(member)
+    record["state"] = member.state.name
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def decode_member(data: bytes) -> Member:
+    record = json.loads(data)
+    record["state"] = State[record["state"]]
+    return Member(**record)
+
+
+class EtcdStore:
+    """One node's calls; every one raises EtcdError (with the call named) on failure."""
+
+    def __init__(self, endpoints: Sequence[tuple[str, int]], prefix: str, cluster: str,
+                 node: str, *, tls: EtcdTls | None = None, timeout: float = 0.3) -> None:
+        self.node = node
+        self.where = ", ".join(f"{h}:{p}" for h, p in endpoints)
+        self.base = f"{prefix.rstrip('/')}/{cluster}/".encode()
+        self.timeout = timeout
+        self._client = _client_class()(_target(endpoints), tls, timeout)
+        self._tx = self._client.transactions
+        import grpc
+        # what a call may raise: aetcd's errors, gRPC's own, the key files' (TLS)
+        self._errors = (_aetcd().ClientError, grpc.RpcError, OSError)
+
+    @property
+    def holder_key(self) -> bytes:
+        return self.base + b"holder"
+
+    @property
+    def successor_key(self) -> bytes:
+        return self.base + b"successor"
+
+    def member_key(self, node: str) -> bytes:
+        return self.base + b"members/" + node.encode()
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await asyncio.wait_for(call(), self.timeout)
+        except TimeoutError as exc:
+            raise EtcdError(f"etcd {self.where}: {what}: no answer within "
+                            f"{round(self.timeout * 1000)} ms") from exc
+        except self._errors as exc:
+            detail = getattr(exc, "details", None)
+            text = detail() if callable(detail) else str(exc) or type(exc).__name__
+            raise EtcdError(f"etcd {self.where}: {what}: {text}") from exc
+
+    async def grant(self, ttl: float) -> tuple[int, float]:
+        """A new lease; returns (id, the TTL etcd granted: it may raise a short one)."""
+        lease = await self._call("lease grant", lambda: self._client.lease(max(1, round(ttl))))
+        return int(lease.id), float(lease.ttl)
+
+    async def keep_alive(self, lease: int) -> float:
+        """One keep-alive: the TTL etcd reports from now (0: the lease is gone)."""
+        reply = await self._call("lease keep-alive", lambda: self._client.refresh_lease(lease))
+        return float(reply.TTL)
+
+    async def claim(self, lease: int) -> tuple[bool, Holder | None]:
+        """Create the holder key under ``lease`` if absent (dropping the successor hint);
+        returns whether we won and who holds it now."""
+        tx = self._tx
+        won, responses = await self._call("claim the holder key", lambda: self._client.transaction(
+            compare=[tx.create(self.holder_key) == 0],
+            success=[tx.put(self.holder_key, self.node.encode(), lease),
+                     tx.delete(self.successor_key), tx.get(self.holder_key)],
+            failure=[tx.get(self.holder_key)]))
+        kvs = responses[-1]
+        if not kvs:
+            return bool(won), None
+        _, meta = kvs[0]
+        return bool(won), Holder(meta.value.decode(), int(meta.create_revision),
+                                 int(meta.lease))
+
+    async def resign(self, revision: int, successor: str | None) -> bool:
+        """Delete the holder key if its create revision is still ``revision``; name the
+        successor (a key without lease: the successor's claim deletes it)."""
+        tx = self._tx
+        ops = [tx.delete(self.holder_key)]
+        if successor:
+            ops.append(tx.put(self.successor_key, successor.encode()))
+        done, _ = await self._call("resign the holder key", lambda: self._client.transaction(
+            compare=[tx.create(self.holder_key) == revision], success=ops, failure=[]))
+        return bool(done)
+
+    async def publish(self, member: Member, lease: int) -> None:
+        await self._call(f"publish members/{member.node}", lambda: self._client.put(
+            self.member_key(member.node), encode_member(member), lease=lease))
+
+    async def revoke(self, lease: int) -> None:
+        await self._call("lease revoke", lambda: self._client.revoke_lease(lease))
+
+    async def watch(self, on_change: Callable[[Observed], None]) -> None:
+        """Read the group, then follow it: ``on_change`` gets the whole group after every
+        change. Returns only by raising EtcdError (the caller reports it and starts over)."""
+        result = await self._call("read the group", lambda: self._client.get_prefix(self.base))
+        keys = {bytes(kv.key): kv for kv in result}
+        revision = int(result.header.revision)
+        on_change(self._observed(keys, revision))
+        try:
+            events = await self._client.watch_prefix(self.base, start_revision=revision + 1)
+            async for event in events:
+                key = bytes(event.kv.key)
+                if event.kind == "DELETE":
+                    keys.pop(key, None)
+                else:
+                    keys[key] = event.kv
+                revision = max(revision, int(event.kv.mod_revision))
+                on_change(self._observed(keys, revision))
+        except self._errors as exc:
+            raise EtcdError(f"etcd {self.where}: the watch of {self.base.decode()} broke: "
+                            f"{exc or type(exc).__name__}") from exc
+        raise EtcdError(f"etcd {self.where}: the watch of {self.base.decode()} ended")
+
+    def _observed(self, keys: dict[bytes, Any], revision: int) -> Observed:
+        holder, successor, members = None, None, {}
+        for key, kv in keys.items():
+            if key == self.holder_key:
+                holder = Holder(kv.value.decode(), int(kv.create_revision), int(kv.lease))
+            elif key == self.successor_key:
+                successor = kv.value.decode()
+            elif key.startswith(self.base + b"members/"):
+                try:
+                    member = decode_member(kv.value)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a record of another version: ignored, not fatal
+                members[member.node] = member
+        return Observed(holder, members, successor, revision)
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,149 @@
+"""Debian's etcd-server run for the demo, the tests and the benchmarks: one member or a
+cluster of several, on loopback or inside a lab namespace, in a throwaway data dir.
+
+Timing settings: `--heartbeat-interval 50 --election-timeout 500` (ms). etcd refuses a
+lease TTL below about 1.5 x the election timeout (it raises it), so vipd's `ttl: 1s`
+needs an election timeout of at most ~600 ms (docs/election.md, "Groups on etcd").
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+
+
+def etcd_binary() -> str | None:
+    return shutil.which("etcd")
+
+
+@dataclass
+class Member:
+    name: str
+    host: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+
+@dataclass
+class EtcdCluster:
+    """Start with `EtcdCluster.start(...)`, always `stop()` (or use as a context manager).
+    ``spawn`` runs a command where the member lives (a lab host's spawn, or Popen)."""
+
+    members: list[Member]
+    log: Path
+    spawn: Callable[..., subprocess.Popen[bytes]] = field(repr=False)
+
+    @classmethod
+    def start(cls, workdir: Path, hosts: Sequence[str] = ("127.0.0.1",), *,
+              ports: Sequence[tuple[int, int]] | None = None,
+              spawn: Callable[..., subprocess.Popen[bytes]] | None = None,
+              timeout: float = 15.0) -> EtcdCluster:
+        """One member per host; ``ports``: (client, peer) per member (default: free
+        loopback ports, for members on 127.0.0.1)."""
+        binary = etcd_binary()
+        if binary is None:
+            raise RuntimeError("etcd not found: install Debian's etcd-server "
+                               "(apt-get install etcd-server)")
+        ports = list(ports) if ports is not None else [(_free_port(), _free_port())
+                                                        for _ in hosts]
+        members = [Member(f"etcd{i + 1}", host, c, p, workdir / f"etcd{i + 1}")
+                   for i, (host, (c, p)) in enumerate(zip(hosts, ports, strict=True))]
+        cluster = cls(members, workdir / "etcd.log", spawn or _popen)
+        for member in members:
+            cluster._launch(binary, member)
+        if not cluster.wait_healthy(timeout):
+            cluster.stop()
+            raise RuntimeError(f"etcd did not become healthy within {timeout:g} s "
+                               f"(log: {cluster.log})")
+        return cluster
+
+    def __enter__(self) -> EtcdCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(m.host, m.client_port) for m in self.members]
+
+    def _launch(self, binary: str, member: Member, state: str = "new") -> None:
+        """Start one member; ``state`` "existing" rejoins the cluster with its data."""
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        member.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--name", member.name, "--data-dir", str(member.data_dir),
+                "--listen-client-urls", member.client_url,
+                "--advertise-client-urls", member.client_url,
+                "--listen-peer-urls", member.peer_url,
+                "--initial-advertise-peer-urls", member.peer_url,
+                "--initial-cluster", initial, "--initial-cluster-state", state,
+                "--heartbeat-interval", str(HEARTBEAT_MS),
+                "--election-timeout", str(ELECTION_MS), "--log-level", "warn"]
+        with self.log.open("ab") as log:
+            member.proc = self.spawn(*argv, stdout=log, stderr=log)
+
+    def health(self, member: Member) -> bool:
+        try:
+            with urllib.request.urlopen(f"{member.client_url}/health", timeout=1) as r:
+                return b'"true"' in r.read()
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if all(self.health(m) for m in self.members if m.proc and m.proc.poll() is None):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def kill(self, name: str) -> None:
+        member = next(m for m in self.members if m.name == name)
+        if member.proc is not None and member.proc.poll() is None:
+            member.proc.send_signal(signal.SIGKILL)
+            member.proc.wait(5)
+
+    def restart(self, name: str) -> None:
+        """Kill member ``name`` and start it again on its data dir."""
+        binary = etcd_binary()
+        assert binary is not None
+        self.kill(name)
+        self._launch(binary, next(m for m in self.members if m.name == name), "existing")
+
+    def stop(self) -> None:
+        for member in self.members:
+            if member.proc is not None and member.proc.poll() is None:
+                member.proc.send_signal(signal.SIGKILL)
+                member.proc.wait(5)
+
+
+def _popen(*argv: str, stdout: object, stderr: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=stdout, stderr=stderr,  # type: ignore[call-overload]
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
