@@ -174,6 +174,9 @@ class GroupNode:
     boot: int = 0
     lease_seen: int | None = None  # the lease the store granted this node last
     watch_dirty: bool = True
+    watch_at: float = 0.0  # when the watch stream delivers its latest event
+    record: g.Member | None = None  # the newest member record to publish
+    publishing: bool = False  # a put of it is in flight
     backlog: list[Callable[[], None]] = field(default_factory=list)
     results: list[CommandResult] = field(default_factory=list)
 
@@ -195,7 +198,7 @@ class GroupNode:
         self.held = False  # the daemon removes stale VIPs at start and installs a shut gate
         self.gate_until = float("-inf")
         self.election = g.GroupElection(self.cfg)
-        self.watch_dirty = True
+        self.watch_dirty, self.record, self.publishing = True, None, False
         self.handle(Start())
         self.handle(HealthChanged(self.health, "" if self.health else "sim: down"))
 
@@ -243,8 +246,9 @@ class GroupNode:
 
     def apply(self, action: Any, now: float) -> None:
         match action:
-            case g.GrantLease() | g.KeepAlive() | g.Claim() | g.Resign() | g.Publish() \
-                    | g.Revoke():
+            case g.Publish(member=member):
+                self.publish(member)
+            case g.GrantLease() | g.KeepAlive() | g.Claim() | g.Resign() | g.Revoke():
                 self.sim.request(self, action, self.local(now))
             case CloseGate():
                 self.gate_until = min(self.gate_until, now)
@@ -257,6 +261,25 @@ class GroupNode:
                 self.sim.checker.on_transition(self, action, now)
             case CommandResult():
                 self.results.append(action)
+
+    def publish(self, member: g.Member | None = None) -> None:
+        """As the runtime does: one put of our record in flight; the newest record goes
+        next, and again after a failure (puts that overtook each other would leave an
+        older record in etcd)."""
+        if member is not None:
+            self.record = member
+        if self.publishing or self.record is None or not self.up:
+            return
+        self.publishing, record, boot = True, self.record, self.boot
+
+        def done(ok: bool) -> None:
+            if self.boot != boot:
+                return
+            self.publishing = False
+            if not ok or self.record != record:
+                self.publish()
+
+        self.sim.request(self, g.Publish(record), self.local(self.sim.clock.now), done)
 
     def renew_gate(self) -> None:
         """The VIP worker keeps the gate open while holding, never past the lease
@@ -287,8 +310,10 @@ class GroupSim:
         self.etcd.start_expiry_loop()
         self.clock.at(WATCH_PUMP, self._pump_watches)
 
-    def request(self, node: GroupNode, action: Any, sent_at: float) -> None:
-        """One call: to etcd over the node's link, the answer back, or a timeout."""
+    def request(self, node: GroupNode, action: Any, sent_at: float,
+                done: Callable[[bool], None] | None = None) -> None:
+        """One call: to etcd over the node's link, the answer back, or a timeout (then
+        the node hears StoreFailed). ``done`` learns which (puts answer nothing else)."""
         boot = node.boot
         answered = [False]
 
@@ -296,28 +321,32 @@ class GroupSim:
             if not answered[0] and node.boot == boot:
                 answered[0] = True
                 node.handle(g.StoreFailed(f"{type(action).__name__}: deadline exceeded"))
+                if done is not None:
+                    done(False)
 
         self.clock.at(self.clock.now + CALL_TIMEOUT, timeout)
         if node.link.to_etcd_blocked or not self.etcd.up:
             return
         self.clock.at(self.clock.now + self._travel(node.link),
-                      lambda: self._serve(node, boot, action, sent_at, answered))
+                      lambda: self._serve(node, boot, action, sent_at, answered, done))
 
     def _serve(self, node: GroupNode, boot: int, action: Any, sent_at: float,
-               answered: list[bool]) -> None:
+               answered: list[bool], done: Callable[[bool], None] | None) -> None:
         if not self.etcd.up:
             return
         reply = self.etcd.call(action)
         if isinstance(action, g.GrantLease) and node.boot == boot:
             node.lease_seen = reply[1]  # whose lease it is, for the records put under it
-        if reply is None or node.link.from_etcd_blocked:
+        if node.link.from_etcd_blocked:
             return
-        event = _event(reply, sent_at)
 
         def deliver() -> None:
             if not answered[0] and node.boot == boot:
                 answered[0] = True
-                node.handle(event)
+                if reply is not None:
+                    node.handle(_event(reply, sent_at))
+                if done is not None:
+                    done(True)
 
         self.clock.at(self.clock.now + self._travel(node.link), deliver)
 
@@ -331,7 +360,9 @@ class GroupSim:
                     and self.etcd.up):
                 node.watch_dirty = False
                 snap, boot = self.etcd.snapshot(), node.boot
-                self.clock.at(self.clock.now + self._travel(node.link),
+                # a stream: a later event never arrives before an earlier one
+                node.watch_at = max(node.watch_at, self.clock.now + self._travel(node.link))
+                self.clock.at(node.watch_at,
                               functools.partial(self._watch_event, node, boot, snap))
         self.clock.at(self.clock.now + WATCH_PUMP, self._pump_watches)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from simulations import simulate_group
 from simulations.simnet import CLUSTER, WITNESS, Attack, Checker, Sim, SimNode
 from vipd.core import election as el
 from vipd.core.protocol import KeyRing, Kind, Session, State, Vote
@@ -545,9 +546,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=int, help="run one scenario seed and print its violations")
     ap.add_argument("--soak-hours", type=float, default=0.25,
                     help="simulated hours per loss level for the false-failover check")
-    ap.add_argument("--arbiter", choices=["none", "witness"], default="none",
-                    help="the pair alone (default) or voting with a simulated witness")
+    ap.add_argument("--arbiter", choices=["none", "witness", "etcd"], default="none",
+                    help="the pair alone (default), voting with a simulated witness, or a "
+                         "group of --nodes nodes on a simulated etcd")
+    ap.add_argument("--nodes", type=int, default=3, help="group size with --arbiter etcd")
     args = ap.parse_args(argv)
+    if args.arbiter == "etcd":
+        return group_main(args)
     if args.replay is not None:
         out = scenario(args.replay, args.interval, args.dead_after, args.arbiter)
         print(json.dumps(out.__dict__, indent=2, default=str))
@@ -561,6 +566,43 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_table(report)
     return 1 if report["violations"]["count"] else 0
+
+
+def group_main(args: argparse.Namespace) -> int:
+    """--arbiter etcd: N nodes on a simulated etcd (simulations/simulate_group.py)."""
+    if args.replay is not None:
+        out = simulate_group.scenario(args.replay, args.nodes)
+        print(json.dumps(out.__dict__, indent=2, default=str))
+        return 1 if out.violations else 0
+    outcomes = [simulate_group.scenario(args.seed * 1_000_003 + i, args.nodes)
+                for i in range(args.scenarios)]
+    bad = [o for o in outcomes if o.violations]
+    failover = {kind: quantiles([o.failover for o in outcomes
+                                 if o.kind == kind and o.failover is not None])
+                for kind in sorted(simulate_group.MEASURED)}
+    report = {"arbiter": "etcd", "nodes": args.nodes, "scenarios": len(outcomes),
+              "seed": args.seed, "ttl_s": simulate_group.TTL,
+              "violations": {"count": sum(len(o.violations) for o in bad),
+                             "scenarios": len(bad),
+                             "first": [{"seed": o.seed, "kind": o.kind,
+                                        "violations": o.violations[:3],
+                                        "replay": f"python -m simulations.simulate --arbiter "
+                                                  f"etcd --nodes {args.nodes} --replay {o.seed}"}
+                                       for o in bad[:5]]},
+              "failover_ms": failover}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{len(outcomes)} scenarios, {args.nodes} nodes on etcd (TTL "
+              f"{simulate_group.TTL:g} s), seed {args.seed}: "
+              f"{report['violations']['count']} violations")
+        for v in report["violations"]["first"]:
+            print(f"  seed {v['seed']} ({v['kind']}): {v['violations']}")
+        print(f"{'fault':<16}{'n':>5}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+        for kind, q in failover.items():
+            print(f"{kind:<16}{q['n']:>5}{q.get('p50', '-'):>9}{q.get('p99', '-'):>9}"
+                  f"{q.get('max', '-'):>9}")
+    return 1 if bad else 0
 
 
 def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, Any]:

@@ -270,3 +270,24 @@ def test_a_claim_whose_answer_was_lost_is_recognised_in_the_watch() -> None:
     f = started("a")
     acts = f.handle(g.Observed(g.Holder("a", 4, 0x99), {}, revision=4), 0.0)
     assert f.state is State.STANDBY and not of(acts, g.Claim)
+
+
+def test_a_late_win_for_a_key_we_already_let_go_is_ignored() -> None:
+    """A claim answered late (a retried call's first try) must not make us ACTIVE on a
+    key we have since handed over (found by the simulator, seed 7002079)."""
+    e = holding("a", 100, revision=16)
+    e.handle(g.Observed(g.Holder("a", 16, 0x10), {"a": e.member(),
+                                                  "b": member("b", 200, wants=True)},
+                        revision=17), 0.01)
+    assert e.state is State.STANDBY  # handed over to b
+    acts = e.handle(g.Claimed(True, g.Holder("a", 16, 0x10)), 0.2)
+    assert e.state is State.STANDBY and not of(acts, AcquireVips)
+    assert e.gate_limit(0.2) is None
+
+
+def test_a_watch_event_older_than_the_view_is_ignored() -> None:
+    e = started("a")
+    e.handle(g.Observed(g.Holder("b", 9, 0x20), {"b": member("b", state=State.ACTIVE)},
+                        revision=9), 0.0)
+    e.handle(g.Observed(None, {}, revision=5), 0.01)  # overtaken by the newer one
+    assert e.view.holder == g.Holder("b", 9, 0x20)

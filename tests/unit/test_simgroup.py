@@ -29,3 +29,10 @@ def test_a_holder_counting_its_lease_longer_than_etcd_keeps_it_is_caught(
     outcomes = run(range(120))
     caught = [o for o in outcomes if any("two nodes answer" in v for v in o.violations)]
     assert caught, "the checker missed two open gates"
+
+
+def test_simulate_main_runs_a_group_on_etcd(capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations import simulate
+    assert simulate.main(["--arbiter", "etcd", "--nodes", "3", "--scenarios", "45",
+                          "--seed", "2", "--json"]) == 0
+    assert '"violations"' in capsys.readouterr().out

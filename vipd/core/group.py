@@ -159,6 +159,10 @@ class KeepAlive:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
+    """Put our record (under our lease). The runtime keeps one put in flight and sends
+    the newest record next, and again after a failure: puts that overtook each other
+    would leave an older record in etcd."""
+
     member: Member
 
 
@@ -356,15 +360,24 @@ class GroupElection:
         elif self.lease is None and t.grant_sent is not None and now >= t.grant_sent + self._ttl():
             self._ask_lease(now)  # the grant got no answer
 
+    def _outdated(self, holder: Holder) -> bool:
+        """An answer about a key older than what we know: one we gave up, or one the
+        watch has already shown replaced."""
+        if holder.revision == self._given_up:
+            return True
+        return self.view.revision >= holder.revision and self.view.holder != holder
+
     def _on_observed(self, view: Observed) -> None:
-        if self.holding is not None and view.revision < self.holding.revision:
-            return  # older than our own claim: the watch has not caught up
+        if view.revision < self.view.revision:
+            return  # older than what we know (our own claim's answer came first)
         self.view, self.watching = view, True
         if view.holder is not None and view.holder.node != self.cfg.node:
             self._last_holder = view.holder.node
 
     def _on_claimed(self, ev: Claimed, now: float) -> None:
         self._claim_sent = False
+        if ev.holder is not None and self._outdated(ev.holder):
+            return  # a late answer: we let that key go, or etcd has shown a newer holder
         if ev.won and ev.holder is not None:
             self.holding = ev.holder
             self.view = replace(self.view, holder=ev.holder,
