@@ -169,3 +169,19 @@ def test_a_late_grant_for_a_request_sent_before_stepping_down_is_not_counted() -
     assert a.state is State.FAULT and a.election.tally.held(a.local(now)) == []
     a.handle(el.VoteReplied(WITNESS, Verdict.GRANTED, asked_at, LEASE))
     assert WITNESS not in a.election.tally.held(a.local(now))
+
+
+def test_a_holder_that_fails_frees_the_standbys_vote_at_once() -> None:
+    """The active's health fails with the witness down: its FAULT heartbeat (it asks for
+    nothing any more) frees the standby's own vote, and with the failed node's vote the
+    standby has two of three without waiting for a lease to run out."""
+    sim, a, b = running_pair()
+    assert sim.witness is not None
+    sim.witness.crash()
+    t = sim.clock.now
+    a.health = False
+    a.handle(el.HealthChanged(False, "sim: down"))
+    sim.run_until(t + LEASE)
+    took = [when for when, name, _ in sim.checker.takeovers if name == "node-b" and when >= t]
+    assert took and took[0] - t < LEASE / 4, took
+    assert b.state is State.ACTIVE and sim.checker.violations == []

@@ -401,11 +401,13 @@ class Election:
         # (or we give it back), and we count it for less than that.
         if Flag.VOTE in hb.flags and rx.echo_sent_at is not None:
             self.tally.record(hb.node, rx.echo_sent_at, self.cfg.vote_lease)
-        if Flag.RESIGNING in hb.flags:
-            # Break-before-make: its gate is shut and it counts no vote any more.
+        asks = hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags
+        if Flag.RESIGNING in hb.flags or not asks:
+            # Break-before-make (RESIGNING), or it asks no more (it left ACTIVE, its
+            # campaign ended): its gate is shut, it cleared its count before sending
+            # this, and it never counts an answer to an earlier request (Tally.floor).
             self.ballot.release(hb.node)
             return
-        asks = hb.state is State.ACTIVE or Flag.CANDIDATE in hb.flags
         mine = (self.state is State.ACTIVE and self.handover is None) or (
             self.campaign is not None)
         # Our vote travels only in our heartbeats: granted to a peer that does not hear
