@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -61,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,11 +328,12 @@ def outage_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespa
     return trials
 
 
-def disturbance_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
-                       rng: random.Random, interval: float, dead_interval: float
-                       ) -> list[disturb.Trial]:
-    """args.trials disturbances of kind (`disturb.run_trial`), each from a freshly reset
-    stable pair; the trial stops the probe, and an error leaves none running."""
+def fault_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
+                 dead_interval: float, run: Callable[[int], disturb.Trial]
+                 ) -> list[disturb.Trial]:
+    """args.trials faults of kind (``run(i)``: `disturb.run_trial` or
+    `splitbrain.run_trial`), each from a freshly reset stable pair; the trial stops the
+    probe, and an error leaves none running."""
     trials = []
     for i in range(1, args.trials + 1):
         try:
@@ -339,29 +342,7 @@ def disturbance_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Na
             t = disturb.Trial(kind, i, error=f"no stable pair to start from: {exc}")
         else:
             try:
-                t = disturb.run_trial(pair, kind, i, rng, interval, args.pause)
-            finally:
-                kill_probe(pair)
-        trials.append(t)
-        log(f"{kind:<13} #{i:<3} {'FAILED: ' + t.error if t.error else 'ok'}  "
-            f"{json.dumps(t.detail)}")
-    return trials
-
-
-def splitbrain_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
-                      rng: random.Random, interval: float, dead_interval: float
-                      ) -> list[disturb.Trial]:
-    """args.trials faults of kind (`splitbrain.run_trial`), each from a freshly reset
-    stable pair; the trial stops the probe, and an error leaves none running."""
-    trials = []
-    for i in range(1, args.trials + 1):
-        try:
-            reset(pair, asker, dead_interval)
-        except RuntimeError as exc:
-            t = disturb.Trial(kind, i, error=f"no stable pair to start from: {exc}")
-        else:
-            try:
-                t = splitbrain.run_trial(pair, kind, i, rng, interval, asker.who)
+                t = run(i)
             finally:
                 kill_probe(pair)
         trials.append(t)
@@ -613,11 +594,15 @@ def main(argv: list[str] | None = None) -> int:
                         idle_bare = measure_idle_without_checks(workdir, args, prefixes)
                         log("idle without health checks: " + json.dumps(idle_bare))
                     if args.arbiter is not None:
-                        split[kind] = splitbrain_trials(pair, asker, kind, args, rng,
-                                                        hb.interval, hb.dead_interval)
+                        split[kind] = fault_trials(
+                            pair, asker, kind, args, hb.dead_interval, functools.partial(
+                                splitbrain.run_trial, pair, kind, rng=rng,
+                                interval=hb.interval, who=asker.who))
                     elif kind in disturb.DISTURBANCES:
-                        disturbed[kind] = disturbance_trials(pair, asker, kind, args, rng,
-                                                             hb.interval, hb.dead_interval)
+                        disturbed[kind] = fault_trials(
+                            pair, asker, kind, args, hb.dead_interval, functools.partial(
+                                disturb.run_trial, pair, kind, rng=rng,
+                                interval=hb.interval, pause=args.pause))
                     else:
                         results[kind] = outage_trials(pair, asker, kind, args, rng,
                                                       hb.interval, hb.dead_interval)

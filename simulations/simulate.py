@@ -365,6 +365,16 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
         kind == "partition" and out.notes["partition_s"] > 3 * active.cfg.dead_interval + 0.2)
     if settled and out.loss < 0.2:
         _check_settled(kind, sim, active, other, states, out)
+    _check_moves_and_freezes(kind, sim, active, other, states, out)
+    if kind == "clock_step":
+        _check_clock_step(sim, out)
+
+
+def _check_moves_and_freezes(kind: str, sim: Sim, active: SimNode, other: SimNode,
+                             states: dict[str, State | None], out: Outcome) -> None:
+    """End checks of the pair alone and with a witness: a switchover moved the VIPs, the
+    holder announced last, a freeze did not make a second holder."""
+    actives = [n for n, s in states.items() if s is State.ACTIVE]
     if kind == "switchover" and actives != [other.name]:
         sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
     if len(actives) == 1:
@@ -373,8 +383,6 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
         _check_frozen_standby(sim, active, other, out)
     elif kind == "freeze_active":
         _check_frozen_active(sim, active, out)
-    elif kind == "clock_step":
-        _check_clock_step(sim, out)
 
 
 def _check_settled(kind: str, sim: Sim, active: SimNode, other: SimNode,
@@ -407,14 +415,7 @@ def _check_end_arbiter(kind: str, sim: Sim, active: SimNode, other: SimNode, t: 
         _check_settled(kind, sim, active, other, states, out)
     if (kind in HOLDER_STAYS or out.notes.get("witness_only")) and out.loss < 0.2:
         _check_holder_stays(kind, sim, t, out)
-    if kind == "switchover" and actives != [other.name]:
-        sim.checker.violation(f"switchover: expected {other.name} ACTIVE at the end, got {states}")
-    if len(actives) == 1:
-        _check_last_announcement(sim, sim.nodes[actives[0]])
-    if kind == "freeze_standby":
-        _check_frozen_standby(sim, active, other, out)
-    elif kind == "freeze_active":
-        _check_frozen_active(sim, active, out)
+    _check_moves_and_freezes(kind, sim, active, other, states, out)
 
 
 def _check_no_takeover_without_majority(sim: Sim, standby: SimNode, t: float) -> None:
