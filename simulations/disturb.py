@@ -321,6 +321,11 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def median_max(stats: dict[str, Any], key: str) -> str:
+    """A summary cell: "median / max" of ``stats[key]``."""
+    return f"{_cell(stats[key]['median'])} / {_cell(stats[key]['max'])}"
+
+
 def trial_row(t: Trial) -> str:
     """One markdown table row (TRIAL_HEADER) for a trial."""
     if t.error:
@@ -347,7 +352,7 @@ SUMMARY_HEADER = (
 
 def summary_row(fault: str, s: dict[str, Any]) -> str:
     def both(key: str) -> str:
-        return f"{_cell(s[key]['median'])} / {_cell(s[key]['max'])}"
+        return median_max(s, key)
 
     return (f"| {fault} | {s['n']} | {s['failed']} | {both('dual_active_ms')} "
             f"| {_cell(s['dual_active_after_ms']['max'])} | {both('dual_holder_ms')} "

@@ -298,7 +298,7 @@ HEADER = ("| fault | n | failover ms median / max | two MACs ms median / max "
 
 def row(fault: str, s: dict[str, Any]) -> str:
     def both(key: str) -> str:
-        return f"{_cell(s[key]['median'])} / {_cell(s[key]['max'])}"
+        return disturb.median_max(s, key)
 
     failover = both("failover_ms") + (f" (none in {s['no_failover']})"
                                       if s["no_failover"] else "")
