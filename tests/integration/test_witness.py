@@ -109,6 +109,10 @@ def test_the_witness_votes_counts_reloads_and_stops(witness: WitnessProcess) -> 
         assert 50_000 < restarting.vote.wait_ms <= 60_000
         wait_for(lambda: healthz(witness)["uptime_seconds"] > LEASE_MS / 1000 + 0.05,
                  what="the start-up block of one lease")
+        # This request echoes the RESTARTING reply, older than the lease: a node that has
+        # not heard the witness for a lease is answered STALE, and granted once its next
+        # request echoes that fresh reply (docs/protocol.md).
+        assert verdict(a.ask()) is Verdict.STALE
         granted = a.ask()
         assert verdict(granted) is Verdict.GRANTED and Flag.VOTE in granted.flags
         held = b.ask()
