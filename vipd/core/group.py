@@ -72,6 +72,7 @@ class GroupConfig:
     ttl: float = 1.0  # the lease TTL asked of etcd
     digest: str = ""  # the config digest each member publishes (mismatches are reported)
     version: str = ""
+    vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +270,7 @@ class GroupElection:
                 self.stopping = True
             case VipFailed(detail=detail):
                 self._vip_fault = detail
-                self.timers.vip_fault_until = now + 5.0
+                self.timers.vip_fault_until = now + self.cfg.vip_retry
             case VipsLost(detail=detail):
                 self._vips_lost = detail
         self._keep_alive(now)
