@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from vipd.arbiter.etcd import EtcdError, EtcdStore
+from support.pki import make_pki
+from vipd.arbiter.etcd import EtcdError, EtcdStore, EtcdTls
 from vipd.core.group import Member, Observed
 from vipd.core.protocol import State
-from vipd.demo.etcdserver import EtcdCluster, etcd_binary
+from vipd.demo.etcdserver import EtcdCluster, ServerTls, etcd_binary
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,34 @@ def test_a_lease_survives_the_etcd_leader_being_killed(etcd3: EtcdCluster) -> No
     gap, kept = asyncio.run(_leader_killed(etcd3))
     assert kept, "the holder key did not survive a leader change"
     assert gap < 2.0, f"keep-alives failed for {gap:.2f} s after the leader was killed"
+
+
+async def _over_tls(cluster: EtcdCluster, tls: EtcdTls | None) -> tuple[int, float]:
+    s = EtcdStore(cluster.endpoints, "/vipd", "tls", "a", tls=tls, timeout=2.0)
+    try:
+        return await s.grant(1)
+    finally:
+        await s.close()
+
+
+def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """etcd requiring client certificates of our CA: the store's own channel (aetcd 1.0
+    has no TLS) connects with ca/cert/key, and is refused without a certificate or with
+    one of another CA."""
+    if etcd_binary() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("etcd not found: scripts/test-deps installs etcd-server")
+        pytest.skip("etcd not found (apt-get install etcd-server)")
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    server = ServerTls(pki.ca, pki.server_cert, pki.server_key, pki.client_cert,
+                       pki.client_key)
+    with EtcdCluster.start(tmp_path / "etcd", tls=server) as cluster:
+        _, ttl = asyncio.run(_over_tls(cluster, EtcdTls(pki.ca, pki.client_cert,
+                                                        pki.client_key)))
+        assert ttl == 1.0
+        for wrong in (EtcdTls(pki.ca), EtcdTls(pki.ca, pki.other_cert, pki.other_key)):
+            with pytest.raises(EtcdError, match="lease grant"):
+                asyncio.run(_over_tls(cluster, wrong))
+        with pytest.raises(EtcdError):  # plaintext to a TLS port
+            asyncio.run(_over_tls(cluster, None))

@@ -26,6 +26,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from support.pki import Pki, make_pki
 from vipd.api import MAX_BODY, Api, Outcome
 from vipd.audit import AuditLog
 from vipd.config import ApiConfig
@@ -489,55 +490,9 @@ async def test_status_is_not_blocked_by_a_running_move(env: Env) -> None:
 # --- 6. TLS ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-    other_cert: Path
-    other_key: Path
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl(d, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-             "-subj", f"/CN={name}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-
-
-def _make_leaf(d: Path, name: str, ca: str, extensions: str) -> None:
-    (d / f"{name}.ext").write_text(
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n" + extensions)
-    _openssl(d, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-    _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-set_serial", str(abs(hash(name)) % 10**9), "-days", "2", "-out", f"{name}.pem",
-             "-extfile", f"{name}.ext")
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_ca(d, "other-ca")
-    _make_leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    _make_leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
-    _make_leaf(d, "other-client", "other-ca", "extendedKeyUsage=clientAuth\n")
-    for key in d.glob("*.key"):
-        key.chmod(0o600)
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem",
-               d / "client.key", d / "other-ca.pem", d / "other-client.pem",
-               d / "other-client.key")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def api_config(pki: Pki, client_ca: Path | None = None, **override: Path) -> ApiConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -27,6 +28,18 @@ def etcd_binary() -> str | None:
     return shutil.which("etcd")
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """Client-facing TLS of the members: their certificate, and the CA whose client
+    certificates they require (``--client-cert-auth``); ``client_*`` for the health check."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
 @dataclass
 class Member:
     name: str
@@ -35,10 +48,11 @@ class Member:
     peer_port: int
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -53,23 +67,26 @@ class EtcdCluster:
     members: list[Member]
     log: Path
     spawn: Callable[..., subprocess.Popen[bytes]] = field(repr=False)
+    tls: ServerTls | None = None
 
     @classmethod
     def start(cls, workdir: Path, hosts: Sequence[str] = ("127.0.0.1",), *,
               ports: Sequence[tuple[int, int]] | None = None,
               spawn: Callable[..., subprocess.Popen[bytes]] | None = None,
-              timeout: float = 15.0) -> EtcdCluster:
+              tls: ServerTls | None = None, timeout: float = 15.0) -> EtcdCluster:
         """One member per host; ``ports``: (client, peer) per member (default: free
-        loopback ports, for members on 127.0.0.1)."""
+        loopback ports, for members on 127.0.0.1); ``tls``: clients must use TLS with a
+        certificate of its CA."""
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError("etcd not found: install Debian's etcd-server "
                                "(apt-get install etcd-server)")
         ports = list(ports) if ports is not None else [(_free_port(), _free_port())
                                                         for _ in hosts]
-        members = [Member(f"etcd{i + 1}", host, c, p, workdir / f"etcd{i + 1}")
+        scheme = "https" if tls is not None else "http"
+        members = [Member(f"etcd{i + 1}", host, c, p, workdir / f"etcd{i + 1}", scheme=scheme)
                    for i, (host, (c, p)) in enumerate(zip(hosts, ports, strict=True))]
-        cluster = cls(members, workdir / "etcd.log", spawn or _popen)
+        cluster = cls(members, workdir / "etcd.log", spawn or _popen, tls)
         for member in members:
             cluster._launch(binary, member)
         if not cluster.wait_healthy(timeout):
@@ -100,12 +117,20 @@ class EtcdCluster:
                 "--initial-cluster", initial, "--initial-cluster-state", state,
                 "--heartbeat-interval", str(HEARTBEAT_MS),
                 "--election-timeout", str(ELECTION_MS), "--log-level", "warn"]
+        if self.tls is not None:
+            argv += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
+                     "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
         with self.log.open("ab") as log:
             member.proc = self.spawn(*argv, stdout=log, stderr=log)
 
     def health(self, member: Member) -> bool:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         try:
-            with urllib.request.urlopen(f"{member.client_url}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"{member.client_url}/health", timeout=1,
+                                        context=context) as r:
                 return b'"true"' in r.read()
         except (urllib.error.URLError, OSError):
             return False
