@@ -143,26 +143,18 @@ def etcd3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         yield cluster
 
 
-async def _leader(cluster: EtcdCluster) -> str:
-    import aetcd
-    member = next(m for m in cluster.members if m.proc is not None and m.proc.poll() is None)
-    async with aetcd.Client(host=member.host, port=member.client_port, timeout=1) as client:
-        return str((await client.status()).leader.name)
-
-
 async def _leader_killed(cluster: EtcdCluster) -> tuple[float, bool]:
     """Keep a lease alive every 250 ms (the holder's pace at TTL 1 s), kill etcd's leader,
     return (from the last answered keep-alive before the kill to the next answered one,
     whether the holder key survived)."""
-    s = store(cluster, "a", "leader")
-    s.timeout = 0.25
+    s = EtcdStore(cluster.endpoints, "/vipd", "leader", "a", timeout=0.25)
     try:
         lease, _ = await s.grant(1)
         won, holder = await s.claim(lease)
         assert won and holder is not None
         await s.keep_alive(lease)
         last_ok = time.monotonic()
-        cluster.kill(await _leader(cluster))
+        cluster.kill(await s.leader())
         killed = time.monotonic()
         while time.monotonic() - killed < 6.0:
             sent = time.monotonic()
@@ -174,10 +166,14 @@ async def _leader_killed(cluster: EtcdCluster) -> tuple[float, bool]:
                 pass
             await asyncio.sleep(max(0.0, 0.25 - (time.monotonic() - sent)))
         gap = time.monotonic() - last_ok
-        still, seen = await s.claim(lease)  # put-if-absent: fails while our key stands
-        return gap, (not still and seen == holder)
     finally:
         await s.close()
+    check = store(cluster, "a", "leader")  # the key, not the time: a patient store
+    try:
+        still, seen = await check.claim(lease)  # put-if-absent: fails while our key stands
+        return gap, (not still and seen == holder)
+    finally:
+        await check.close()
 
 
 def test_a_lease_survives_the_etcd_leader_being_killed(etcd3: EtcdCluster) -> None:

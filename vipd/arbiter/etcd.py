@@ -109,11 +109,34 @@ class EtcdStore:
         self.where = ", ".join(f"{h}:{p}" for h, p in endpoints)
         self.base = f"{prefix.rstrip('/')}/{cluster}/".encode()
         self.timeout = timeout
-        self._client = _client_class()(_target(endpoints), tls, timeout)
+        self._endpoints, self._tls, self._first = list(endpoints), tls, 0
+        self._client = self._connect()
         self._tx = self._client.transactions
+        self._closing: set[asyncio.Task[None]] = set()
         import grpc
+        aetcd = _aetcd()
         # what a call may raise: aetcd's errors, gRPC's own, the key files' (TLS)
-        self._errors = (_aetcd().ClientError, grpc.RpcError, OSError)
+        self._errors = (aetcd.ClientError, grpc.RpcError, OSError)
+        # ... and those after which another member may answer where this one did not
+        self._unreachable = (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)
+
+    def _connect(self) -> Any:
+        """A client whose channel tries the endpoints from the ``_first`` on."""
+        order = self._endpoints[self._first:] + self._endpoints[:self._first]
+        return _client_class()(_target(order), self._tls, self.timeout)
+
+    def _fail_over(self) -> None:
+        """A call got no answer: the member we talk to may be cut off, and a connection to
+        it goes quiet rather than breaking (gRPC would keep it for as long as its
+        keepalive allows, which etcd holds to >= 5 s). Later calls go to the next member;
+        the old channel is closed, which ends its watch (the caller starts a new one)."""
+        if len(self._endpoints) < 2:
+            return
+        old, self._first = self._client, (self._first + 1) % len(self._endpoints)
+        self._client = self._connect()
+        task = asyncio.get_running_loop().create_task(old.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @property
     def holder_key(self) -> bytes:
@@ -129,7 +152,8 @@ class EtcdStore:
     async def _call(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
             return await asyncio.wait_for(call(), self.timeout)
-        except TimeoutError as exc:
+        except (TimeoutError, *self._unreachable) as exc:
+            self._fail_over()
             raise EtcdError(f"etcd {self.where}: {what}: no answer within "
                             f"{round(self.timeout * 1000)} ms") from exc
         except self._errors as exc:
@@ -178,6 +202,11 @@ class EtcdStore:
         await self._call(f"publish members/{member.node}", lambda: self._client.put(
             self.member_key(member.node), encode_member(member), lease=lease))
 
+    async def leader(self) -> str:
+        """The name of etcd's current leader (status, tests)."""
+        status = await self._call("status", self._client.status)
+        return str(status.leader.name)
+
     async def revoke(self, lease: int) -> None:
         await self._call("lease revoke", lambda: self._client.revoke_lease(lease))
 
@@ -220,3 +249,5 @@ class EtcdStore:
 
     async def close(self) -> None:
         await self._client.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

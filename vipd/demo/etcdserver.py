@@ -19,9 +19,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
+Spawn = Callable[..., "subprocess.Popen[Any]"]  # runs argv where a member lives
 
 
 def etcd_binary() -> str | None:
@@ -62,18 +64,23 @@ class Member:
 @dataclass
 class EtcdCluster:
     """Start with `EtcdCluster.start(...)`, always `stop()` (or use as a context manager).
-    ``spawn`` runs a command where the member lives (a lab host's spawn, or Popen)."""
+    ``spawns``: per member, how to run a command where it lives (a lab host's spawn;
+    default: a local process); ``run_at_clients`` runs the health check where the
+    clients are (a lab host's run; default: here)."""
 
     members: list[Member]
     log: Path
-    spawn: Callable[..., subprocess.Popen[bytes]] = field(repr=False)
+    spawns: Sequence[Spawn] = field(repr=False)
     tls: ServerTls | None = None
+    run_at_clients: Callable[[Callable[[], bool]], bool] = field(
+        default=lambda check: check(), repr=False)
 
     @classmethod
     def start(cls, workdir: Path, hosts: Sequence[str] = ("127.0.0.1",), *,
               ports: Sequence[tuple[int, int]] | None = None,
-              spawn: Callable[..., subprocess.Popen[bytes]] | None = None,
-              tls: ServerTls | None = None, timeout: float = 15.0) -> EtcdCluster:
+              spawns: Sequence[Spawn] | None = None, tls: ServerTls | None = None,
+              run_at_clients: Callable[[Callable[[], bool]], bool] | None = None,
+              timeout: float = 15.0) -> EtcdCluster:
         """One member per host; ``ports``: (client, peer) per member (default: free
         loopback ports, for members on 127.0.0.1); ``tls``: clients must use TLS with a
         certificate of its CA."""
@@ -86,7 +93,9 @@ class EtcdCluster:
         scheme = "https" if tls is not None else "http"
         members = [Member(f"etcd{i + 1}", host, c, p, workdir / f"etcd{i + 1}", scheme=scheme)
                    for i, (host, (c, p)) in enumerate(zip(hosts, ports, strict=True))]
-        cluster = cls(members, workdir / "etcd.log", spawn or _popen, tls)
+        cluster = cls(members, workdir / "etcd.log", spawns or [_popen] * len(members), tls)
+        if run_at_clients is not None:
+            cluster.run_at_clients = run_at_clients
         for member in members:
             cluster._launch(binary, member)
         if not cluster.wait_healthy(timeout):
@@ -121,7 +130,8 @@ class EtcdCluster:
             argv += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
                      "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
         with self.log.open("ab") as log:
-            member.proc = self.spawn(*argv, stdout=log, stderr=log)
+            spawn = self.spawns[self.members.index(member)]
+            member.proc = spawn(*argv, stdout=log, stderr=log)
 
     def health(self, member: Member) -> bool:
         context = None
@@ -136,9 +146,12 @@ class EtcdCluster:
             return False
 
     def wait_healthy(self, timeout: float) -> bool:
+        def healthy() -> bool:
+            return all(self.health(m) for m in self.members if m.proc and m.proc.poll() is None)
+
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if all(self.health(m) for m in self.members if m.proc and m.proc.poll() is None):
+            if self.run_at_clients(healthy):
                 return True
             time.sleep(0.05)
         return False
@@ -163,7 +176,7 @@ class EtcdCluster:
                 member.proc.wait(5)
 
 
-def _popen(*argv: str, stdout: object, stderr: object) -> subprocess.Popen[bytes]:
+def _popen(*argv: str, stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=stdout, stderr=stderr,  # type: ignore[call-overload]
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
