@@ -106,7 +106,11 @@ def test_a_pair_partition_with_the_witness_reachable_moves_nothing(pair: PairLab
     assert two_mac_rounds(obs, start, end) == []
     assert replies_from(pair, obs, "node2", start) == []
     assert obs.gate_open("node2", start, end) == []
-    assert obs.gate_open("node1", start, end) == [(start, end)], "node1's gate flickered"
+    # one open span to the end: never shut. It may begin a few ms after `start`: the
+    # gate samplers' first read can come after the oracle says it is ready.
+    spans = obs.gate_open("node1", start, end)
+    assert len(spans) == 1 and spans[0][1] == end and spans[0][0] - start < 0.05, \
+        f"node1's gate flickered: {spans} in [{start}, {end}]"
 
 
 def test_an_isolated_active_fences_itself_and_the_standby_takes_over(pair: PairLab) -> None:
