@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from support.etcd import require_etcd
 from support.netns import Lab
-from vipd.demo.etcdserver import EtcdCluster, etcd_binary
+from vipd.demo.etcdserver import EtcdCluster
 
 pytestmark = pytest.mark.netns
 
@@ -26,8 +27,7 @@ _numbers = itertools.count(1)
 
 @pytest.fixture
 def etcd_lab(netns_prefix: str, tmp_path: Path) -> Iterator[tuple[Lab, EtcdCluster]]:
-    if etcd_binary() is None:
-        pytest.fail("etcd not found: scripts/test-deps installs etcd-server")
+    require_etcd()
     lab = Lab.create(f"{netns_prefix}e{next(_numbers)}-", (*MEMBERS, "client"))
     try:
         cluster = EtcdCluster.start(
@@ -47,7 +47,8 @@ def etcd_lab(netns_prefix: str, tmp_path: Path) -> Iterator[tuple[Lab, EtcdClust
 # carry the lab's namespace into later tests.
 RIDE_OUT = """
 import asyncio, json, sys, time
-from vipd.arbiter.etcd import EtcdError, EtcdStore
+from support.etcd import unanswered_for
+from vipd.arbiter.etcd import EtcdStore
 
 async def main(endpoints):
     probe = EtcdStore(endpoints, "/vipd", "lab", "probe", timeout=2.0)
@@ -67,20 +68,12 @@ async def main(endpoints):
         last_ok = time.monotonic()
         print(leader, flush=True)
         sys.stdin.readline()  # the test has cut the leader off
-        since, failed = time.monotonic(), 0
-        while time.monotonic() - since < 8.0:
-            sent = time.monotonic()
-            try:
-                if await store.keep_alive(lease) > 0 and sent > since:
-                    break
-                last_ok = sent
-            except EtcdError:
-                failed += 1
-            await asyncio.sleep(max(0.0, 0.25 - (time.monotonic() - sent)))
-        gap = time.monotonic() - last_ok
+        gap, failed = await unanswered_for(store, lease, last_ok, time.monotonic(), 8.0)
     finally:
         await store.close()
-    check = EtcdStore(endpoints, "/vipd", "lab", "a", timeout=2.0)  # the key, not the time
+    # the key, not the time: a patient store that asks the members still reachable
+    check = EtcdStore(sorted(endpoints, key=lambda e: e == first), "/vipd", "lab", "a",
+                      timeout=2.0)
     try:
         still, seen = await check.claim(lease)
     finally:

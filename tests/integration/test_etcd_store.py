@@ -5,26 +5,23 @@ the watch, lease expiry, and an unreachable endpoint named in the error."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from support.etcd import require_etcd, unanswered_for
 from support.pki import make_pki
 from vipd.arbiter.etcd import EtcdError, EtcdStore, EtcdTls
 from vipd.core.group import Member, Observed
 from vipd.core.protocol import State
-from vipd.demo.etcdserver import EtcdCluster, ServerTls, etcd_binary
+from vipd.demo.etcdserver import EtcdCluster, ServerTls
 
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    if etcd_binary() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("etcd not found: scripts/test-deps installs etcd-server")
-        pytest.skip("etcd not found (apt-get install etcd-server)")
+    require_etcd()
     with EtcdCluster.start(tmp_path_factory.mktemp("etcd")) as cluster:
         yield cluster
 
@@ -135,10 +132,7 @@ def test_an_unreachable_etcd_is_an_error_that_names_it(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def etcd3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """A 3-member etcd cluster on loopback (the fault tests' kind)."""
-    if etcd_binary() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("etcd not found: scripts/test-deps installs etcd-server")
-        pytest.skip("etcd not found (apt-get install etcd-server)")
+    require_etcd()
     with EtcdCluster.start(tmp_path_factory.mktemp("etcd3"), ["127.0.0.1"] * 3) as cluster:
         yield cluster
 
@@ -155,17 +149,7 @@ async def _leader_killed(cluster: EtcdCluster) -> tuple[float, bool]:
         await s.keep_alive(lease)
         last_ok = time.monotonic()
         cluster.kill(await s.leader())
-        killed = time.monotonic()
-        while time.monotonic() - killed < 6.0:
-            sent = time.monotonic()
-            try:
-                if await s.keep_alive(lease) > 0 and sent > killed:
-                    break
-                last_ok = sent
-            except EtcdError:
-                pass
-            await asyncio.sleep(max(0.0, 0.25 - (time.monotonic() - sent)))
-        gap = time.monotonic() - last_ok
+        gap, _ = await unanswered_for(s, lease, last_ok, time.monotonic(), 6.0)
     finally:
         await s.close()
     check = store(cluster, "a", "leader")  # the key, not the time: a patient store
@@ -197,10 +181,7 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
     """etcd requiring client certificates of our CA: the store's own channel (aetcd 1.0
     has no TLS) connects with ca/cert/key, and is refused without a certificate or with
     one of another CA."""
-    if etcd_binary() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("etcd not found: scripts/test-deps installs etcd-server")
-        pytest.skip("etcd not found (apt-get install etcd-server)")
+    require_etcd()
     (tmp_path / "pki").mkdir()
     pki = make_pki(tmp_path / "pki")
     server = ServerTls(pki.ca, pki.server_cert, pki.server_key, pki.client_cert,
