@@ -38,7 +38,14 @@ def _add_check_config(parser: argparse.ArgumentParser) -> None:
 def check_config(args: argparse.Namespace) -> int:
     file: str = args.file
     config = load_config(file)
-    keys = load_keys(config.auth.key_file)
+    keys = load_keys(config.key_file) if config.auth is not None else {}
+    if config.etcd is not None:
+        from vipd.arbiter.etcd import EtcdError, check_client
+
+        try:
+            check_client(config.etcd)
+        except EtcdError as exc:
+            raise ConfigError(file, [("arbiter.etcd", str(exc))]) from exc
     if config.api.tokens_file is not None:
         load_tokens(config.api.tokens_file)  # what the daemon will check at start
     if config.fence == "kernel":
@@ -54,16 +61,23 @@ def check_config(args: argparse.Namespace) -> int:
 
 def summary(config: Config, key_count: int) -> str:
     """The one-line description check-config prints for a valid config."""
-    hb = config.heartbeat
-    return ", ".join([
-        f"node {config.node} in cluster {config.cluster}",
-        f"{_count(len(config.vips), 'VIP')} on {config.interface}",
+    head = [f"node {config.node} in cluster {config.cluster}",
+            f"{_count(len(config.vips), 'VIP')} on {config.interface}"]
+    if config.etcd is not None:
+        etcd = config.etcd
+        return ", ".join([*head,
+            f"group on etcd {','.join(map(str, etcd.endpoints))} (prefix {etcd.prefix}, "
+            f"ttl {format_duration(etcd.ttl)}{', TLS' if etcd.tls else ''})",
+            f"priority {config.priority}", _count(len(config.health), "check"),
+            f"fence {config.fence}"])
+    hb = config.pair
+    return ", ".join([*head,
         f"{'peer' if len(hb.peers) == 1 else 'peers'} {','.join(map(str, hb.peers))}",
         f"heartbeat {format_duration(hb.interval)} x {hb.dead_after} "
         f"(dead after {format_duration(hb.dead_interval)})",
         _count(len(config.health), "check"),
         _count(key_count, "key"),
-        (f"arbiter witness {','.join(map(str, config.arbiter.witness))} (vote lease "
+        (f"arbiter witness {','.join(map(str, config.arbiter.witnesses))} (vote lease "
          f"{format_duration(config.vote_lease)})" if config.arbiter else "no arbiter"),
         f"fence {config.fence}",
     ])

@@ -109,17 +109,81 @@ class AuthConfig(_Model):
     key_file: ConfigPath
 
 
-class ArbiterConfig(_Model):
-    """Lease votes with a witness (docs/election.md): no split brain, still sub-second."""
+class EtcdTlsConfig(_Model):
+    """TLS to etcd: the CA that signed the etcd members' certificates, and this node's
+    client certificate and key when etcd requires them (--client-cert-auth)."""
 
-    witness: list[Endpoint]
+    ca: ConfigPath
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> EtcdTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            missing = "key" if self.key is None else "cert"
+            raise Problems([((missing,), "a client certificate needs both cert and key")])
+        return self
+
+
+class EtcdConfig(_Model):
+    """A group of nodes arbitrated by etcd (docs/election.md, "Groups on etcd")."""
+
+    endpoints: list[Endpoint]
+    prefix: str = "/vipd"
+    # The holder's lease; etcd counts TTLs in whole seconds and raises one below about
+    # 1.5 x its election timeout (the granted TTL is logged and exported).
+    ttl: PositiveDuration = 1.0
+    tls: EtcdTlsConfig | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, endpoints: list[Endpoint]) -> list[Endpoint]:
+        if not endpoints:
+            raise ValueError("expected at least one etcd endpoint, like [192.0.2.5:2379]")
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first: dict[Endpoint, int] = {}
+        for i, endpoint in enumerate(endpoints):
+            if endpoint in first:
+                problems.append(((i,), f"{endpoint} is listed twice (also "
+                                       f"endpoints[{first[endpoint]}])"))
+            elif endpoint.host.is_unspecified or endpoint.host.is_multicast:
+                problems.append(((i,), f"{endpoint} is not a unicast address of an etcd member"))
+            first.setdefault(endpoint, i)
+        if problems:
+            raise Problems(problems)
+        return endpoints
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, prefix: str) -> str:
+        if not prefix.startswith("/") or prefix != prefix.strip() or "//" in prefix:
+            raise ValueError(f"expected a key prefix like /vipd, got {prefix!r}")
+        return prefix.rstrip("/") or "/"
+
+    @field_validator("ttl")
+    @classmethod
+    def _whole_seconds(cls, ttl: float) -> float:
+        if ttl < 1 or ttl != int(ttl):
+            raise ValueError(f"etcd lease TTLs are whole seconds (1s or more), got "
+                             f"{format_duration(ttl)}")
+        return ttl
+
+
+class ArbiterConfig(_Model):
+    """Who decides which node may hold the VIPs (docs/election.md): lease votes with a
+    witness for a pair, or etcd for a group of nodes. Exactly one of the two."""
+
+    witness: list[Endpoint] | None = None
     # How long a vote lasts, counted by each voter from its grant; default (None): the
     # heartbeat dead interval, so crash failover takes what it takes without an arbiter.
     lease: PositiveDuration | None = None
+    etcd: EtcdConfig | None = None
 
     @field_validator("witness")
     @classmethod
-    def _check_witnesses(cls, witnesses: list[Endpoint]) -> list[Endpoint]:
+    def _check_witnesses(cls, witnesses: list[Endpoint] | None) -> list[Endpoint] | None:
+        if witnesses is None:
+            return None
         if not witnesses:
             raise ValueError("expected at least one witness, like [192.0.2.3:5406]")
         problems: list[tuple[tuple[str | int, ...], str]] = []
@@ -134,6 +198,24 @@ class ArbiterConfig(_Model):
         if problems:
             raise Problems(problems)
         return witnesses
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ArbiterConfig:
+        if (self.witness is None) == (self.etcd is None):
+            raise Problems([((), "expected exactly one of witness: [HOST:PORT, ...] (a pair) "
+                                 "or etcd: {endpoints: [...]} (a group)")])
+        if self.etcd is not None and self.lease is not None:
+            raise Problems([(("lease",), "lease is the witness's vote lease; with etcd "
+                                         "the lease is etcd.ttl")])
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "etcd" if self.etcd is not None else "witness"
+
+    @property
+    def witnesses(self) -> list[Endpoint]:
+        return self.witness or []
 
 
 class HttpCheck(_Model):
@@ -279,8 +361,10 @@ class Config(_Model):
     priority: Annotated[int, Strict(), Field(ge=1, le=254)] = 100
     preempt: StrictBool = True
     preempt_delay: Duration = 0.0
-    heartbeat: HeartbeatConfig
-    auth: AuthConfig
+    # The pair's heartbeats and their key; not used (and not allowed) with arbiter etcd,
+    # where the group meets in etcd instead.
+    heartbeat: HeartbeatConfig | None = None
+    auth: AuthConfig | None = None
     health: list[HealthCheck] = Field(default_factory=list)
     announce: AnnounceConfig = Field(default_factory=AnnounceConfig)
     vip_lease: Duration = 3.0  # 0 = permanent addresses
@@ -312,10 +396,46 @@ class Config(_Model):
         return data
 
     @property
+    def etcd(self) -> EtcdConfig | None:
+        """The etcd arbiter (a group), or None (a pair)."""
+        return self.arbiter.etcd if self.arbiter is not None else None
+
+    @property
+    def pair(self) -> HeartbeatConfig:
+        """The heartbeat settings of a pair (only called where the node is one)."""
+        if self.heartbeat is None:
+            raise AssertionError("heartbeat settings asked of a group (arbiter etcd)")
+        return self.heartbeat
+
+    @property
+    def key_file(self) -> Path:
+        if self.auth is None:
+            raise AssertionError("the heartbeat key asked of a group (arbiter etcd)")
+        return self.auth.key_file
+
+    @property
+    def interval(self) -> float:
+        """The node's pace: the heartbeat interval of a pair, the keep-alive period of a
+        group (a quarter of the etcd TTL)."""
+        if self.heartbeat is not None:
+            return self.heartbeat.interval
+        assert self.etcd is not None
+        return self.etcd.ttl / 4
+
+    @property
+    def dead_interval(self) -> float:
+        """How long a silent holder keeps the VIPs at most: the heartbeat dead interval
+        of a pair, the etcd TTL of a group."""
+        if self.heartbeat is not None:
+            return self.heartbeat.dead_interval
+        assert self.etcd is not None
+        return self.etcd.ttl
+
+    @property
     def vote_lease(self) -> float:
         """The arbiter's vote lease (the dead interval unless set)."""
         lease = self.arbiter.lease if self.arbiter is not None else None
-        return lease or self.heartbeat.dead_interval
+        return lease or self.dead_interval
 
     @property
     def effective_state_dir(self) -> Path:
@@ -360,6 +480,24 @@ class Config(_Model):
         return checks
 
     @model_validator(mode="after")
+    def _pair_or_group(self) -> Config:
+        # A pair meets through heartbeats (and their key); a group through etcd.
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.etcd is None:
+            for key in ("heartbeat", "auth"):
+                if getattr(self, key) is None:
+                    problems.append(((key,), "missing required key"))
+        else:
+            for key in ("heartbeat", "auth"):
+                if getattr(self, key) is not None:
+                    problems.append(((key,), (
+                        f"not used with arbiter etcd (the group meets in etcd, not by "
+                        f"heartbeats); remove `{key}`")))
+        if problems:
+            raise Problems(problems)
+        return self
+
+    @model_validator(mode="after")
     def _arbiter_needs_fence(self) -> Config:
         # The votes bound how long a node may answer for the VIPs; after a crash or a
         # freeze only the kernel can enforce that bound.
@@ -370,13 +508,17 @@ class Config(_Model):
             problems.append((("fence",), (
                 "an arbiter needs fence: kernel (the kernel gate enforces the vote lease "
                 "when the process is frozen or killed); remove `fence: none`")))
+        if self.heartbeat is None:
+            if problems:
+                raise Problems(problems)
+            return self
         lease, interval = self.vote_lease, self.heartbeat.interval
         if lease < 3 * interval:
             problems.append((("arbiter", "lease"), (
                 f"lease {format_duration(lease)} must be at least 3 heartbeat intervals "
                 f"({format_duration(3 * interval)}): votes are renewed once per interval")))
         pair_hosts = {p.host for p in self.heartbeat.peers} | {self.heartbeat.bind.host}
-        for i, witness in enumerate(self.arbiter.witness):
+        for i, witness in enumerate(self.arbiter.witnesses):
             if witness.host in pair_hosts:
                 problems.append((("arbiter", "witness", i), (
                     f"{witness} is on a heartbeat address of the pair; the witness must "
@@ -394,13 +536,17 @@ class Config(_Model):
     def _lease_outlives_dead_interval(self) -> Config:
         # A lease shorter than the dead interval would drop the VIP from a healthy active
         # whose heartbeats merely got delayed.
-        dead = self.heartbeat.dead_interval
+        if self.heartbeat is None and self.etcd is None:
+            return self  # reported as missing
+        dead = self.dead_interval
         if self.vip_lease and self.vip_lease <= dead:
+            what = (f"heartbeat dead interval {format_duration(dead)} (interval "
+                    f"{format_duration(self.heartbeat.interval)} x dead_after "
+                    f"{self.heartbeat.dead_after})" if self.heartbeat is not None else
+                    f"etcd ttl {format_duration(dead)}")
             raise Problems([(("vip_lease",), (
                 f"vip_lease {format_duration(self.vip_lease)} must be longer than the "
-                f"heartbeat dead interval {format_duration(dead)} (interval "
-                f"{format_duration(self.heartbeat.interval)} x dead_after "
-                f"{self.heartbeat.dead_after}), or 0 for permanent addresses"))])
+                f"{what}, or 0 for permanent addresses"))])
         return self
 
 

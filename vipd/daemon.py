@@ -28,14 +28,17 @@ from aiohttp import web
 
 from vipd import __version__
 from vipd.api import Api
+from vipd.arbiter.etcd import EtcdStore, store_for
 from vipd.checks import CheckRunner
 from vipd.config import Config, format_duration
 from vipd.control import start_api
 from vipd.core import election as el
+from vipd.core import group as g
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session, new_witness_client
 from vipd.errors import VipdError, VipError
 from vipd.fence import KernelFence
+from vipd.groupdriver import GroupDriver, group_config
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
 from vipd.metrics import StatusCollector, build_metrics, serve_metrics
@@ -46,26 +49,26 @@ from vipd.reload import ReloadError, read_reload
 from vipd.statefile import StateFile
 from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
-from vipd.view import Status, snapshot
+from vipd.view import Status, group_snapshot, snapshot
 from vipd.vipworker import VipWorker
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 0.8  # SIGTERM must end the process within a second
 def election_config(cfg: Config) -> el.ElectionConfig:
-    hb = cfg.heartbeat
+    hb = cfg.pair
     return el.ElectionConfig(
         node=cfg.node, priority=cfg.priority, preempt=cfg.preempt,
         preempt_delay=cfg.preempt_delay, interval=hb.interval, dead_after=hb.dead_after,
         digest=settings_digest(cfg.cluster, [str(v) for v in cfg.vips], hb.interval,
                                hb.dead_after, cfg.vote_lease if cfg.arbiter else 0.0),
-        witnesses=tuple(str(w) for w in cfg.arbiter.witness) if cfg.arbiter else (),
+        witnesses=tuple(str(w) for w in cfg.arbiter.witnesses) if cfg.arbiter else (),
         lease=cfg.vote_lease if cfg.arbiter else 0.0)
 
 
 class Daemon:
     def __init__(self, config: Config, *, config_path: Path | None = None,
-                 mover: VipMover | None = None) -> None:
+                 mover: VipMover | None = None, store: EtcdStore | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.mover: VipMover = mover or NetlinkMover(config.interface, config.vips)
@@ -76,18 +79,28 @@ class Daemon:
         self.notifier = Notifier()
         state_file = StateFile(config.effective_state_dir)
         saved = state_file.load()
-        election = el.Election(election_config(config), term=int(saved.get("term", 0)),
-                               maintenance=bool(saved.get("maintenance", False)))
-        keys, boot_id = KeyRing(load_keys(config.auth.key_file)), secrets.randbits(64)
-        session = new_session(config, keys, boot_id, election.cfg.digest)
+        term, maintenance = int(saved.get("term", 0)), bool(saved.get("maintenance", False))
         self.worker = VipWorker(config, self.mover, self.metrics, self._report)
         self.hooks = HookRunner(config, self.metrics, preexec=None)
-        self.driver = Driver(config, election, session, self.worker, self.hooks, state_file,
-                             self.notifier, self.metrics, on_finished=self._finish,
-                             witnesses=new_witness_client(config, keys, boot_id,
-                                                          election.cfg.digest))
-        # The gate never stays open past the votes held (loop time is time.monotonic()).
-        self.worker.gate_limit = lambda now: self.driver.election.gate_limit(now)
+        self.driver: Driver | GroupDriver
+        if config.etcd is not None:  # a group: etcd decides who holds
+            self.driver = GroupDriver(
+                config, g.GroupElection(group_config(config), maintenance=maintenance,
+                                        term=term),
+                store or store_for(config.etcd, config.cluster, config.node), self.worker,
+                self.hooks, state_file, self.notifier, self.metrics, on_finished=self._finish)
+        else:  # a pair: heartbeats (and a witness's votes)
+            election = el.Election(election_config(config), term=term,
+                                   maintenance=maintenance)
+            keys, boot_id = KeyRing(load_keys(config.key_file)), secrets.randbits(64)
+            self.driver = Driver(
+                config, election, new_session(config, keys, boot_id, election.cfg.digest),
+                self.worker, self.hooks, state_file, self.notifier, self.metrics,
+                on_finished=self._finish,
+                witnesses=new_witness_client(config, keys, boot_id, election.cfg.digest))
+        # The gate never stays open past the votes or the etcd lease held (loop time is
+        # time.monotonic()).
+        self.worker.gate_limit = self.driver.gate_limit
         self.checks = CheckRunner(config, self.metrics, self._report)
         self.api: Api | None = None
         self._held: set[str] = set()  # the VIPs the kernel had at the last status
@@ -102,22 +115,34 @@ class Daemon:
     # --- what observers read (API, metrics, tests) ----------------------------------------
 
     @property
+    def pair(self) -> Driver:
+        """The pair's driver (heartbeats, votes); only called on a pair."""
+        assert isinstance(self.driver, Driver), "a group (arbiter etcd) has no pair driver"
+        return self.driver
+
+    @property
+    def group(self) -> GroupDriver:
+        """The group's driver (arbiter etcd); only called on a group."""
+        assert isinstance(self.driver, GroupDriver), "a pair has no group driver"
+        return self.driver
+
+    @property
     def election(self) -> el.Election:
-        return self.driver.election
+        return self.pair.election
 
     @property
     def session(self) -> Session:
-        return self.driver.session
+        return self.pair.session
 
     @property
     def transport(self) -> HeartbeatTransport | None:
-        return self.driver.transport
+        return self.driver.transport if isinstance(self.driver, Driver) else None
 
     def loop_time(self) -> float:
         return self.driver.loop_time()
 
     def ready(self) -> bool:
-        return self.election.ready(self.loop_time())
+        return self.driver.ready(self.loop_time())
 
     async def status(self) -> Status:
         """The one view of this node for the API, vipctl and metrics. The VIPs are read
@@ -132,17 +157,23 @@ class Daemon:
 
     def view(self, held: set[str], vip_error: str | None = None) -> Status:
         """The snapshot itself, for VIPs read already (``held``)."""
+        if isinstance(self.driver, GroupDriver):
+            return group_snapshot(
+                self.config, self.driver.election, self.checks.status(),
+                now=self.loop_time(), mono=time.monotonic(), started=self.started, held=held,
+                vip_error=vip_error, fence=self.worker.gate(time.monotonic()),
+                ready=self.ready(), granted_ttl=self.driver.granted_ttl)
         transport = self.transport
         errors = ({"send": transport.send_errors, "receive": transport.receive_errors}
                   if transport is not None else {"send": 0, "receive": 0})
         return snapshot(self.config, self.election,
                         self.checks.status(),
                         now=self.loop_time(), mono=time.monotonic(), started=self.started,
-                        held=held, vip_error=vip_error, last_rtt=self.driver.last_rtt,
+                        held=held, vip_error=vip_error, last_rtt=self.pair.last_rtt,
                         clock_offset=self.session.clock_offset,
                         rejected=self.metrics.hot.rejected, socket_errors=errors,
                         fence=self.worker.gate(time.monotonic()),
-                        witness_replies=self.driver.witness_replies())
+                        witness_replies=self.pair.witness_replies())
 
     def handle(self, event: el.Event) -> list[el.Action]:
         """For the control API: an operator command is just another event."""
@@ -163,9 +194,15 @@ class Daemon:
         if cfg.arbiter is None:
             log.warning("no arbiter: a partition of the heartbeat path makes both nodes "
                         "active (configure `arbiter: {witness: [HOST:PORT]}`)")
+        elif cfg.arbiter.etcd is not None:
+            etcd = cfg.arbiter.etcd
+            log.info("arbiter: etcd %s, prefix %s, lease TTL %s%s: the holder of %s/%s/holder "
+                     "holds the VIPs", ", ".join(map(str, etcd.endpoints)), etcd.prefix,
+                     format_duration(etcd.ttl), " over TLS" if etcd.tls else "",
+                     etcd.prefix.rstrip("/"), cfg.cluster)
         else:
             log.info("arbiter: witness %s, vote lease %s: a node holds the VIPs only with "
-                     "%d of %d votes", ", ".join(map(str, cfg.arbiter.witness)),
+                     "%d of %d votes", ", ".join(map(str, cfg.arbiter.witnesses)),
                      format_duration(cfg.vote_lease), election_config(cfg).voters // 2 + 1,
                      election_config(cfg).voters)
         if cfg.fence == "kernel":  # shut before anything: a previous run's gate goes too
@@ -175,8 +212,12 @@ class Daemon:
             await self.mover.release()  # stale VIPs of a crashed previous run
         except VipError as exc:
             log.error("cannot remove stale VIPs: %s", exc)
-        transport = await HeartbeatTransport.open(cfg.heartbeat.bind, self.driver.on_datagrams)
-        self.driver.attach(transport)
+        transport = None
+        if isinstance(self.driver, Driver):
+            transport = await HeartbeatTransport.open(cfg.pair.bind, self.driver.on_datagrams)
+            self.driver.attach(transport)
+        else:
+            self.driver.attach()
         runners: list[web.AppRunner] = []
         try:
             started = await start_api(cfg, self, self.metrics)
@@ -187,7 +228,8 @@ class Daemon:
                                          self.status)
             runners += [served] if served is not None else []
         except VipdError:
-            transport.close()
+            if transport is not None:
+                transport.close()
             for runner in runners:
                 await runner.cleanup()
             raise
@@ -210,13 +252,13 @@ class Daemon:
                 self._start(tg, self.worker.run(), "vip worker")
                 self._start(tg, self.checks.run(), "health checks")
                 if self.notifier.watchdog:
-                    stale = max(1.0, 4 * self.config.heartbeat.interval)
+                    stale = max(1.0, 4 * self.config.interval)
                     self._start(tg, watchdog(self.notifier, self.notifier.watchdog,
                                              lambda: self.driver.timer_works(stale)),
                                 "watchdog")
                 self._start(tg, self._reloads(), "reload")
-                if self.driver.witnesses is not None:
-                    self._start(tg, self.driver.probe_witnesses(), "witness probes")
+                for coro, name in self.driver.tasks():
+                    self._start(tg, coro, name)
                 self.driver.start()
                 await self._done.wait()
                 for task in self._tasks:
@@ -247,6 +289,8 @@ class Daemon:
                 self.worker.fence.remove()
             except VipError as exc:
                 log.error("removing the kernel fence at exit failed: %s", exc)
+        if isinstance(self.driver, GroupDriver):  # the resign and the revoke may be in flight
+            await self.driver.close(self._stop_budget())
         await self.checks.close()
         for runner in runners:
             await runner.cleanup()
@@ -310,9 +354,13 @@ class Daemon:
         self.config = new.config
         if new.health_changed:
             self.checks.reload(new.config)
-        self.driver.reconfigure(new.config, election_config(new.config), new.keys)
-        log.info("config reloaded: priority %d, preempt %s, keys %s", new.config.priority,
-                 new.config.preempt, new.keys.ids)
+        if isinstance(self.driver, Driver):
+            assert new.keys is not None  # a pair's config has its key file
+            self.driver.reconfigure(new.config, election_config(new.config), new.keys)
+        else:
+            self.driver.reconfigure(new.config)
+        log.info("config reloaded: priority %d, preempt %s%s", new.config.priority,
+                 new.config.preempt, f", keys {new.keys.ids}" if new.keys else "")
         self.metrics.reloads.labels("ok").inc()
 
     def _on_loop_exception(self, loop: asyncio.AbstractEventLoop,

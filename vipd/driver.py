@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from vipd.arbiter.witness_client import WitnessClient
 from vipd.config import Config
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def new_session(config: Config, keys: KeyRing, boot_id: int, digest: bytes) -> Session:
-    hb = config.heartbeat
+    hb = config.pair
     return Session(cluster=config.cluster, node=config.node, keys=keys, boot_id=boot_id,
                    digest=digest, peer_sources={str(p.host) for p in hb.peers},
                    max_skew=hb.max_clock_skew)
@@ -44,12 +45,12 @@ def new_session(config: Config, keys: KeyRing, boot_id: int, digest: bytes) -> S
 
 def new_witness_client(config: Config, keys: KeyRing, boot_id: int,
                        digest: bytes) -> WitnessClient | None:
-    if config.arbiter is None:
+    if config.arbiter is None or config.arbiter.witness is None:
         return None
     return WitnessClient(
         cluster=config.cluster, node=config.node, keys=keys, boot_id=boot_id, digest=digest,
         witnesses=[(str(w), (str(w.host), w.port)) for w in config.arbiter.witness],
-        lease=config.vote_lease, max_skew=config.heartbeat.max_clock_skew)
+        lease=config.vote_lease, max_skew=config.pair.max_clock_skew)
 
 
 class Driver:
@@ -69,7 +70,7 @@ class Driver:
         self._on_finished = on_finished
         self.transport: HeartbeatTransport | None = None
         # (host, port) tuples made once: the send path runs for every heartbeat.
-        self._peer_addresses = [(str(p.host), p.port) for p in config.heartbeat.peers]
+        self._peer_addresses = [(str(p.host), p.port) for p in config.pair.peers]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_timer_fire = time.monotonic()
@@ -97,6 +98,17 @@ class Driver:
     def loop_time(self) -> float:
         assert self._loop is not None
         return self._loop.time()
+
+    def ready(self, now: float) -> bool:
+        return self.election.ready(now)
+
+    def gate_limit(self, now: float) -> float | None:
+        """Until when the kernel gate may stay open: never past the votes held."""
+        return self.election.gate_limit(now)
+
+    def tasks(self) -> list[tuple[Coroutine[Any, Any, None], str]]:
+        """Long-lived tasks of a pair besides the timer: the witness probes."""
+        return [] if self.witnesses is None else [(self.probe_witnesses(), "witness probes")]
 
     # --- events in -----------------------------------------------------------------------
 
@@ -165,7 +177,7 @@ class Driver:
     def _duplicate_node(self, source: str, count: int) -> el.DuplicateNode:
         """Another live node sends heartbeats under our name: a configuration error that
         would otherwise leave both nodes ACTIVE. The election goes FAULT while it lasts."""
-        node, bind = self.config.node, self.config.heartbeat.bind
+        node, bind = self.config.node, self.config.pair.bind
         detail = (f"duplicate node name {node!r}: the node at {source} uses it too (this "
                   f"node sends from {bind}); give each node its own name")
         if count & (count - 1) == 0:
@@ -176,7 +188,7 @@ class Driver:
     def _watch_clock_offset(self, offset: float) -> None:
         """The wall clocks may disagree (heartbeats stay fresh by the echo); say so once
         when the offset crosses max_clock_skew, and once when it is back."""
-        limit = self.config.heartbeat.max_clock_skew
+        limit = self.config.pair.max_clock_skew
         far = abs(offset) > limit
         if far == self._offset_warned:
             return

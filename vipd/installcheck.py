@@ -141,6 +141,8 @@ async def check_network(cfg: Config) -> list[Finding]:
         local = {str(ip_address(m.get("address") or m.get("local")))
                  for m in await _messages(await ipr.addr("dump"))
                  if m.get("address") or m.get("local")}
+        if cfg.heartbeat is None:
+            return found  # a group: its nodes meet in etcd
         bind = str(cfg.heartbeat.bind.host)
         if bind not in local and not ip_address(bind).is_unspecified:
             found.append(Finding(FAIL, "heartbeat.bind", f"{bind} is not an address of this "
@@ -167,8 +169,15 @@ def check_fence(cfg: Config) -> list[Finding]:
         found.append(Finding(WARN, "arbiter", "no arbiter: a partition of the heartbeat path "
                              "makes both nodes active (docs/election.md: when to use a "
                              "witness)"))
+    elif cfg.arbiter.etcd is not None:
+        etcd = cfg.arbiter.etcd
+        found.append(Finding(OK, "arbiter", f"etcd {', '.join(map(str, etcd.endpoints))}, "
+                             f"ttl {etcd.ttl:g} s" + (", TLS" if etcd.tls else "")))
+        if etcd.tls is None:
+            found.append(Finding(WARN, "arbiter", "etcd without TLS: anyone on the path "
+                                 "can read and forge the group's keys"))
     else:
-        found.append(Finding(OK, "arbiter", f"witness {', '.join(map(str, cfg.arbiter.witness))}"
+        found.append(Finding(OK, "arbiter", f"witness {', '.join(map(str, cfg.arbiter.witnesses))}"
                              f", vote lease {cfg.vote_lease * 1000:.0f} ms"))
     if cfg.fence == "kernel":
         try:
@@ -185,7 +194,12 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
     cfg = load_config(path)
     found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
     found += check_file(Path(path), "config file", user)
-    found += check_file(cfg.auth.key_file, "key file", user, load_keys)
+    if cfg.auth is not None:
+        found += check_file(cfg.auth.key_file, "key file", user, load_keys)
+    if cfg.etcd is not None and cfg.etcd.tls is not None:
+        for name in ("ca", "cert", "key"):
+            if (path := getattr(cfg.etcd.tls, name)) is not None:
+                found += check_file(path, f"etcd {name} file", user)
     if cfg.api.tokens_file is not None:
         found += check_file(cfg.api.tokens_file, "tokens file", user, load_tokens)
     if cfg.api.tokens_file is None and cfg.api.listen is not None:

@@ -38,10 +38,11 @@ from prometheus_client.utils import floatToGoString
 from vipd import __version__
 from vipd.api import HTTP_SHUTDOWN_TIMEOUT
 from vipd.config import Endpoint
+from vipd.core.group import Store
 from vipd.core.protocol import Reject, State
 from vipd.core.witness import Witness
 from vipd.errors import VipdError
-from vipd.view import Status
+from vipd.view import GroupView, Status
 
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # readded: a VIP missing on the holder was added again; removed: a VIP found on a node
@@ -127,6 +128,8 @@ class Metrics:
     scrape: Histogram
     vote_replies: Counter
     self_fence: Counter
+    etcd_errors: Counter
+    etcd_latency: Histogram
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -172,6 +175,12 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         self_fence=Counter("vipd_self_fence_total", "Times this node gave up the VIPs "
                            "because it no longer held a majority of votes, by reason",
                            ["reason"], registry=registry),
+        etcd_errors=Counter("vipd_etcd_errors_total", "etcd calls that failed or got no "
+                            "answer in time (arbiter etcd), by call", ["call"],
+                            registry=registry),
+        etcd_latency=Histogram("vipd_etcd_call_duration_seconds", "Round trip of the etcd "
+                               "calls that were answered (arbiter etcd), by call", ["call"],
+                               buckets=FAST_BUCKETS, registry=registry),
     )
     m.self_fence.labels("votes_lost")
     for result in ("ok", "error", "refused"):
@@ -272,6 +281,9 @@ class StatusCollector(Collector):
                                  labels=["kind"])
         info.add_metric([a.kind], 1.0)
         yield info
+        if s.group is not None:
+            yield from StatusCollector._group(s.group)
+            return
         if a.kind == "none":
             return
         yield GaugeMetricFamily("vipd_arbiter_lease_seconds", "The vote lease",
@@ -297,6 +309,37 @@ class StatusCollector(Collector):
             age.add_metric([v.voter, v.kind], v.age_seconds)
             left.add_metric([v.voter, v.kind], v.remaining_seconds)
         yield from (reachable, last, age, left)
+
+    @staticmethod
+    def _group(g: GroupView) -> Iterable[Metric]:
+        state = GaugeMetricFamily("vipd_etcd_state", "1 for how this node stands with etcd "
+                                  "now (connecting, ok, unreachable, lease_expired)",
+                                  labels=["state"])
+        for name in (store.value for store in Store):
+            state.add_metric([name], float(g.etcd == name))
+        yield state
+        ttl = GaugeMetricFamily("vipd_etcd_lease_ttl_seconds", "The holder lease TTL: asked "
+                                "(config) and granted by etcd (absent before the grant)",
+                                labels=["which"])
+        ttl.add_metric(["asked"], g.ttl_seconds)
+        if g.granted_ttl_seconds is not None:
+            ttl.add_metric(["granted"], g.granted_ttl_seconds)
+        yield ttl
+        left = GaugeMetricFamily("vipd_etcd_lease_remaining_seconds", "How long this node's "
+                                 "lease is surely alive on etcd, as it counts (0: lapsed; "
+                                 "absent without a lease)")
+        if g.lease_remaining_seconds is not None:
+            left.add_metric([], g.lease_remaining_seconds)
+        yield left
+        yield GaugeMetricFamily("vipd_group_holder_term", "Create revision of the holder key "
+                                "(0: nobody holds the VIPs)", value=float(g.holder_term))
+        yield GaugeMetricFamily("vipd_group_members", "Members that published a record",
+                                value=float(len(g.members)))
+        yield GaugeMetricFamily("vipd_group_eligible_members", "Members that could hold the "
+                                "VIPs now", value=float(sum(m.eligible for m in g.members)))
+        yield GaugeMetricFamily("vipd_group_settings_mismatches", "Members whose settings "
+                                "digest (VIPs, etcd prefix and TTL) differs from this node's",
+                                value=float(sum(not m.settings_match for m in g.members)))
 
 
 log = logging.getLogger(__name__)

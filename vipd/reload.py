@@ -26,7 +26,7 @@ FIXED_SETTINGS = ("cluster", "node", "interface", "vips", "heartbeat", "state_di
 @dataclass(frozen=True)
 class Reload:
     config: Config
-    keys: KeyRing
+    keys: KeyRing | None  # the heartbeat keys of a pair (a group has none)
     tokens: list[Token] | None
     health_changed: bool
 
@@ -43,7 +43,7 @@ def read_reload(path: Path, running: Config) -> Reload:
     """The config at ``path`` as a reload of ``running``; raises ReloadError."""
     try:
         new = load_config(path)
-        keys = KeyRing(load_keys(new.auth.key_file))
+        keys = KeyRing(load_keys(new.key_file)) if new.auth is not None else None
         tokens = load_tokens(new.api.tokens_file) if new.api.tokens_file is not None else None
     except (VipdError, ValueError) as exc:
         raise ReloadError("error", f"reload failed, keeping the running config: {exc}") \

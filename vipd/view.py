@@ -17,6 +17,7 @@ from typing import Any
 from vipd import __version__
 from vipd.config import Config
 from vipd.core.election import Election
+from vipd.core.group import GroupElection
 from vipd.core.protocol import Flag, Reject, State
 from vipd.core.votes import PROBE_EVERY, REACHABLE_LEASES
 from vipd.health import CheckStatus
@@ -93,6 +94,41 @@ NO_ARBITER = ArbiterView("none", 0.0, 2, 2, [], None, None, None, [])
 
 
 @dataclass(frozen=True, slots=True)
+class MemberView:
+    """A group member's published record (arbiter etcd)."""
+
+    node: str
+    state: str
+    priority: int
+    healthy: bool
+    maintenance: bool
+    eligible: bool
+    wants: bool  # asking the holder for the VIPs (preempting or promoted)
+    holder: bool
+    version: str
+    settings_match: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """This node's view of its group on etcd."""
+
+    endpoints: list[str]
+    prefix: str
+    etcd: str  # connecting, ok, unreachable, lease_expired
+    etcd_detail: str
+    ttl_seconds: float  # asked
+    granted_ttl_seconds: float | None  # what etcd granted (it may raise a short TTL)
+    lease: str | None  # hex id
+    lease_remaining_seconds: float | None  # how long our lease is surely alive on etcd
+    holder: str | None
+    holder_term: int  # the holder key's create revision
+    successor: str | None
+    revision: int  # of the last change the watch showed
+    members: list[MemberView]
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     node: str
     cluster: str
@@ -120,6 +156,7 @@ class Status:
     socket_errors: dict[str, int]  # heartbeat socket: "send", "receive"
     fence: str  # the kernel gate (config `fence`): "none", "open" or "shut"
     arbiter: ArbiterView = NO_ARBITER
+    group: GroupView | None = None  # arbiter etcd: the group (then `peer` is None)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,10 +169,13 @@ class Status:
         arbiter = NO_ARBITER if arb is None else ArbiterView(**{
             **arb, "votes": [VoteView(**v) for v in arb["votes"]],
             "witnesses": [WitnessView(**w) for w in arb["witnesses"]]})
+        grp = doc.get("group")
+        group = None if grp is None else GroupView(**{
+            **grp, "members": [MemberView(**m) for m in grp["members"]]})
         return cls(**{**doc, "checks": [CheckView(**c) for c in doc["checks"]],
                       "vips": [VipView(**v) for v in doc["vips"]],
                       "peer": None if peer is None else PeerView(**peer),
-                      "arbiter": arbiter})
+                      "arbiter": arbiter, "group": group})
 
 
 def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
@@ -167,9 +207,7 @@ def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
         maintenance=e.maintenance, healthy=e.health, health_override=e.health_override,
         handover=None if e.handover is None else e.handover.target.name,
         ready=e.ready(now),
-        checks=[CheckView(c.name, c.kind, c.up, c.detail, c.duration,
-                          None if c.changed_at is None else round(mono - c.changed_at, 3))
-                for c in checks],
+        checks=_checks(checks, mono),
         interface=config.interface,
         vips=[VipView(str(v), str(v) in held) for v in config.vips],
         vip_error=vip_error, peer=peer, config_digest=e.cfg.digest.hex(),
@@ -204,3 +242,45 @@ def arbiter_view(e: Election, now: float, replies: dict[str, float | None]) -> A
         "witness", lease, cfg.voters, cfg.voters // 2 + 1, votes,
         None if until is None else round(until - now, 3), e.ballot.holder(now),
         None if e.campaign is None else e.campaign[1], witnesses)
+
+
+def _checks(checks: list[CheckStatus], mono: float) -> list[CheckView]:
+    return [CheckView(c.name, c.kind, c.up, c.detail, c.duration,
+                      None if c.changed_at is None else round(mono - c.changed_at, 3))
+            for c in checks]
+
+
+def group_snapshot(config: Config, e: GroupElection, checks: list[CheckStatus], *,
+                   now: float, mono: float, started: float, held: set[str],
+                   vip_error: str | None, fence: str, ready: bool,
+                   granted_ttl: float | None) -> Status:
+    """A group node (arbiter etcd) at loop time ``now``: the same `Status`, with the group
+    in place of the peer."""
+    assert config.etcd is not None
+    etcd, view = config.etcd, e.view
+    holder = view.holder
+    members = [MemberView(
+        m.node, m.state.name, m.priority, m.healthy, m.maintenance, m.eligible, m.wants,
+        holder is not None and holder.node == m.node, m.version,
+        m.digest == e.cfg.digest) for m in sorted(view.members.values(), key=lambda m: m.node)]
+    left = e.lease_until - now if e.lease is not None else None
+    group = GroupView(
+        endpoints=[str(x) for x in etcd.endpoints], prefix=etcd.prefix, etcd=e.store.value,
+        etcd_detail=e.store_detail, ttl_seconds=etcd.ttl, granted_ttl_seconds=granted_ttl,
+        lease=None if e.lease is None else f"{e.lease:x}",
+        lease_remaining_seconds=None if left is None else round(max(left, 0.0), 3),
+        holder=None if holder is None else holder.node,
+        holder_term=0 if holder is None else holder.revision, successor=view.successor,
+        revision=view.revision, members=members)
+    return Status(
+        node=config.node, cluster=config.cluster, version=__version__,
+        uptime_seconds=round(mono - started, 3), state=e.state.name, term=e.term,
+        pair_term=max(e.term, group.holder_term), priority=e.cfg.priority,
+        effective_priority=e.cfg.priority, preempt=e.cfg.preempt, preferred=e.preferred,
+        maintenance=e.maintenance, healthy=e.health, health_override=False, handover=None,
+        ready=ready, checks=_checks(checks, mono), interface=config.interface,
+        vips=[VipView(str(v), str(v) in held) for v in config.vips], vip_error=vip_error,
+        peer=None, config_digest=e.cfg.digest, rejected_heartbeats={}, socket_errors={},
+        fence=fence,
+        arbiter=ArbiterView("etcd", granted_ttl or etcd.ttl, 0, 0, [], None, None, None, []),
+        group=group)

@@ -76,7 +76,7 @@ class VipWorker:
         lease after its last renewal, so renewing less often never keeps them longer.
         Three chances per lease, at most every second, never more often than heartbeats.
         """
-        return max(self.config.heartbeat.interval, min(self.config.vip_lease / 3, 1.0))
+        return max(self.config.interval, min(self.config.vip_lease / 3, 1.0))
 
     # --- the task ------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ class VipWorker:
         """How long the kernel gate stays open unless renewed: one dead interval, the
         time the peer needs to take over, so a frozen or dead holder is cut off by then.
         With an arbiter, never past the votes held (`gate_limit`)."""
-        return self.config.heartbeat.dead_interval
+        return self.config.dead_interval
 
     def gate(self, now: float) -> str:
         """The kernel gate as an observer sees it: none, open or shut."""
@@ -184,7 +184,7 @@ class VipWorker:
 
     async def _announce(self, count: int, interval: float) -> None:
         try:
-            late_limit = el.STALL_INTERVALS * self.config.heartbeat.interval
+            late_limit = el.STALL_INTERVALS * self.config.interval
             sent = await announce_burst(self.mover, count, interval, late_limit)
             self._metrics.announcements.inc(sent)
         except VipError as exc:
@@ -215,7 +215,7 @@ class VipWorker:
         """While holding: renew the lease, re-announce every `refresh`. While not: a
         standby that finds its VIPs on the interface removes them. ``late``: how late
         this wake-up is; a stall means another node may have taken over meanwhile."""
-        stalled = late > el.STALL_INTERVALS * self.config.heartbeat.interval
+        stalled = late > el.STALL_INTERVALS * self.config.interval
         if not self._holding:
             if now >= self._last_reconcile + RECONCILE_EVERY:
                 self._last_reconcile = now
@@ -233,7 +233,7 @@ class VipWorker:
                 # election steps down (or renews them first).
                 self._renew_gate(now)
                 if now >= self._gate_until:
-                    self._gate_due = now + self.config.heartbeat.interval
+                    self._gate_due = now + self.config.interval
                     return
             else:
                 self._lost(f"kernel gate shut: last renewal "
@@ -249,7 +249,7 @@ class VipWorker:
             # hear it (and release) before renewing, which would re-add a VIP that is
             # gone. The lease has that long left (it did not lapse, and it outlives the
             # dead interval by the config's own rule); a refresh waits as well.
-            wait = self.config.heartbeat.dead_interval
+            wait = self.config.dead_interval
             if lease:
                 left = self._last_renew + lifetime_seconds(lease) - LAPSE_MARGIN - now
                 wait = min(wait, left / 2)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vipd.config import EtcdConfig
 from vipd.core.group import Holder, Member, Observed
 from vipd.core.protocol import State
 from vipd.errors import VipError
@@ -35,6 +36,31 @@ def _aetcd() -> Any:
     except ImportError as exc:
         raise EtcdError("arbiter etcd needs the aetcd client: pip install 'vipd[etcd]'") from exc
     return aetcd
+
+
+def check_client(config: EtcdConfig) -> None:
+    """What check-config can tell without calling etcd: the client is installed and the
+    TLS files are readable."""
+    _aetcd()
+    if config.tls is not None:
+        for name in ("ca", "cert", "key"):
+            path = getattr(config.tls, name)
+            if path is None:
+                continue
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise EtcdError(f"tls.{name}: cannot read {path}: "
+                                f"{exc.strerror or exc}") from exc
+
+
+def store_for(config: EtcdConfig, cluster: str, node: str) -> EtcdStore:
+    """The store a node of ``cluster`` uses; calls time out after a keep-alive period
+    (TTL/4), so an unanswered keep-alive is known before the next one is due."""
+    tls = None if config.tls is None else EtcdTls(config.tls.ca, config.tls.cert,
+                                                 config.tls.key)
+    return EtcdStore([(str(e.host), e.port) for e in config.endpoints], config.prefix,
+                     cluster, node, tls=tls, timeout=config.ttl / 4)
 
 
 @dataclass(frozen=True, slots=True)

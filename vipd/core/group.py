@@ -141,8 +141,15 @@ class Claimed:
     holder: Holder | None
 
 
+@dataclass(frozen=True, slots=True)
+class Reconfigured:
+    """A reload: the new settings (priority, preempt, ...); the record is republished."""
+
+    cfg: GroupConfig
+
+
 GroupEvent = (Start | Tick | HealthChanged | Command | Shutdown | VipFailed | VipsLost
-              | LeaseGranted | KeptAlive | StoreFailed | Observed | Claimed)
+              | LeaseGranted | KeptAlive | StoreFailed | Observed | Claimed | Reconfigured)
 
 
 # --- actions (besides Transition, AcquireVips, ReleaseVips, CloseGate, RunHook,
@@ -273,6 +280,8 @@ class GroupElection:
                 self.timers.vip_fault_until = now + self.cfg.vip_retry
             case VipsLost(detail=detail):
                 self._vips_lost = detail
+            case Reconfigured(cfg=cfg):
+                self.cfg = cfg
         self._keep_alive(now)
         self._evaluate(now)
         self._publish()
