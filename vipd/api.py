@@ -53,8 +53,8 @@ class Controller(Protocol):
     """What the API needs from the daemon."""
 
     async def status(self) -> dict[str, Any]: ...
-    async def command(self, kind: CommandKind, force: bool,
-                      expected_term: int | None) -> Outcome: ...
+    async def command(self, kind: CommandKind, force: bool, expected_term: int | None,
+                      target: str = "") -> Outcome: ...
     def ready(self) -> bool: ...
 
 
@@ -65,6 +65,10 @@ class _Body(BaseModel):
 
 class MoveBody(_Body):
     force: bool = False
+
+
+class SwitchoverBody(MoveBody):
+    to: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class MaintenanceBody(_Body):
@@ -176,7 +180,7 @@ class Api:
         return web.json_response(await self.controller.status())
 
     async def switchover(self, request: web.Request) -> web.Response:
-        return await self._move(request, "switchover", MoveBody, lambda b: (
+        return await self._move(request, "switchover", SwitchoverBody, lambda b: (
             CommandKind.SWITCHOVER, b.force))
 
     async def promote(self, request: web.Request) -> web.Response:
@@ -204,10 +208,12 @@ class Api:
             if fields is not None:
                 return _error(400, f"invalid request body: {message}", fields=fields)
             return _error(400, message)
-        params = body.model_dump()
+        # a switchover's target goes in the audit line only when one was named
+        params = {k: v for k, v in body.model_dump().items() if k != "to" or v is not None}
         kind, force = to_command(body)
         async with self._mutating:
-            outcome = await self.controller.command(kind, force, body.expected_term)
+            outcome = await self.controller.command(kind, force, body.expected_term,
+                                                    getattr(body, "to", None) or "")
         status = 200 if outcome.accepted else 409
         self._audit(request, token, action, params=params,
                     result="accepted" if outcome.accepted else "refused", status=status,

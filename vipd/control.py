@@ -30,7 +30,7 @@ class Node(Protocol):
 
     async def status(self) -> Status: ...
     def ready(self) -> bool: ...
-    def handle(self, event: el.Event) -> list[el.Action]: ...
+    def handle(self, event: el.Event) -> list[Any]: ...
 
 
 class NodeController:
@@ -42,14 +42,14 @@ class NodeController:
     def ready(self) -> bool:
         return self.node.ready()
 
-    async def command(self, kind: el.CommandKind, force: bool,
-                      expected_term: int | None) -> Outcome:
+    async def command(self, kind: el.CommandKind, force: bool, expected_term: int | None,
+                      target: str = "") -> Outcome:
         before = await self.node.status()
         if expected_term is not None and expected_term != before.pair_term:
             return Outcome(False, f"expected_term {expected_term} is stale: the pair is at "
                                   f"term {before.pair_term}; check the status and retry",
                            before.state, before.term)
-        results = [a for a in self.node.handle(el.Command(kind, force))
+        results = [a for a in self.node.handle(el.Command(kind, force, target))
                    if isinstance(a, el.CommandResult)]
         result = results[0] if results else el.CommandResult(kind, False, "no result")
         after = await self.node.status()

@@ -175,7 +175,7 @@ class Daemon:
                         fence=self.worker.gate(time.monotonic()),
                         witness_replies=self.pair.witness_replies())
 
-    def handle(self, event: el.Event) -> list[el.Action]:
+    def handle(self, event: el.Event) -> list[Any]:
         """For the control API: an operator command is just another event."""
         return self.driver.handle(event)
 

@@ -20,7 +20,7 @@ import aiohttp
 
 from vipd import __version__
 from vipd.tokens import Role, new_token
-from vipd.view import Status
+from vipd.view import GroupView, Status
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_TIMEOUT = range(6)
 DEFAULT_API = "http://127.0.0.1:9440"
@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("status", help="both nodes as a table")
     s.add_argument("--json", action="store_true", help="the daemon's JSON as is")
-    for name, text in (("switchover", "planned move of the VIPs to the peer"),
+    for name, text in (("switchover", "planned move of the VIPs to the peer (in a group: "
+                                      "to the best eligible member, or --to NODE)"),
                        ("promote", "take the VIPs on this node")):
         c = sub.add_parser(name, help=text)
+        if name == "switchover":
+            c.add_argument("--to", metavar="NODE", help="the member to hand over to (a group)")
         c.add_argument("--force", action="store_true", help="skip the daemon's pre-checks")
         c.add_argument("--expected-term", type=int, help="refuse if the pair moved on")
         c.add_argument("--wait", action="store_true", help="wait until the move finished")
@@ -152,6 +155,8 @@ async def _run(args: argparse.Namespace) -> int:
             body: dict[str, Any] = {"enabled": args.mode == "on"}
         else:
             body = {"force": args.force}
+            if getattr(args, "to", None):
+                body["to"] = args.to
         if args.expected_term is not None:
             body["expected_term"] = args.expected_term
         started = time.monotonic()
@@ -169,6 +174,16 @@ async def _wait(client: Client, args: argparse.Namespace, started: float) -> int
     deadline = started + args.wait_timeout
     while time.monotonic() < deadline:
         _, s = await client.call("GET", "/v1/status")
+        if s.get("group") is not None:
+            where = _group_active(s["group"])
+            wanted = (where == s["node"]) if want_here else (
+                where not in (None, s["node"]) and (not args.to or where == args.to))
+            if wanted:
+                print(f"done: VIPs on {where} after "
+                      f"{1000 * (time.monotonic() - started):.0f} ms")
+                return EXIT_OK
+            await asyncio.sleep(0.01)
+            continue
         peer = s.get("peer") or {}
         here_active = s["state"] == "ACTIVE" and s.get("handover") is None
         peer_active = peer.get("state") == "ACTIVE" and peer.get("reachable")
@@ -181,9 +196,18 @@ async def _wait(client: Client, args: argparse.Namespace, started: float) -> int
     raise CliError(EXIT_TIMEOUT, f"the move did not finish within {args.wait_timeout:g} s")
 
 
+def _group_active(group: dict[str, Any]) -> str | None:
+    """The member that holds the key and says it is ACTIVE (has the VIPs up)."""
+    return next((m["node"] for m in group["members"]
+                 if m["holder"] and m["state"] == "ACTIVE"), None)
+
+
 def render_status(doc: dict[str, Any]) -> str:
-    """Both nodes side by side, from a node's status document (`vipd.view.Status`)."""
+    """Both nodes side by side, from a node's status document (`vipd.view.Status`); a
+    group's members one per line."""
     s = Status.from_json(doc)
+    if s.group is not None:
+        return _render_group(s, s.group)
     p = s.peer
     yes = {True: "yes", False: "no", None: "unknown"}
     rows = [
@@ -215,6 +239,43 @@ def render_status(doc: dict[str, Any]) -> str:
                      "dead_after)")
     if s.rejected_heartbeats:
         lines.append(f"  rejected heartbeats: {s.rejected_heartbeats}")
+    return "\n".join(lines)
+
+
+def _render_group(s: Status, g: GroupView) -> str:
+    """A group on etcd: the etcd connection, then every member, the holder marked."""
+    yes = {True: "yes", False: "no", None: "unknown"}
+    lines = [f"cluster {s.cluster}, group term {s.pair_term}, vipd {s.version}, "
+             f"up {s.uptime_seconds:.0f} s",
+             f"  this node: {s.node} {s.state} term {s.term}, priority {s.priority}, healthy "
+             f"{yes[s.healthy]}, maintenance {yes[s.maintenance]}",
+             f"  etcd {', '.join(g.endpoints)} ({g.prefix}): {g.etcd} - {g.etcd_detail}"]
+    ttl = f"lease TTL {g.ttl_seconds:g} s"
+    if g.granted_ttl_seconds is not None and g.granted_ttl_seconds != g.ttl_seconds:
+        ttl += f" (etcd granted {g.granted_ttl_seconds:g} s)"
+    if g.lease_remaining_seconds is not None:
+        ttl += f", lease {g.lease} alive for {1000 * g.lease_remaining_seconds:.0f} ms more"
+    lines.append(f"  {ttl}")
+    lines.append(f"  holder: {g.holder or 'nobody'}"
+                 + (f" (term {g.holder_term})" if g.holder else "")
+                 + (f", successor named: {g.successor}" if g.successor else ""))
+    rows = [("member", "state", "priority", "healthy", "eligible", "notes")]
+    for m in g.members:
+        notes = [n for n, on in (("holder", m.holder), ("maintenance", m.maintenance),
+                                 ("asks for the VIPs", m.wants),
+                                 ("SETTINGS DIFFER", not m.settings_match)) if on]
+        rows.append((m.node + (" (this node)" if m.node == s.node else ""), m.state,
+                     str(m.priority), yes[m.healthy], yes[m.eligible], ", ".join(notes)))
+    widths = [max(len(r[i]) for r in rows) + 2 for i in range(5)]
+    lines += ["  " + "".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + r[5]
+              for r in rows]
+    held = [v.address for v in s.vips if v.held]
+    lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}"
+                 + ("" if s.fence == "none" else f"; kernel gate {s.fence}"))
+    for c in s.checks:
+        lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
+    if any(not m.settings_match for m in g.members):
+        lines.append("  WARNING: members' settings differ (VIPs, etcd prefix or TTL)")
     return "\n".join(lines)
 
 

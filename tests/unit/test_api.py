@@ -42,6 +42,7 @@ class FakeController:
 
     def __init__(self) -> None:
         self.commands: list[tuple[CommandKind, bool, int | None]] = []
+        self.targets: list[str] = []
         self.events: list[tuple[str, CommandKind]] = []
         self.outcome = Outcome(True, "handover to peer started", "ACTIVE", 7)
         self.is_ready = True
@@ -51,9 +52,10 @@ class FakeController:
     async def status(self) -> dict[str, Any]:
         return self.status_doc
 
-    async def command(self, kind: CommandKind, force: bool,
-                      expected_term: int | None) -> Outcome:
+    async def command(self, kind: CommandKind, force: bool, expected_term: int | None,
+                      target: str = "") -> Outcome:
         self.commands.append((kind, force, expected_term))
+        self.targets.append(target)
         self.events.append(("start", kind))
         if self.gate is not None:
             await self.gate.wait()
@@ -190,6 +192,21 @@ async def test_without_tokens_file_every_v1_route_is_401(tmp_path: Path, env: En
     assert env.controller.commands == []
     assert [(e["action"], e["status"]) for e in env.audit_lines()] == [
         ("switchover", 401), ("maintenance", 401), ("promote", 401)]
+
+
+@pytest.mark.asyncio
+async def test_switchover_takes_a_target_member_and_validates_it(env: Env) -> None:
+    op = bearer(env.operate_token)
+    async with serve(env.api) as client:
+        resp = await client.post("/v1/switchover", headers=op, json={"to": "node3"})
+        assert resp.status == 200, await resp.text()
+        for bad in ({"to": ""}, {"to": 3}, {"to": "x" * 65}):
+            resp = await client.post("/v1/switchover", headers=op, json=bad)
+            assert resp.status == 400, (bad, await resp.text())
+            assert "to" in (await resp.json())["error"]
+        resp = await client.post("/v1/promote", headers=op, json={"to": "node3"})
+        assert resp.status == 400  # only a switchover has a target
+    assert env.controller.targets == ["node3"]
 
 
 # --- 2. audit ----------------------------------------------------------------------------
@@ -635,7 +652,7 @@ def test_first_authenticated_request_under_warnings_as_errors(tmp_path: Path) ->
         class Controller:
             async def status(self):
                 return {{"node": "vm-a"}}
-            async def command(self, kind, force, expected_term):
+            async def command(self, kind, force, expected_term, target=""):
                 return Outcome(True, "ok", "ACTIVE", 1)
             def ready(self):
                 return True

@@ -481,3 +481,56 @@ def test_config_model_can_be_built_directly() -> None:
         Config.model_validate(changed({"heartbeat.peers": ["198.51.100.101:5405"]}))
     config = Config.model_validate(changed({"auth.key_file": "rel.key"}))
     assert config.auth.key_file == Path("rel.key")  # no config file: left as given
+
+
+# --- arbiter etcd: a group ------------------------------------------------------------
+
+GROUP = {"heartbeat": DELETE, "auth": DELETE,
+         "arbiter": {"etcd": {"endpoints": ["198.51.100.5:2379", "198.51.100.6:2379"]}}}
+
+
+def test_a_group_on_etcd_needs_no_heartbeat_or_key(tmp_path: Path) -> None:
+    config = load_config(write_yaml(tmp_path, changed(GROUP)))
+    assert config.etcd is not None and config.heartbeat is None and config.auth is None
+    assert config.etcd.prefix == "/vipd" and config.etcd.ttl == 1.0
+    assert [str(e) for e in config.etcd.endpoints] == ["198.51.100.5:2379", "198.51.100.6:2379"]
+    assert config.fence == "kernel"  # an arbiter brings the gate
+    assert config.dead_interval == 1.0 and config.interval == 0.25  # keep-alives: TTL/4
+
+
+GROUP_ERRORS = [
+    ("heartbeat with etcd", {**GROUP, "heartbeat": VALID["heartbeat"]}, "heartbeat",
+     "not used with arbiter etcd"),
+    ("no heartbeat without etcd", {"heartbeat": DELETE}, "heartbeat", "missing required key"),
+    ("both arbiters", {**GROUP, "arbiter": {"witness": ["198.51.100.3:5406"],
+                                            "etcd": {"endpoints": ["198.51.100.5:2379"]}}},
+     "arbiter", "exactly one of witness"),
+    ("no endpoints", {**GROUP, "arbiter": {"etcd": {"endpoints": []}}},
+     "arbiter.etcd.endpoints", "at least one etcd endpoint"),
+    ("endpoint twice", {**GROUP, "arbiter": {"etcd": {"endpoints": [
+        "198.51.100.5:2379", "198.51.100.5:2379"]}}}, "arbiter.etcd.endpoints[1]",
+     "listed twice"),
+    ("fractional ttl", {**GROUP, "arbiter": {"etcd": {"endpoints": ["198.51.100.5:2379"],
+                                                      "ttl": "1500ms"}}},
+     "arbiter.etcd.ttl", "whole seconds"),
+    ("relative prefix", {**GROUP, "arbiter": {"etcd": {"endpoints": ["198.51.100.5:2379"],
+                                                       "prefix": "vipd"}}},
+     "arbiter.etcd.prefix", "like /vipd"),
+    ("cert without key", {**GROUP, "arbiter": {"etcd": {
+        "endpoints": ["198.51.100.5:2379"], "tls": {"ca": "/ca.pem", "cert": "/c.pem"}}}},
+     "arbiter.etcd.tls.key", "both cert and key"),
+    ("lease with etcd", {**GROUP, "arbiter": {"etcd": {"endpoints": ["198.51.100.5:2379"]},
+                                              "lease": "1s"}},
+     "arbiter.lease", "etcd.ttl"),
+    ("vip_lease under the ttl", {**GROUP, "arbiter": {"etcd": {
+        "endpoints": ["198.51.100.5:2379"], "ttl": "3s"}}, "vip_lease": "2s"},
+     "vip_lease", "longer than the etcd ttl 3s"),
+]
+
+
+@pytest.mark.parametrize(("changes", "key", "message"), [c[1:] for c in GROUP_ERRORS],
+                         ids=[c[0] for c in GROUP_ERRORS])
+def test_group_config_errors_name_the_key(tmp_path: Path, changes: dict[str, Any], key: str,
+                                          message: str) -> None:
+    problems = problems_with(tmp_path, changes)
+    assert any(k == key and message in m for k, m in problems), problems

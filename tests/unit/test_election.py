@@ -713,6 +713,16 @@ def _active_with_standby_peer() -> tuple[Election, float]:
     return e, now
 
 
+def test_a_pair_switches_over_only_to_its_peer() -> None:
+    e, now = _active_with_standby_peer()
+    res = e.handle(Command(K.SWITCHOVER, target="node3"), now)
+    assert not result(res).accepted and "'node3' is not this pair's peer" in result(res).message
+    assert e.handover is None
+    peer_name = e.peer.heartbeat.node if e.peer is not None else ""
+    res = e.handle(Command(K.SWITCHOVER, target=peer_name), now)
+    assert result(res).accepted and e.handover is not None
+
+
 def test_switchover_not_completed_is_aborted() -> None:
     e, now = _active_with_standby_peer()
     res = e.handle(Command(K.SWITCHOVER), now)

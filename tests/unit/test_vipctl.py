@@ -67,6 +67,7 @@ def status_doc(*, state: str = "ACTIVE", handover: str | None = None,
 class FakeController:
     def __init__(self) -> None:
         self.commands: list[tuple[CommandKind, bool, int | None]] = []
+        self.targets: list[str] = []
         self.outcome = Outcome(True, "handover to peer started", "ACTIVE", 4)
         self.before = status_doc()
         self.after: dict[str, Any] | None = None  # status once `flip_after` s passed
@@ -79,9 +80,10 @@ class FakeController:
             return self.after
         return self.before
 
-    async def command(self, kind: CommandKind, force: bool,
-                      expected_term: int | None) -> Outcome:
+    async def command(self, kind: CommandKind, force: bool, expected_term: int | None,
+                      target: str = "") -> Outcome:
         self.commands.append((kind, force, expected_term))
+        self.targets.append(target)
         if self.outcome.accepted:
             self.moved_at = time.monotonic()
         return self.outcome
@@ -199,6 +201,18 @@ async def test_switchover_accepted(env: Env, capsys: pytest.CaptureFixture[str])
     assert code == EXIT_OK, err
     assert out == "switchover: handover to peer started (state ACTIVE, term 4)\n"
     assert env.controller.commands == [(CommandKind.SWITCHOVER, False, None)]
+
+
+@pytest.mark.asyncio
+async def test_switchover_to_names_the_member(env: Env,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    async with serve(env) as url:
+        code = await vipctl("--api", url, "--token-file", str(env.operate_file), "switchover",
+                            "--to", "node3")
+        assert code == EXIT_OK, capsys.readouterr().err
+        code = await vipctl("--api", url, "--token-file", str(env.operate_file), "promote")
+        assert code == EXIT_OK, capsys.readouterr().err
+    assert env.controller.targets == ["node3", ""]
 
 
 @pytest.mark.asyncio

@@ -524,6 +524,11 @@ class Election:
                 return [CommandResult(kind, False, f"this node is {self.state.name}, not ACTIVE")]
             if self.handover is not None:
                 return [CommandResult(kind, False, "a handover is already in progress")]
+            peer_name = self.peer.heartbeat.node if self.peer is not None else None
+            if cmd.target and cmd.target != peer_name:
+                return [CommandResult(kind, False, (
+                    f"{cmd.target!r} is not this pair's peer (the peer is "
+                    f"{peer_name or 'not heard'}); a pair switches over to its peer"))]
             if not cmd.force and not (self.peer_eligible(now) and self.peer_hears_us(now)):
                 return [CommandResult(kind, False, self._peer_problem(now))]
             self._start_handover(State.STANDBY, now, switchover=True)
