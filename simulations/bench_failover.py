@@ -36,6 +36,13 @@ pause-active-5s, switchover, stop.
     python -m simulations.bench_failover --arbiter witness --trials 20 --idle-seconds 0
     python -m simulations.bench_failover --arbiter none --fence kernel --faults kill
 
+Groups on etcd (issue 13): with ``--arbiter etcd`` the lab is three vipd nodes on a
+3-member etcd and the faults are those of `simulations.bench_group` (kill,
+isolate-holder, stop, switchover, etcd-leader-kill, etcd-quorum-lost), measured by the same
+oracles; ``--ttl`` sets the nodes' etcd lease TTL (default 1s).
+
+    python -m simulations.bench_failover --arbiter etcd --trials 20
+
 Idle resources: with a stable pair and no probe, each daemon's CPU % of one core (the
 scheduler's own accounting, /proc/PID/task/*/schedstat; the median of 5 windows over
 --idle-seconds, 30 by default) and its VmRSS.
@@ -67,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations import disturb, splitbrain
+from simulations import bench_group, disturb, splitbrain
 from vipd.config import load_config
 from vipd.demo.lab import list_namespaces
 from vipd.demo.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
@@ -500,6 +507,8 @@ def _faults(text: str | None, arbiter: str | None) -> list[str]:
     the split-brain faults with --arbiter, the outage and disturbance faults without."""
     if arbiter is None:
         known, default = list(FAULTS), OUTAGE_FAULTS
+    elif arbiter == "etcd":
+        known = default = list(bench_group.FAULTS)
     else:
         known = [k for k, f in splitbrain.FAULTS.items()
                  if arbiter == "witness" or not f.witness]
@@ -525,9 +534,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{','.join(OUTAGE_FAULTS)}); with --arbiter: "
                          f"{', '.join(splitbrain.FAULTS)} (default: all; the witness-* "
                          f"ones need a witness)")
-    ap.add_argument("--arbiter", choices=("none", "witness"), default=None,
+    ap.add_argument("--arbiter", choices=("none", "witness", "etcd"), default=None,
                     help="run the split-brain faults (issue 12) on a pair with this "
-                         "arbiter")
+                         "arbiter; etcd: the group faults (issue 13) on three nodes")
+    ap.add_argument("--ttl", default="1s", help="with --arbiter etcd: the etcd lease TTL "
+                                                "(default 1s)")
     ap.add_argument("--fence", choices=("none", "kernel"), default=None,
                     help="the nodes' fence (default: vipd's, kernel with a witness)")
     ap.add_argument("--pause", type=float, default=5.0,
@@ -555,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("bench_failover: needs root (it creates network namespaces)")
         return 1
+    if args.arbiter == "etcd":
+        return group_main(args)
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
@@ -579,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                                   api=kind == "switchover" or args.arbiter is not None)
             prefixes.append(pair.lab.prefix)
             try:
-                hb = load_config(pair.nodes[ACTIVE].config).heartbeat
+                hb = load_config(pair.nodes[ACTIVE].config).pair
                 if kind in disturb.DISTURBANCES and args.arbiter is None:
                     disturb.prepare(pair, kind)
                 asker = Asker(pair)
@@ -659,6 +672,67 @@ def main(argv: list[str] | None = None) -> int:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     log(f"runtime {runtime:.1f} s; seed {seed}; host load average now {load} on "
         f"{os.cpu_count()} CPUs (other work on the host adds timer jitter)")
+    return 0
+
+
+def group_main(args: argparse.Namespace) -> int:
+    """--arbiter etcd: the group faults of `simulations.bench_group`, one lab per fault."""
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    rng = random.Random(seed)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workdir = Path(tempfile.mkdtemp(prefix="vipd-bench-group-"))
+    started = time.monotonic()
+    results: dict[str, list[disturb.Trial]] = {}
+    prefixes: list[str] = []
+    log(f"bench_failover --arbiter etcd: {args.trials} trials x {', '.join(args.faults)}; "
+        f"ttl {args.ttl}; seed {seed}; work dir {workdir}")
+    try:
+        for kind in args.faults:
+            pair = PairLab.create(workdir / kind, arbiter="etcd", api=True, ipv6=False,
+                                  ttl=args.ttl)
+            prefixes.append(pair.lab.prefix)
+            try:
+                pair.start_etcd()
+                asker = Asker(pair)
+                try:
+                    trials = []
+                    for i in range(1, args.trials + 1):
+                        try:
+                            bench_group.reset(pair, asker.who, functools.partial(
+                                kill_probe, pair), functools.partial(revive_responders, pair))
+                        except RuntimeError as exc:
+                            t = disturb.Trial(kind, i, error=f"no stable group: {exc}")
+                        else:
+                            try:
+                                t = bench_group.run_trial(pair, kind, i, rng, asker.who)
+                            finally:
+                                kill_probe(pair)
+                        trials.append(t)
+                        log(bench_group.trial_line(t))
+                    results[kind] = trials
+                finally:
+                    asker.close()
+            finally:
+                pair.destroy()
+    except KeyboardInterrupt:
+        log("\ninterrupted: lab removed")
+        return 130
+    finally:
+        left = [ns for ns in list_namespaces() if ns.startswith(tuple(prefixes))]
+        log(f"namespaces of this run still present: {', '.join(left) or 'none'}")
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = bench_group.table(results, args.ttl)
+    if args.json:
+        print(json.dumps({"trials": args.trials, "arbiter": "etcd", "ttl": args.ttl,
+                          "group": bench_group.report(results)}))
+        log(text)
+    else:
+        print(text)
+    log(f"runtime {time.monotonic() - started:.1f} s; seed {seed}; host load average now "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     return 0
 
 

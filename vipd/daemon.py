@@ -365,8 +365,15 @@ class Daemon:
 
     def _on_loop_exception(self, loop: asyncio.AbstractEventLoop,
                            context: dict[str, Any]) -> None:
-        """A crash in a callback (datagram, timer, signal) must not be swallowed."""
+        """A crash in a callback (datagram, timer, signal) must not be swallowed. A report
+        without an exception (a library's task collected while pending, an unclosed
+        transport) is no crash: it is logged."""
         exc = context.get("exception")
+        if exc is None:
+            what = context.get("task") or context.get("future") or context.get("handle")
+            log.warning("event loop: %s%s", context.get("message"),
+                        f" ({what!r})" if what is not None else "")
+            return
         log.critical("unexpected error: %s; releasing VIPs and exiting", context.get("message"),
                      exc_info=exc)
         self._fatal = exc if isinstance(exc, BaseException) else RuntimeError(

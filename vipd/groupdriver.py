@@ -76,6 +76,8 @@ class GroupDriver:
         self._store_state = election.store
         self._ttl_warned = False
         self._ready_sent = False
+        self._resync = asyncio.Event()  # the watch starts over from a fresh read
+        self._gone_logged = 0  # the revision of the last key a resign found gone
         self.granted_ttl: float | None = None
         self.last_call: dict[str, float] = {}  # seconds each kind of call took, last time
 
@@ -150,6 +152,8 @@ class GroupDriver:
         line = "etcd: %s -> %s (%s)"
         if e.store is g.Store.OK:
             log.info(line, old.value, e.store.value, e.store_detail)
+            if old is not g.Store.CONNECTING:
+                self._resync.set()  # what happened meanwhile: read the group again
         else:
             log.warning(line, old.value, e.store.value, e.store_detail)
 
@@ -296,9 +300,12 @@ class GroupDriver:
             self._failed("resign", exc)
             return
         self._took("resign", sent)
-        log.info("holder key (revision %d) %s%s", revision,
-                 "released" if done else "was already gone",
-                 f", {successor} named successor" if done and successor else "")
+        if done:
+            log.info("holder key (revision %d) released%s", revision,
+                     f", {successor} named successor" if successor else "")
+        elif self._gone_logged != revision:  # once: the election asks until the watch
+            self._gone_logged = revision  # shows the key gone
+            log.info("holder key (revision %d) was already gone", revision)
 
     async def _revoke(self, lease: int) -> None:
         try:
@@ -310,11 +317,23 @@ class GroupDriver:
         log.info("etcd lease %x revoked: our member record is gone", lease)
 
     async def _watch(self) -> None:
-        """Follow the group's keys for as long as the daemon runs."""
+        """Follow the group's keys for as long as the daemon runs. After etcd was
+        unreachable the watch starts over from a fresh read (`_resync`): a watch on a
+        connection that went quiet may never end by itself, and a view older than etcd
+        would keep every node waiting for a holder that is gone."""
         while True:
+            self._resync.clear()
+            follow = asyncio.ensure_future(self.store.watch(self._observed))
+            resync = asyncio.ensure_future(self._resync.wait())
             try:
-                await self.store.watch(self._observed)
-            except EtcdError as exc:
+                await asyncio.wait([follow, resync], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (follow, resync):
+                    task.cancel()
+                await asyncio.gather(follow, resync, return_exceptions=True)
+            if not follow.cancelled() and (exc := follow.exception()) is not None:
+                if not isinstance(exc, EtcdError):
+                    raise exc
                 self._failed("watch", exc)
             await asyncio.sleep(WATCH_RETRY)
 

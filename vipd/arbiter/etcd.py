@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ class EtcdError(VipError):
 
 
 def _aetcd() -> Any:
+    # gRPC's fork handlers crash the children vipd forks for exec checks and hooks
+    # (SIGSEGV in the child, seen in the lab) and log a line per fork: vipd forks only
+    # to exec, which needs none of them.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         import aetcd
     except ImportError as exc:
@@ -217,9 +222,11 @@ class EtcdStore:
         """Delete the holder key if its create revision is still ``revision``; name the
         successor (a key without lease: the successor's claim deletes it)."""
         tx = self._tx
-        ops = [tx.delete(self.holder_key)]
-        if successor:
-            ops.append(tx.put(self.successor_key, successor.encode()))
+        # The successor first: a watcher sees the transaction's events one by one, and
+        # must never see the key gone without the successor named (the best member
+        # would claim in between).
+        ops = [tx.put(self.successor_key, successor.encode())] if successor else []
+        ops.append(tx.delete(self.holder_key))
         done, _ = await self._call("resign the holder key", lambda: self._client.transaction(
             compare=[tx.create(self.holder_key) == revision], success=ops, failure=[]))
         return bool(done)

@@ -14,6 +14,11 @@ A node's daemon can run with a faked wall clock (`fake_clock`, `step_clock`: lib
 preloaded into that process only, its monotonic clock left alone) and be frozen and
 thawed (`pause`, `resume`).
 
+With ``arbiter="etcd"`` the lab is a group instead of a pair: three vipd nodes (node1..3,
+priorities 150, 120, 100) sharing the VIPs, the client, and three hosts etcd1..3 running a
+3-member etcd cluster (`start_etcd`, `etcd`: vipd.demo.etcdserver), named by the nodes'
+``arbiter: {etcd: ...}``; the nodes have no heartbeat settings.
+
 With ``arbiter="witness"`` the lab has a fourth host, ``witness`` (198.51.100.4), running
 `vipd witness` (`start_witness`, `stop_witness`, `kill_witness`) for the pair's cluster
 with the pair's key, and both nodes' configs name it. ``fence`` sets the nodes' `fence`
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vipd.demo.etcdserver import EtcdCluster
 from vipd.demo.lab import DEFAULT_ROLES, Host, Lab, new_prefix
 from vipd.keys import generate_key_line
 from vipd.tokens import new_token
@@ -49,6 +55,9 @@ VIP6 = "2001:db8:1::100"
 PORT = 5405
 ECHO_PORT = 7000
 WITNESS_PORT = 5406
+ETCD_MEMBERS = ("etcd1", "etcd2", "etcd3")
+ETCD_PORTS = (2379, 2380)  # client, peer
+GROUP_PRIORITIES = (150, 120, 100)
 API = "http://127.0.0.1:9440"  # each node's own, inside its namespace (vipd's defaults)
 METRICS = "http://127.0.0.1:9441/metrics"
 FENCE_TABLE = "vipd_lab"  # vipd.fence.KernelFence's table for the lab's cluster "lab"
@@ -88,21 +97,30 @@ class PairLab:
     witness: subprocess.Popen[str] | None = None
     token: str | None = None  # the nodes' API operate token (api=True)
     fence_table: str | None = None  # the nodes' nftables fence table, if they have one
+    etcd: EtcdCluster | None = None  # with arbiter="etcd", once started
+    etcd_hosts: tuple[str, ...] = ()  # with arbiter="etcd": the members' hosts
 
     @classmethod
     def create(cls, workdir: Path, *, preempt: bool = False, preempt_delay: float = 0.0,
                ipv6: bool = True, extra: str = "", interval: str | None = None,
                dead_after: int | None = None, checks: bool = True, arbiter: str = "none",
-               fence: str | None = None, api: bool = False) -> PairLab:
-        if arbiter not in ("none", "witness") or fence not in (None, "none", "kernel"):
+               fence: str | None = None, api: bool = False, ttl: str = "1s") -> PairLab:
+        if arbiter not in ("none", "witness", "etcd") or fence not in (None, "none", "kernel"):
             raise ValueError(f"arbiter {arbiter!r}, fence {fence!r}: expected arbiter "
-                             f"'none' or 'witness', fence None, 'none' or 'kernel'")
+                             f"'none', 'witness' or 'etcd', fence None, 'none' or 'kernel'")
         workdir.mkdir(parents=True, exist_ok=True)
         key = workdir / "pair.key"
         _private(key, generate_key_line(1))
-        witness = arbiter == "witness"
-        lab = Lab.create(new_prefix(), (*DEFAULT_ROLES, "witness") if witness else DEFAULT_ROLES)
+        witness, group = arbiter == "witness", arbiter == "etcd"
+        names = ("node1", "node2", "node3") if group else ("node1", "node2")
+        roles = ((*names, "client", *ETCD_MEMBERS) if group else
+                 (*DEFAULT_ROLES, "witness") if witness else DEFAULT_ROLES)
+        lab = Lab.create(new_prefix(), roles)
         pair = cls(workdir, lab)
+        if group:
+            pair.etcd_hosts = ETCD_MEMBERS
+            endpoints = ", ".join(f'"{lab[m].ipv4.ip}:{ETCD_PORTS[0]}"' for m in ETCD_MEMBERS)
+            extra = f"arbiter: {{etcd: {{endpoints: [{endpoints}], ttl: {ttl}}}}}\n{extra}"
         if witness:
             pair.witness_config = workdir / "witness.yaml"
             pair.witness_config.write_text(
@@ -112,14 +130,15 @@ class PairLab:
             extra = f'arbiter: {{witness: ["{pair.witness_address}"]}}\n{extra}'
         if fence is not None:
             extra = f"fence: {fence}\n{extra}"
-        if fence == "kernel" or (fence is None and witness):
+        if fence == "kernel" or (fence is None and (witness or group)):
             pair.fence_table = FENCE_TABLE
         if api:
             pair.token, line = new_token("lab", "operate")
             _private(workdir / "tokens", line)
             extra = f"api: {{tokens_file: {workdir / 'tokens'}}}\n{extra}"
         vips = f'[{VIP4}/32, "{VIP6}/128"]' if ipv6 else f"[{VIP4}/32]"
-        for index, prio in ((1, 150), (2, 100)):
+        priorities = GROUP_PRIORITIES if group else (150, 100)
+        for index, prio in enumerate(priorities, start=1):
             name, other = f"node{index}", 3 - index
             health = workdir / f"{name}.healthy"
             health.touch()
@@ -128,11 +147,12 @@ class PairLab:
                 f"node: {name}\ncluster: lab\ninterface: eth0\nvips: {vips}\n"
                 f"priority: {prio}\npreempt: {str(preempt).lower()}\n"
                 f"preempt_delay: {preempt_delay}\n"
-                f'heartbeat: {{bind: "198.51.100.{index}:{PORT}", '
-                f'peers: ["198.51.100.{other}:{PORT}"]'
-                + (f", interval: {interval}" if interval else "")
-                + (f", dead_after: {dead_after}" if dead_after else "") + "}\n"
-                f"auth: {{key_file: {key}}}\n"
+                + ("" if group else (
+                    f'heartbeat: {{bind: "198.51.100.{index}:{PORT}", '
+                    f'peers: ["198.51.100.{other}:{PORT}"]'
+                    + (f", interval: {interval}" if interval else "")
+                    + (f", dead_after: {dead_after}" if dead_after else "") + "}\n"
+                    f"auth: {{key_file: {key}}}\n"))
                 + (f"health:\n  - {{name: service, exec: {{command: [/usr/bin/test, -e, "
                    f"{health}]}}, interval: 100ms, timeout: 80ms, rise: 2, fall: 2}}\n"
                    if checks else "")
@@ -183,6 +203,20 @@ class PairLab:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    # --- etcd (arbiter="etcd") -----------------------------------------------------------
+
+    def start_etcd(self) -> EtcdCluster:
+        """The 3-member etcd cluster on etcd1..3, healthy as seen from the client host."""
+        if not self.etcd_hosts:
+            raise RuntimeError("this lab has no etcd (PairLab.create(arbiter='etcd'))")
+        if self.etcd is None:
+            self.etcd = EtcdCluster.start(
+                self.workdir / "etcd", [str(self.lab[m].ipv4.ip) for m in self.etcd_hosts],
+                ports=[ETCD_PORTS] * len(self.etcd_hosts),
+                spawns=[self.lab[m].spawn for m in self.etcd_hosts],
+                run_at_clients=lambda check: self.lab["client"].run(check))
+        return self.etcd
+
     # --- a node's API and metrics (from a thread in its namespace) ------------------------
 
     def status(self, name: str) -> dict[str, Any]:
@@ -193,9 +227,11 @@ class PairLab:
         doc: dict[str, Any] = json.loads(body)
         return doc
 
-    def switchover(self, name: str) -> int:
-        """POST /v1/switchover to node ``name`` (needs api=True); the HTTP status."""
-        code, _ = self.lab[name].run(_http, f"{API}/v1/switchover", self.token, b"{}")
+    def switchover(self, name: str, to: str | None = None) -> int:
+        """POST /v1/switchover to node ``name`` (needs api=True), in a group optionally
+        naming the member ``to``; the HTTP status."""
+        body = json.dumps({"to": to} if to else {}).encode()
+        code, _ = self.lab[name].run(_http, f"{API}/v1/switchover", self.token, body)
         return code
 
     def metrics(self, name: str) -> str:
@@ -220,14 +256,18 @@ class PairLab:
                     sys.executable, "-m", "vipd.demo.pairlab", "responder", name, stderr=log)
 
     def start_settled(self, *, responder: bool = True, lead: float = 0.3) -> str | None:
-        """node1, then node2 ``lead`` s later (node1 is up well within node2's hold-down
-        and wins), after the witness if there is one; returns the single VIP holder once
-        there is one, None after 10 s."""
+        """node1, then the others ``lead`` s later (node1 is up well within their
+        hold-down and wins), after the witness or etcd if there is one; returns the single
+        VIP holder once there is one, None after 10 s."""
         if self.witness_config is not None:
             self.start_witness()
-        self.start("node1", responder=responder)
+        if self.etcd_hosts:
+            self.start_etcd()
+        first, *others = self.nodes
+        self.start(first, responder=responder)
         time.sleep(lead)
-        self.start("node2", responder=responder)
+        for name in others:
+            self.start(name, responder=responder)
         return self.wait_single_holder(10)
 
     def kill(self, name: str, *, with_service: bool = True) -> None:
