@@ -34,6 +34,7 @@ from vipd.core.events import (
     Start,
     Tick,
     Transition,
+    Why,
 )
 from vipd.core.protocol import State
 
@@ -407,7 +408,11 @@ class GroupChecker:
 
     def on_transition(self, node: GroupNode, tr: Transition, now: float) -> None:
         if tr.new is State.ACTIVE:
-            if self.terms and tr.term <= self.terms[-1]:
+            # Each takeover has a term above the last, except the same node taking its
+            # own key up again after a self-fence (the same key: nobody held between).
+            again = (self.takeovers and self.takeovers[-1][1] == node.name
+                     and tr.why is Why.RECOVERED and tr.term == self.terms[-1])
+            if self.terms and tr.term <= self.terms[-1] and not again:
                 self.violation(f"{node.name} took over with term {tr.term}, not above the "
                                f"last term {self.terms[-1]}")
             self.terms.append(tr.term)

@@ -149,8 +149,52 @@ def test_the_holder_self_fences_when_its_lease_may_expire() -> None:
     tr = of(acts, Transition)[0]
     assert (tr.new, tr.why) == (State.STANDBY, Why.LEASE_EXPIRED)
     assert "deadline exceeded" in tr.reason
-    assert of(acts, g.Resign) == [g.Resign(7)]
+    # The key is kept: etcd cannot be reached to delete it, and if the lease is still
+    # alive when it answers again (a new etcd leader extends every lease) we hold again.
+    assert of(acts, g.Resign) == []
     assert e.gate_limit(deadline) is None
+
+
+def test_a_self_fenced_holder_takes_its_key_up_again_when_etcd_answers() -> None:
+    e = holding()
+    for t in (0.25, 0.5, 0.75):
+        e.handle(Tick(), t)
+    e.handle(Tick(), counted_lease(TTL))
+    assert e.state is State.STANDBY and e.gate_limit(1.0) is None
+    mine = g.Holder("a", 7, 0x10)
+    # the watch still shows our key; no answer yet: the others wait, we do not take it
+    acts = e.handle(g.Observed(mine, {"a": e.member()}, revision=8), 1.1)
+    assert not of(acts, AcquireVips) and not of(acts, g.Resign) and not of(acts, g.Claim)
+    acts = e.handle(g.KeptAlive(sent_at=1.2, ttl=TTL), 1.25)  # a new etcd leader answers
+    tr = of(acts, Transition)[0]
+    assert (tr.old, tr.new, tr.why, tr.term) == (State.STANDBY, State.ACTIVE, Why.RECOVERED, 7)
+    assert of(acts, AcquireVips) == [AcquireVips(7)]
+    assert e.gate_limit(1.25) == pytest.approx(1.2 + counted_lease(TTL))
+
+
+def test_a_self_fenced_holder_gives_its_key_back_when_it_is_unhealthy_by_then() -> None:
+    e = holding()
+    for t in (0.25, 0.5, 0.75):
+        e.handle(Tick(), t)
+    e.handle(Tick(), counted_lease(TTL))
+    e.handle(HealthChanged(False, "service down"), 1.0)
+    e.handle(HealthChanged(True), 1.05)  # healthy again, but ...
+    e.handle(HealthChanged(False, "service down"), 1.1)
+    acts = e.handle(g.KeptAlive(sent_at=1.2, ttl=TTL), 1.25)
+    acts += e.handle(g.Observed(g.Holder("a", 7, 0x10), {"a": e.member()}, revision=8), 1.3)
+    assert of(acts, g.Resign) == [g.Resign(7)] and not of(acts, AcquireVips)
+    assert e.state is State.FAULT
+
+
+def test_a_self_fenced_holder_whose_key_expired_does_not_hold_without_a_new_claim() -> None:
+    e = holding()
+    for t in (0.25, 0.5, 0.75):
+        e.handle(Tick(), t)
+    e.handle(Tick(), counted_lease(TTL))
+    acts = e.handle(g.KeptAlive(sent_at=2.5, ttl=0), 2.55)  # etcd: the lease is gone
+    assert of(acts, g.GrantLease) and e.store is g.Store.LEASE_EXPIRED
+    acts = e.handle(g.Observed(None, {}, revision=12), 2.6)  # etcd deleted the key
+    assert not of(acts, AcquireVips) and e.state is State.STANDBY
 
 
 def test_the_holder_steps_down_when_the_key_is_no_longer_its_own() -> None:

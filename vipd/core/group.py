@@ -244,6 +244,7 @@ class GroupElection:
     _finished: bool = False
     _last_holder: str | None = None  # another node we saw holding (for the takeover reason)
     _given_up: int = 0  # the revision of the key we last let go (never adopted again)
+    _fenced: int = 0  # the revision of the key we self-fenced on but kept
     _resigning: Resign | None = None  # the last Resign, until the watch shows it done
     _now: float = float("-inf")
 
@@ -454,7 +455,7 @@ class GroupElection:
                 f"unanswered for {round(1000 * (now - self.timers.keepalive_sent))} ms")
             self._step_down(State.STANDBY, (Why.LEASE_EXPIRED, (
                 f"self-fence: etcd lease {self.lease or 0:x} may expire now (keep-alive "
-                f"{ago}; {self.store_detail})")), now, resign=True)
+                f"{ago}; {self.store_detail})")), now, resign=False)
         elif self.view.holder != held:
             who = self.view.holder.node if self.view.holder else "nobody"
             self._step_down(State.STANDBY, (Why.KEY_LOST, (
@@ -495,28 +496,42 @@ class GroupElection:
             successor = self._successor("")  # saves the others sorting it out from stale views
         self._pending.append(CloseGate(reason[1]))
         self._transition(new, reason, now)
-        if resign and held is not None:
+        if held is not None and resign:
             self._resign(Resign(held.revision, successor), now)
-        self._given_up = held.revision if held is not None else self._given_up
+            self._given_up = held.revision
+        elif held is not None:
+            # Kept (a self-fence): etcd may answer again with the lease alive, the key
+            # still ours, and then we hold again without the VIPs moving (`_take_over`).
+            self._fenced = held.revision
         self.holding = None
 
     def _evaluate_other(self, now: float) -> None:
         target, reason = self._target_state(now)
         if target is not self.state and reason is not None:
             self._transition(target, reason, now)
-        if self.state is State.STOPPED and not self._finished:
-            self._finished = True
-            if self.lease is not None:
-                self._pending.append(Revoke(self.lease))
+        self._resign_again(now)
+        mine = self.view.holder
+        if (self.holding is None and mine is not None and mine.node == self.cfg.node
+                and mine.lease == self.lease and mine.revision != self._given_up):
+            # Ours: a claim whose answer was lost did land, or we self-fenced and kept
+            # it. Take it up once our lease is surely alive for a while; meanwhile the
+            # others wait for it, and if the lease does expire etcd deletes the key.
+            if (self.state is State.STANDBY and self.eligible(now)
+                    and self.lease_until - now < MIN_CLAIM_LEASE * self._ttl()):
+                pass
+            else:
+                self.holding = mine
         if self.state is not State.STANDBY:
             self._wants, self.timers.preempt_since = False, None
             self.timers.free_since = self.timers.successor_since = None
+            if self.holding is not None:  # a node that cannot hold never sits on the key
+                self._resign(Resign(self.holding.revision, self._successor("")), now)
+                self._given_up, self.holding = self.holding.revision, None
+            if self.state is State.STOPPED and not self._finished:
+                self._finished = True
+                if self.lease is not None:
+                    self._pending.append(Revoke(self.lease))
             return
-        mine = self.view.holder
-        self._resign_again(now)
-        if (self.holding is None and mine is not None and mine.node == self.cfg.node
-                and mine.lease == self.lease and mine.revision != self._given_up):
-            self.holding = mine  # a claim whose answer was lost did land
         if self.holding is not None:
             self._take_over(now)
             return
@@ -576,7 +591,10 @@ class GroupElection:
             self._given_up, self.holding = self.holding.revision, None
             return
         view, last = self.view, self._last_holder
-        if view.successor == self.cfg.node:
+        if self.holding.revision == self._fenced:
+            reason = (Why.RECOVERED, f"etcd answers again and the holder key (revision "
+                                     f"{self.holding.revision}) is still ours")
+        elif view.successor == self.cfg.node:
             self.preferred = True
             reason = (Why.PEER_HANDOVER, f"{last or 'the holder'} handed over to us")
         elif self.timers.promote_until is not None:
