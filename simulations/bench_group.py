@@ -354,7 +354,7 @@ def row(fault: str, s: dict[str, Any]) -> str:
                                       if s["no_failover"] else "")
     failed = f" ({s['failed']} failed)" if s["failed"] else ""
     shut = both("holder_gate_shut_ms") if fault in SHUT_SHOWN else "-"
-    back = both("answered_after_etcd_back_ms") if fault.startswith("etcd") else "-"
+    back = both("answered_after_etcd_back_ms") if fault == "etcd-quorum-lost" else "-"
     return (f"| {fault} | {s['n']}{failed} | {failover} | {both('two_macs_ms')} "
             f"| {both('both_gates_ms')} | {s['trials_with_move']} "
             f"({'-' if s['moves_max'] is None else s['moves_max']}) | {shut} | {back} "
