@@ -78,6 +78,7 @@ class GroupDriver:
         self._ready_sent = False
         self._resync = asyncio.Event()  # the watch starts over from a fresh read
         self._gone_logged = 0  # the revision of the last key a resign found gone
+        self._last_resign: asyncio.Task[None] | None = None
         self.granted_ttl: float | None = None
         self.last_call: dict[str, float] = {}  # seconds each kind of call took, last time
 
@@ -199,9 +200,9 @@ class GroupDriver:
             case g.Claim(lease=lease):
                 self._call("claim", self._claim(lease))
             case g.Resign(revision=revision, successor=successor):
-                self._call("resign", self._resign(revision, successor))
+                self._last_resign = self._call("resign", self._resign(revision, successor))
             case g.Revoke(lease=lease):
-                self._call("revoke", self._revoke(lease))
+                self._call("revoke", self._revoke(lease, self._last_resign))
             case el.Transition(old=old, new=new, why=why, reason=reason, term=term):
                 log.info("%s -> %s (%s), term %d", old.name, new.name, reason, term)
                 self.notifier.notify(STATUS=f"{new.name} term {term} ({reason})")
@@ -220,12 +221,13 @@ class GroupDriver:
             case el.CloseGate(reason=reason):
                 self.worker.close_gate(reason)  # at once: the resign that follows frees the key
 
-    def _call(self, what: str, coro: Awaitable[None]) -> None:
+    def _call(self, what: str, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         task.set_name(f"etcd {what}")
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
         task.add_done_callback(_crash_is_fatal)
+        return task
 
     def _failed(self, what: str, exc: EtcdError) -> None:
         self.metrics.etcd_errors.labels(what).inc()
@@ -307,7 +309,11 @@ class GroupDriver:
             self._gone_logged = revision  # shows the key gone
             log.info("holder key (revision %d) was already gone", revision)
 
-    async def _revoke(self, lease: int) -> None:
+    async def _revoke(self, lease: int, resign: asyncio.Task[None] | None) -> None:
+        """After the resign (revoking first would delete the key before the successor
+        is named)."""
+        if resign is not None and not resign.done():
+            await asyncio.wait([resign], timeout=self.store.timeout)
         try:
             await self.store.revoke(lease)
         except EtcdError as exc:
