@@ -49,6 +49,27 @@ def test_check_config_accepts_the_examples(tmp_path: Path, capsys: pytest.Captur
                    f"fence none\n")
 
 
+def test_check_config_accepts_the_group_example(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    text = (CONFIGS / "group-lb1.yaml").read_text()
+    for name in ("etcd-ca.pem", "etcd-lb1.pem", "etcd-lb1.key", "web.tokens"):
+        (tmp_path / name).write_text("x")
+        os.chmod(tmp_path / name, 0o600)
+        text = text.replace(f"/etc/vipd/{name}", str(tmp_path / name))
+    path = tmp_path / "web.yaml"
+    path.write_text(text)
+    (tmp_path / "web.tokens").write_text("")
+    code = main(["check-config", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == (f"{path}: ok: node lb1 in cluster web, 2 VIPs on eth0, group on etcd "
+                   f"192.0.2.21:2379,192.0.2.22:2379,192.0.2.23:2379 (prefix /vipd, ttl 1s, "
+                   f"TLS), priority 150, 1 check, fence kernel\n")
+    (tmp_path / "etcd-lb1.key").unlink()
+    assert main(["check-config", str(path)]) == 2
+    assert "arbiter.etcd: tls.key: cannot read" in capsys.readouterr().err
+
+
 def test_examples_differ_only_in_node_priority_bind_and_peers() -> None:
     a, b = (yaml.safe_load((CONFIGS / name).read_text())
             for name in ("node-a.yaml", "node-b.yaml"))
