@@ -79,6 +79,7 @@ class GroupDriver:
         self._resync = asyncio.Event()  # the watch starts over from a fresh read
         self._gone_logged = 0  # the revision of the last key a resign found gone
         self._last_resign: asyncio.Task[None] | None = None
+        self._mismatched: set[str] = set()  # members whose settings digest differs
         self.granted_ttl: float | None = None
         self.last_call: dict[str, float] = {}  # seconds each kind of call took, last time
 
@@ -345,6 +346,20 @@ class GroupDriver:
 
     def _observed(self, view: g.Observed) -> None:
         self.handle(view)
+        self._report_mismatches(view)
+
+    def _report_mismatches(self, view: g.Observed) -> None:
+        """Once per member whose settings differ from ours, and once when they agree
+        again (status and metrics show it all the time)."""
+        ours = self.election.cfg.digest
+        differ = {n for n, m in view.members.items() if m.digest != ours}
+        for node in sorted(differ - self._mismatched):
+            log.warning("member %s publishes other group settings (digest %s, ours %s: "
+                        "VIPs, etcd prefix or TTL differ); give every member the same",
+                        node, view.members[node].digest, ours)
+        for node in sorted((self._mismatched - differ) & set(view.members)):
+            log.info("member %s's group settings agree with ours again", node)
+        self._mismatched = differ
 
     # --- what observers read -------------------------------------------------------------
 

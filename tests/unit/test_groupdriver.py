@@ -4,6 +4,7 @@ a store that answers when the test says so (the real etcd is in tests/integratio
 from __future__ import annotations
 
 import asyncio
+import logging
 from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
@@ -180,5 +181,29 @@ async def test_failed_calls_are_a_named_state_and_the_watch_starts_over_after(
         await asyncio.sleep(0.01)
     assert driver.election.store is g.Store.OK
     assert store.watches == 2  # a fresh read of the group
+    watch.cancel()
+    driver.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_member_with_other_settings_is_reported_once(tmp_path: Path,
+                                                           caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="vipd.groupdriver")
+    store = GatedStore()
+    driver = group_driver(tmp_path, store)
+    driver.attach()
+    watch = asyncio.ensure_future(driver.tasks()[0][0])
+    driver.start()
+    await settle()
+    ours = driver.election.member()
+    other = g.Member("b", 100, State.STANDBY, True, digest="0123456789abcdef")
+    for revision in (5, 6):
+        await store.views.put(g.Observed(None, {"a": ours, "b": other}, revision=revision))
+        await settle()
+    assert caplog.text.count("member b publishes other group settings") == 1
+    fixed = g.Member("b", 100, State.STANDBY, True, digest=ours.digest)
+    await store.views.put(g.Observed(None, {"a": ours, "b": fixed}, revision=7))
+    await settle()
+    assert "member b's group settings agree with ours again" in caplog.text
     watch.cancel()
     driver.stop()
