@@ -516,10 +516,9 @@ class GroupElection:
             # Ours: a claim whose answer was lost did land, or we self-fenced and kept
             # it. Take it up once our lease is surely alive for a while; meanwhile the
             # others wait for it, and if the lease does expire etcd deletes the key.
-            if (self.state is State.STANDBY and self.eligible(now)
-                    and self.lease_until - now < MIN_CLAIM_LEASE * self._ttl()):
-                pass
-            else:
+            waiting = (self.state is State.STANDBY and self.eligible(now)
+                       and self.lease_until - now < MIN_CLAIM_LEASE * self._ttl())
+            if not waiting:
                 self.holding = mine
         if self.state is not State.STANDBY:
             self._wants, self.timers.preempt_since = False, None
