@@ -45,6 +45,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
 PROBE_EVERY = 0.010
 GATE_EVERY = 0.002
+LATE_SAMPLER = 0.02  # a gate unsampled for this long (10 periods): its sampler fell behind
 PROBER_MAC = "02:76:64:00:00:fe"  # the lab's hosts are 02:76:64:00:00:0n
 PROBER_IP = "198.51.100.250"  # unused by the lab (hosts are .1-.3, the VIP .100)
 ETH_P_ARP = 0x0806
@@ -349,6 +351,26 @@ class Observations:
                 since = t
             depth += d
         return spans
+
+    def sampler_gaps(self, start: float, end: float, limit: float) -> list[tuple[float, float]]:
+        """Stretches within [start, end] over which some node's gate went unsampled for
+        more than ``limit`` s (its sampler thread fell behind on a busy machine): inside
+        one, when that gate shut is unknown, and `gate_open` counts it open throughout."""
+        gaps = []
+        for samples in self.gates.values():
+            times = [t for t, _ in samples]
+            gaps += [(max(a, start), min(b, end)) for a, b in pairwise(times)
+                     if b - a > limit and b > start and a < end]
+        return sorted(gaps)
+
+    def gates_open_together_known(self, start: float, end: float,
+                                  limit: float = LATE_SAMPLER) -> list[tuple[float, float]]:
+        """`gates_open_together` without the overlaps that lie wholly inside a stretch
+        a late sampler left unknown (`sampler_gaps`): what the samples prove. The ARP
+        rounds stay the direct oracle of two nodes answering."""
+        gaps = self.sampler_gaps(start, end, limit)
+        return [(lo, hi) for lo, hi in self.gates_open_together(start, end)
+                if not any(a <= lo and hi <= b for a, b in gaps)]
 
     def rounds(self, start: float, end: float) -> list[tuple[float, float, set[str]]]:
         """Probe rounds in [start, end): (sent, next sent or end, MACs that answered).

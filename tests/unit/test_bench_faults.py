@@ -193,6 +193,20 @@ def test_gates_open_together_is_the_overlap_of_two_nodes_open_spans() -> None:
     assert obs.gates_open_together(0.0, 1.0) == []
 
 
+def test_an_overlap_inside_a_late_samplers_gap_is_unknown_not_proven() -> None:
+    # node1 sampled open at 0.0 and next at 0.1 (its sampler fell behind 100 ms): when it
+    # shut in between is unknown. node2, sampled on time, opened at 0.05.
+    late = [(0.0, 0.3), (0.1, 0.0)] + [(0.1 + 0.002 * i, 0.0) for i in range(1, 50)]
+    on_time = [(0.002 * i, 0.0 if i < 25 else 0.3) for i in range(100)]
+    obs = Observations(gates={"node1": late, "node2": on_time})
+    assert obs.gates_open_together(0.0, 0.2) == [(0.05, 0.1)]
+    assert obs.sampler_gaps(0.0, 0.2, 0.02) == [(0.0, 0.1)]
+    assert obs.gates_open_together_known(0.0, 0.2) == []
+    # both on time: the same overlap is proven
+    obs.gates["node1"] = [(0.002 * i, 0.3 if i <= 50 else 0.0) for i in range(100)]
+    assert obs.gates_open_together_known(0.0, 0.2) == [(0.05, pytest.approx(0.102))]
+
+
 def test_gate_rows_are_parsed_per_node_in_time_order() -> None:
     obs = Observations.parse(['["gate", 2.0, "node1", 0]', '["gate", 1.0, "node1", 0.25]',
                               '["gate", 1.5, "node2", null]', '["probe", 1.0]'])
