@@ -16,6 +16,7 @@ from vipd import __version__
 from vipd.config import Config, format_duration, load_config
 from vipd.errors import ConfigError, VipdError
 from vipd.keys import MAX_KEY_ID, generate_key_line, load_keys
+from vipd.movers.webhook import load_secret
 from vipd.tokens import load_tokens
 
 EXIT_OK = 0
@@ -48,6 +49,9 @@ def check_config(args: argparse.Namespace) -> int:
             raise ConfigError(file, [("arbiter.etcd", str(exc))]) from exc
     if config.api.tokens_file is not None:
         load_tokens(config.api.tokens_file)  # what the daemon will check at start
+    for mover in config.remote_movers:
+        if mover.webhook is not None:
+            load_secret(mover.webhook.secret_file)  # 0600, long enough
     if config.fence == "kernel":
         from vipd.fence import FenceError, check_nftables
 

@@ -316,6 +316,62 @@ class AnnounceConfig(_Model):
     refresh: Duration = 10.0  # 0 = no periodic re-announce
 
 
+class WebhookMoverConfig(_Model):
+    """Tell a receiver of yours who holds each VIP (vipd/movers/webhook.py, docs/cloud.md)."""
+
+    url: str
+    verify_url: str | None = None  # GET ?cluster=&vip= -> {"node", "term"}; None: trust POSTs
+    secret_file: ConfigPath  # the HMAC secret, a 0600 file
+    insecure: StrictBool = False  # allow http:// (a receiver on loopback, a lab)
+    timeout: PositiveDuration = 2.0  # per request; timeouts and 5xx are retried
+    reconcile: PositiveDuration = 10.0  # the holder verifies (and re-asserts) this often
+
+    @model_validator(mode="after")
+    def _https(self) -> WebhookMoverConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for key in ("url", "verify_url"):
+            url = getattr(self, key)
+            if url is None:
+                continue
+            scheme = urlsplit(url).scheme
+            if scheme not in ("https", "http") or not urlsplit(url).hostname:
+                problems.append(((key,), f"expected an https:// URL, got {url!r}"))
+            elif scheme == "http" and not self.insecure:
+                problems.append(((key,), (
+                    f"{url} is not https: the receiver would get the VIP moves in plain "
+                    "text; use https, or set insecure: true for a receiver on loopback")))
+        if problems:
+            raise Problems(problems)
+        return self
+
+
+class MoverConfig(_Model):
+    """One entry of `movers`: the word netlink, or a mapping naming a remote mover."""
+
+    netlink: StrictBool = False
+    webhook: WebhookMoverConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_word(cls, value: Any) -> Any:
+        if value == "netlink":
+            return {"netlink": True}
+        if isinstance(value, str):
+            raise ValueError(f"unknown mover {value!r}; expected netlink, or a mapping like "
+                             "{webhook: {url: ..., secret_file: ...}}")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MoverConfig:
+        if self.netlink + (self.webhook is not None) != 1:
+            raise ValueError("expected one mover per entry: netlink, or {webhook: {...}}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "netlink" if self.netlink else "webhook"
+
+
 class TlsConfig(_Model):
     cert: ConfigPath
     key: ConfigPath
@@ -371,6 +427,9 @@ class Config(_Model):
     api: ApiConfig = Field(default_factory=ApiConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # Where the VIPs are moved: "netlink" (the interface's addresses, always first) and,
+    # in clouds that ignore gratuitous ARP, a remote mover after it (docs/cloud.md).
+    movers: list[MoverConfig] = Field(default_factory=lambda: [MoverConfig(netlink=True)])
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     state_dir: ConfigPath | None = None
     # Exec checks and hooks run as this user when vipd runs as root (default "nobody");
@@ -478,6 +537,26 @@ class Config(_Model):
         if problems:
             raise Problems(problems)
         return checks
+
+    @field_validator("movers")
+    @classmethod
+    def _netlink_first(cls, movers: list[MoverConfig]) -> list[MoverConfig]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if not movers or movers[0].kind != "netlink":
+            problems.append(((0,), "expected netlink first (the VIPs must be on the "
+                                   "interface for this host to answer), like [netlink, "
+                                   "{webhook: {...}}]"))
+        kinds = [m.kind for m in movers]
+        for i, kind in enumerate(kinds):
+            if kind in kinds[:i]:
+                problems.append(((i,), f"{kind} is listed twice"))
+        if problems:
+            raise Problems(problems)
+        return movers
+
+    @property
+    def remote_movers(self) -> list[MoverConfig]:
+        return [m for m in self.movers if m.kind != "netlink"]
 
     @model_validator(mode="after")
     def _pair_or_group(self) -> Config:

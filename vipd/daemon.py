@@ -17,6 +17,7 @@ VIPs are released and the error re-raised, so systemd restarts vipd.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import signal
@@ -30,7 +31,7 @@ from vipd import __version__
 from vipd.api import Api
 from vipd.arbiter.etcd import EtcdStore, store_for
 from vipd.checks import CheckRunner
-from vipd.config import Config, format_duration
+from vipd.config import Config, MoverConfig, format_duration
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core import group as g
@@ -44,6 +45,8 @@ from vipd.keys import load_keys
 from vipd.metrics import StatusCollector, build_metrics, serve_metrics
 from vipd.movers.base import VipMover
 from vipd.movers.netlink import NetlinkMover
+from vipd.movers.remote import RemoteMoverRunner
+from vipd.movers.webhook import WebhookMover, load_secret
 from vipd.privileges import resolve_exec_user
 from vipd.reload import ReloadError, read_reload
 from vipd.statefile import StateFile
@@ -101,6 +104,7 @@ class Daemon:
         # The gate never stays open past the votes or the etcd lease held (loop time is
         # time.monotonic()).
         self.worker.gate_limit = self.driver.gate_limit
+        self.worker.remotes = [self._remote(m) for m in config.remote_movers]
         self.checks = CheckRunner(config, self.metrics, self._report)
         self.api: Api | None = None
         self._held: set[str] = set()  # the VIPs the kernel had at the last status
@@ -111,6 +115,38 @@ class Daemon:
         self._stop_at = 0.0  # time.monotonic() of the first stop signal
         self._reload_requested = asyncio.Event()
         self._fatal: BaseException | None = None
+
+    def _remote(self, spec: MoverConfig) -> RemoteMoverRunner:
+        """A remote mover of config `movers` and the task that drives it."""
+        cfg, m = self.config, self.metrics
+        assert spec.webhook is not None  # the only remote kind so far
+        hook = spec.webhook
+        mover = WebhookMover(url=hook.url, verify_url=hook.verify_url,
+                             secret=load_secret(hook.secret_file), cluster=cfg.cluster,
+                             node=cfg.node, vips=[str(v) for v in cfg.vips])
+        name = mover.name
+
+        def observe(operation: str, code: str, took: float, error: str | None) -> None:
+            m.mover_latency.labels(name, operation).observe(took)
+            if error is not None:
+                m.mover_errors.labels(name, operation, code).inc()
+
+        return RemoteMoverRunner(
+            mover, cfg.node, reconcile=hook.reconcile, timeout=hook.timeout,
+            may_call=self._may_call_remote, on_superseded=self._superseded, observe=observe,
+            on_verified=m.mover_verified.labels(name).observe,
+            on_correction=m.mover_corrections.labels(name).inc)
+
+    def _may_call_remote(self) -> bool:
+        """With an arbiter, a remote mover moves the VIPs only while this node holds its
+        votes or its etcd lease (the same bound as the kernel gate)."""
+        return self.config.arbiter is None or (
+            self._loop is not None and self.driver.gate_limit(self.loop_time()) is not None)
+
+    def _superseded(self, detail: str) -> None:
+        """A provider says a newer term holds the VIPs: the election re-validates."""
+        log.warning("%s", detail)
+        self.driver.handle(el.VipsLost(detail))
 
     # --- what observers read (API, metrics, tests) ----------------------------------------
 
@@ -156,7 +192,13 @@ class Daemon:
         return self.view(self._held, vip_error)
 
     def view(self, held: set[str], vip_error: str | None = None) -> Status:
-        """The snapshot itself, for VIPs read already (``held``)."""
+        """The snapshot itself, for VIPs read already (``held``), with the remote
+        movers' verified state."""
+        now = time.monotonic()
+        return dataclasses.replace(self._view(held, vip_error),
+                                   movers=[r.status(now) for r in self.worker.remotes])
+
+    def _view(self, held: set[str], vip_error: str | None) -> Status:
         if isinstance(self.driver, GroupDriver):
             return group_snapshot(
                 self.config, self.driver.election, self.checks.status(),
@@ -259,6 +301,8 @@ class Daemon:
                 self._start(tg, self._reloads(), "reload")
                 for coro, name in self.driver.tasks():
                     self._start(tg, coro, name)
+                for remote in self.worker.remotes:
+                    self._start(tg, remote.run(), f"mover {remote.mover.name}")
                 self.driver.start()
                 await self._done.wait()
                 for task in self._tasks:
@@ -292,6 +336,8 @@ class Daemon:
         if isinstance(self.driver, GroupDriver):  # the resign and the revoke may be in flight
             await self.driver.close(self._stop_budget())
         await self.checks.close()
+        for remote in self.worker.remotes:
+            await remote.mover.close()
         for runner in runners:
             await runner.cleanup()
         self.notifier.close()

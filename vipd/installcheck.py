@@ -22,6 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vipd.config import Config, load_config
 from vipd.errors import ConfigError, VipdError
 from vipd.keys import load_keys
+from vipd.movers.webhook import load_secret
 from vipd.tokens import load_tokens
 
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
@@ -196,6 +197,10 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
     found += check_file(Path(path), "config file", user)
     if cfg.auth is not None:
         found += check_file(cfg.auth.key_file, "key file", user, load_keys)
+    for mover in cfg.remote_movers:
+        if mover.webhook is not None:
+            found += check_file(mover.webhook.secret_file, "webhook secret file", user,
+                                load_secret)
     if cfg.etcd is not None and cfg.etcd.tls is not None:
         for name in ("ca", "cert", "key"):
             if (path := getattr(cfg.etcd.tls, name)) is not None:

@@ -42,6 +42,7 @@ from vipd.core.group import Store
 from vipd.core.protocol import Reject, State
 from vipd.core.witness import Witness
 from vipd.errors import VipdError
+from vipd.movers.remote import MoverState
 from vipd.view import GroupView, Status
 
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -130,6 +131,10 @@ class Metrics:
     self_fence: Counter
     etcd_errors: Counter
     etcd_latency: Histogram
+    mover_latency: Histogram
+    mover_errors: Counter
+    mover_verified: Histogram
+    mover_corrections: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -181,6 +186,19 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         etcd_latency=Histogram("vipd_etcd_call_duration_seconds", "Round trip of the etcd "
                                "calls that were answered (arbiter etcd), by call", ["call"],
                                buckets=FAST_BUCKETS, registry=registry),
+        mover_latency=Histogram("vipd_mover_call_duration_seconds", "Round trip of remote "
+                                "mover calls (config `movers`), by mover and operation",
+                                ["mover", "operation"], buckets=FAILOVER_BUCKETS,
+                                registry=registry),
+        mover_errors=Counter("vipd_mover_errors_total", "Remote mover calls that failed, by "
+                             "mover, operation and code (timeout, http_503, ...)",
+                             ["mover", "operation", "code"], registry=registry),
+        mover_verified=Histogram("vipd_mover_verified_seconds", "From a takeover to the "
+                                 "remote mover's verified ownership, by mover", ["mover"],
+                                 buckets=FAILOVER_BUCKETS, registry=registry),
+        mover_corrections=Counter("vipd_mover_corrections_total", "Times the holder found "
+                                  "the provider disagreeing and re-asserted, by mover",
+                                  ["mover"], registry=registry),
     )
     m.self_fence.labels("votes_lost")
     for result in ("ok", "error", "refused"):
@@ -271,6 +289,13 @@ class StatusCollector(Collector):
         if s.fence != "none":
             fence.add_metric([], float(s.fence == "open"))
         yield fence
+        movers = GaugeMetricFamily("vipd_mover_state", "1 for each remote mover's state now "
+                                   "(idle, acquiring, verified, mismatch, superseded, "
+                                   "waiting, error)", labels=["mover", "state"])
+        for mv in s.movers:
+            for kind in MoverState:
+                movers.add_metric([mv.name, kind.value], float(mv.state == kind.value))
+        yield movers
         yield from self._arbiter(s)
 
     @staticmethod

@@ -20,7 +20,7 @@ from vipd.tokens import Token, load_tokens
 # privileges once, at start; the arbiter and the fence decide what the votes and the gate
 # are, which both nodes must change together, by restarts).
 FIXED_SETTINGS = ("cluster", "node", "interface", "vips", "heartbeat", "state_dir", "metrics",
-                  "audit", "exec_user", "arbiter", "fence")
+                  "audit", "exec_user", "arbiter", "fence", "movers")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from vipd.core.group import GroupElection
 from vipd.core.protocol import Flag, Reject, State
 from vipd.core.votes import PROBE_EVERY, REACHABLE_LEASES
 from vipd.health import CheckStatus
+from vipd.movers.remote import MoverStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,7 @@ class Status:
     fence: str  # the kernel gate (config `fence`): "none", "open" or "shut"
     arbiter: ArbiterView = NO_ARBITER
     group: GroupView | None = None  # arbiter etcd: the group (then `peer` is None)
+    movers: list[MoverStatus] = dataclasses.field(default_factory=list)  # remote movers
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,7 +177,8 @@ class Status:
         return cls(**{**doc, "checks": [CheckView(**c) for c in doc["checks"]],
                       "vips": [VipView(**v) for v in doc["vips"]],
                       "peer": None if peer is None else PeerView(**peer),
-                      "arbiter": arbiter, "group": group})
+                      "arbiter": arbiter, "group": group,
+                      "movers": [MoverStatus(**m) for m in doc.get("movers", [])]})
 
 
 def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,

@@ -232,6 +232,7 @@ def render_status(doc: dict[str, Any]) -> str:
     lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}"
                  + ("" if s.fence == "none" else f"; kernel gate {s.fence}"))
     lines += _arbiter_lines(s)
+    lines += _mover_lines(s)
     for c in s.checks:
         lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
     if p and not p.settings_match:
@@ -272,11 +273,25 @@ def _render_group(s: Status, g: GroupView) -> str:
     held = [v.address for v in s.vips if v.held]
     lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}"
                  + ("" if s.fence == "none" else f"; kernel gate {s.fence}"))
+    lines += _mover_lines(s)
     for c in s.checks:
         lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
     if any(not m.settings_match for m in g.members):
         lines.append("  WARNING: members' settings differ (VIPs, etcd prefix or TTL)")
     return "\n".join(lines)
+
+
+def _mover_lines(s: Status) -> list[str]:
+    """Each remote mover: its state and what the provider said when last verified."""
+    lines = []
+    for m in s.movers:
+        seen = ("" if m.verified_seconds_ago is None else
+                f", verified {1000 * m.verified_seconds_ago:.0f} ms ago")
+        holder = "" if m.holder is None and m.term is None else (
+            f" (provider: {m.holder or 'nobody'}, term {m.term})")
+        lines.append(f"  mover {m.name}: {m.state}{holder}{seen}"
+                     + (f"; last error: {m.last_error}" if m.last_error else ""))
+    return lines
 
 
 def _arbiter_lines(s: Status) -> list[str]:

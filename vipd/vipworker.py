@@ -25,6 +25,7 @@ from vipd.errors import VipError
 from vipd.fence import KernelFence
 from vipd.metrics import Metrics
 from vipd.movers.base import VipMover, announce_burst, lifetime_seconds
+from vipd.movers.remote import RemoteMoverRunner
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class VipWorker:
         self._gate_due = float("inf")  # the next gate renewal (or check)
         self._quiet_until = 0.0  # after a stall, the upkeep waits for the election
         self._announcer: asyncio.Task[None] | None = None
+        # Remote movers (config `movers` after netlink): told what should be, they carry
+        # it out in their own tasks, never on the path of a takeover.
+        self.remotes: list[RemoteMoverRunner] = []
 
     # --- what the driver asks for --------------------------------------------------------
 
@@ -102,6 +106,8 @@ class VipWorker:
                         await self._upkeep(woke, late)
                     elif isinstance(item[0], el.AcquireVips):
                         await self._acquire(item[1])
+                        for remote in self.remotes:
+                            remote.hold(item[0].term)
                     else:
                         await self._release()
                 except VipError as exc:
@@ -145,6 +151,7 @@ class VipWorker:
     def close_gate(self, reason: str) -> None:
         """Shut the gate at once (before the heartbeat that gives our vote away)."""
         self._holding = False  # nothing to keep up: the release follows
+        self._drop_remotes()
         if self._announcer is not None:
             self._announcer.cancel()
         if self.fence is not None:
@@ -164,10 +171,15 @@ class VipWorker:
                  1000 * (self._last_renew - started), ", ".join(map(str, self.config.vips)))
         self._start_announcer()  # a takeover's burst
 
+    def _drop_remotes(self) -> None:
+        for remote in self.remotes:
+            remote.drop()
+
     async def _release(self) -> None:
         if self._announcer is not None:  # never announce what is released
             self._announcer.cancel()
         self._holding = False
+        self._drop_remotes()
         if self.fence is not None:
             self.fence.close()  # silent at once; the addresses follow
             self._gate_until = float("-inf")
@@ -278,6 +290,7 @@ class VipWorker:
         """The VIPs may be gone and another node may hold them: stop renewing (a renewal
         would add them back) and let the election re-validate with the peer."""
         self._holding = False
+        self._drop_remotes()
         if self._announcer is not None:
             self._announcer.cancel()
         log.warning("VIPs may be lost (%s): not re-adding them before the election has "

@@ -293,7 +293,8 @@ def status_doc(arbiter: dict[str, Any] | None) -> dict[str, Any]:
         "ready": True, "checks": [], "interface": "eth0",
         "vips": [{"address": "198.51.100.10/32", "held": False}], "vip_error": None,
         "peer": None, "config_digest": "00", "rejected_heartbeats": {},
-        "socket_errors": {"send": 0, "receive": 0}, "fence": "shut", "group": None}
+        "socket_errors": {"send": 0, "receive": 0}, "fence": "shut", "group": None,
+        "movers": []}
     if arbiter is not None:
         doc["arbiter"] = arbiter
     return doc

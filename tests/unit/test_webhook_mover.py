@@ -146,11 +146,11 @@ async def test_a_replayed_request_is_refused_and_changes_nothing(lab: Lab) -> No
     b.hold(4)
     await until(lambda: lab.holders() == {("b", 4)})
     # an attacker replays a's signed acquire (term 3) byte for byte
-    method, headers, body = next(r for r in lab.requests if r[0] == "POST" and b'"a"' in r[2])
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{lab.url}/vip", data=body, headers={
-                k: v for k, v in headers.items() if k.startswith("X-Vipd")}) as resp:
-            assert resp.status == 401
+    _, headers, body = next(r for r in lab.requests if r[0] == "POST" and b'"a"' in r[2])
+    signed = {k: v for k, v in headers.items() if k.startswith("X-Vipd")}
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{lab.url}/vip", data=body, headers=signed) as resp:
+        assert resp.status == 401
     assert lab.receiver.refused[-1] == "replayed request"
     assert lab.holders() == {("b", 4)} and lab.accepted_twice() == []
 
@@ -181,8 +181,10 @@ async def test_a_resource_moved_by_hand_is_moved_back_within_a_reconcile_period(
         lab.receiver.state[key] = Holding("elsewhere", 3)  # someone's console
     moved = time.monotonic()
     await until(lambda: lab.holders() == {("a", 3)})
-    assert time.monotonic() - moved < 2 * RECONCILE + TIMEOUT
-    assert lab.corrections >= 1 and a.state is MoverState.VERIFIED
+    # one reconcile period plus the calls; 3 x as the bound on a shared machine
+    assert time.monotonic() - moved < 3 * RECONCILE
+    await until(lambda: a.state is MoverState.VERIFIED)
+    assert lab.corrections >= 1
 
 
 @pytest.mark.asyncio

@@ -22,11 +22,14 @@ import hmac
 import json
 import secrets
 import time
+from pathlib import Path
 from urllib.parse import urlencode
 
 import aiohttp
 from yarl import URL
 
+from vipd.errors import ConfigError
+from vipd.keys import read_private_file
 from vipd.movers.remote import MoverError, Ownership
 
 SIGNATURE = "X-Vipd-Signature"
@@ -41,10 +44,14 @@ def sign(secret: bytes, timestamp: str, nonce: str, method: str, path_qs: str,
     return "sha256=" + hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def load_secret(path: str) -> bytes:
-    """The shared secret (a 0600 file, checked by the config); surrounding space ignored."""
-    with open(path, "rb") as f:
-        return f.read().strip()
+def load_secret(path: str | Path) -> bytes:
+    """The shared secret: a file only vipd may read (else ConfigError, naming it);
+    surrounding white space ignored."""
+    secret = read_private_file(path, "webhook secret file").strip()
+    if len(secret) < 16:
+        raise ConfigError(str(path), [("", "the webhook secret is shorter than 16 "
+                                           "characters; make one with: openssl rand -hex 32")])
+    return secret.encode()
 
 
 class WebhookMover:
