@@ -49,9 +49,15 @@ def check_config(args: argparse.Namespace) -> int:
             raise ConfigError(file, [("arbiter.etcd", str(exc))]) from exc
     if config.api.tokens_file is not None:
         load_tokens(config.api.tokens_file)  # what the daemon will check at start
-    for mover in config.remote_movers:
+    for i, mover in enumerate(config.movers):
         if mover.webhook is not None:
             load_secret(mover.webhook.secret_file)  # 0600, long enough
+        if mover.aws is not None:
+            try:
+                import aiobotocore  # noqa: F401
+            except ImportError as exc:
+                raise ConfigError(file, [(f"movers[{i}].aws", "the aws mover needs "
+                                          "aiobotocore: pip install 'vipd[aws]'")]) from exc
     if config.fence == "kernel":
         from vipd.fence import FenceError, check_nftables
 

@@ -345,11 +345,41 @@ class WebhookMoverConfig(_Model):
         return self
 
 
+
+
+class ElasticIpConfig(_Model):
+    allocation_id: Annotated[str, Field(pattern=r"^eipalloc-[0-9a-f]{8,17}$")]
+    private_ip: IPv4Address  # the address on this node's ENI it maps to (usually a VIP)
+
+
+class AwsMoverConfig(_Model):
+    """Move the VIPs in EC2 (vipd/movers/aws.py, docs/cloud.md): secondary private IPs,
+    Elastic IPs and route-table entries follow the holder's ENI."""
+
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")]
+    eni: Annotated[str, Field(pattern=r"^eni-[0-9a-f]{8,17}$")]  # this node's ENI
+    secondary_ips: StrictBool = True  # the IPv4 VIPs as secondary private IPs of the ENI
+    elastic_ips: list[ElasticIpConfig] = Field(default_factory=list)
+    route_tables: list[Annotated[str, Field(pattern=r"^rtb-[0-9a-f]{8,17}$")]] = Field(
+        default_factory=list)  # VIP/32 routes to the ENI (VIPs outside the VPC CIDR)
+    endpoint_url: str | None = None  # an emulator (tests); None: the region's endpoint
+    timeout: PositiveDuration = 5.0
+    reconcile: PositiveDuration = 10.0
+
+    @model_validator(mode="after")
+    def _something_to_move(self) -> AwsMoverConfig:
+        if not (self.secondary_ips or self.elastic_ips or self.route_tables):
+            raise ValueError("nothing to move: set secondary_ips, elastic_ips or "
+                             "route_tables")
+        return self
+
+
 class MoverConfig(_Model):
     """One entry of `movers`: the word netlink, or a mapping naming a remote mover."""
 
     netlink: StrictBool = False
     webhook: WebhookMoverConfig | None = None
+    aws: AwsMoverConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -358,18 +388,20 @@ class MoverConfig(_Model):
             return {"netlink": True}
         if isinstance(value, str):
             raise ValueError(f"unknown mover {value!r}; expected netlink, or a mapping like "
-                             "{webhook: {url: ..., secret_file: ...}}")
+                             "{aws: {region: ..., eni: ...}} or {webhook: {url: ..., "
+                             "secret_file: ...}}")
         return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> MoverConfig:
-        if self.netlink + (self.webhook is not None) != 1:
-            raise ValueError("expected one mover per entry: netlink, or {webhook: {...}}")
+        if self.netlink + (self.webhook is not None) + (self.aws is not None) != 1:
+            raise ValueError("expected one mover per entry: netlink, {aws: {...}} or "
+                             "{webhook: {...}}")
         return self
 
     @property
     def kind(self) -> str:
-        return "netlink" if self.netlink else "webhook"
+        return "netlink" if self.netlink else "webhook" if self.webhook else "aws"
 
 
 class TlsConfig(_Model):

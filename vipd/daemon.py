@@ -43,9 +43,10 @@ from vipd.groupdriver import GroupDriver, group_config
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
 from vipd.metrics import StatusCollector, build_metrics, serve_metrics
+from vipd.movers.aws import AwsMover
 from vipd.movers.base import VipMover
 from vipd.movers.netlink import NetlinkMover
-from vipd.movers.remote import RemoteMoverRunner
+from vipd.movers.remote import RemoteMover, RemoteMoverRunner
 from vipd.movers.webhook import WebhookMover, load_secret
 from vipd.privileges import resolve_exec_user
 from vipd.reload import ReloadError, read_reload
@@ -119,11 +120,24 @@ class Daemon:
     def _remote(self, spec: MoverConfig) -> RemoteMoverRunner:
         """A remote mover of config `movers` and the task that drives it."""
         cfg, m = self.config, self.metrics
-        assert spec.webhook is not None  # the only remote kind so far
-        hook = spec.webhook
-        mover = WebhookMover(url=hook.url, verify_url=hook.verify_url,
-                             secret=load_secret(hook.secret_file), cluster=cfg.cluster,
-                             node=cfg.node, vips=[str(v) for v in cfg.vips])
+        vips = [str(v) for v in cfg.vips]
+        mover: RemoteMover
+        if spec.webhook is not None:
+            hook = spec.webhook
+            mover = WebhookMover(url=hook.url, verify_url=hook.verify_url,
+                                 secret=load_secret(hook.secret_file), cluster=cfg.cluster,
+                                 node=cfg.node, vips=vips)
+            reconcile, timeout = hook.reconcile, hook.timeout
+        else:
+            aws = spec.aws
+            assert aws is not None
+            mover = AwsMover(region=aws.region, eni=aws.eni, cluster=cfg.cluster,
+                             node=cfg.node, vips=vips, secondary_ips=aws.secondary_ips,
+                             elastic_ips=[(e.allocation_id, str(e.private_ip))
+                                          for e in aws.elastic_ips],
+                             route_tables=list(aws.route_tables),
+                             endpoint_url=aws.endpoint_url)
+            reconcile, timeout = aws.reconcile, aws.timeout
         name = mover.name
 
         def observe(operation: str, code: str, took: float, error: str | None) -> None:
@@ -132,7 +146,7 @@ class Daemon:
                 m.mover_errors.labels(name, operation, code).inc()
 
         return RemoteMoverRunner(
-            mover, cfg.node, reconcile=hook.reconcile, timeout=hook.timeout,
+            mover, cfg.node, reconcile=reconcile, timeout=timeout,
             may_call=self._may_call_remote, on_superseded=self._superseded, observe=observe,
             on_verified=m.mover_verified.labels(name).observe,
             on_correction=m.mover_corrections.labels(name).inc)

@@ -534,3 +534,44 @@ def test_group_config_errors_name_the_key(tmp_path: Path, changes: dict[str, Any
                                           message: str) -> None:
     problems = problems_with(tmp_path, changes)
     assert any(k == key and message in m for k, m in problems), problems
+
+
+# --- movers ------------------------------------------------------------------------------
+
+AWS = {"region": "eu-west-1", "eni": "eni-0123456789abcdef0",
+       "elastic_ips": [{"allocation_id": "eipalloc-0123456789abcdef0",
+                        "private_ip": "198.51.100.10"}]}
+MOVER_ERRORS = [
+    ("netlink not first", {"movers": [{"aws": AWS}]}, "movers[0]", "expected netlink first"),
+    ("aws without eni", {"movers": ["netlink", {"aws": {"region": "eu-west-1"}}]},
+     "movers[1].aws.eni", "missing required key"),
+    ("aws with a bad eni", {"movers": ["netlink", {"aws": {**AWS, "eni": "i-0123"}}]},
+     "movers[1].aws.eni", "should match pattern"),
+    ("aws with nothing to move", {"movers": ["netlink", {"aws": {
+        "region": "eu-west-1", "eni": "eni-0123456789abcdef0", "secondary_ips": False}}]},
+     "movers[1].aws", "nothing to move"),
+    ("an unknown mover", {"movers": ["netlink", "gcp"]}, "movers[1]", "unknown mover 'gcp'"),
+    ("a mover twice", {"movers": ["netlink", {"aws": AWS}, {"aws": AWS}]}, "movers[2]",
+     "aws is listed twice"),
+    ("webhook over http", {"movers": ["netlink", {"webhook": {
+        "url": "http://ipam.example/vip", "secret_file": "/s"}}]}, "movers[1].webhook.url",
+     "is not https"),
+]
+
+
+@pytest.mark.parametrize(("changes", "key", "message"), [c[1:] for c in MOVER_ERRORS],
+                         ids=[c[0] for c in MOVER_ERRORS])
+def test_mover_config_errors_name_the_key(tmp_path: Path, changes: dict[str, Any], key: str,
+                                          message: str) -> None:
+    problems = problems_with(tmp_path, changes)
+    assert any(k == key and message in m for k, m in problems), problems
+
+
+def test_movers_default_to_netlink_and_take_remote_ones_after_it(tmp_path: Path) -> None:
+    assert [m.kind for m in load_config(write_yaml(tmp_path, VALID)).movers] == ["netlink"]
+    config = load_config(write_yaml(tmp_path, changed({"movers": [
+        "netlink", {"aws": AWS}, {"webhook": {"url": "http://127.0.0.1:8443/vip",
+                                              "secret_file": "/s", "insecure": True}}]})))
+    assert [m.kind for m in config.remote_movers] == ["aws", "webhook"]
+    assert config.remote_movers[0].aws is not None
+    assert str(config.remote_movers[0].aws.elastic_ips[0].private_ip) == "198.51.100.10"
