@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations import bench_group, disturb, splitbrain
+from simulations import bench_cloud, bench_group, disturb, splitbrain
 from vipd.config import load_config
 from vipd.demo.lab import list_namespaces
 from vipd.demo.pairlab import ECHO_PORT, VIP4, VIP6, PairLab, failed_runs, outage
@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arbiter", choices=("none", "witness", "etcd"), default=None,
                     help="run the split-brain faults (issue 12) on a pair with this "
                          "arbiter; etcd: the group faults (issue 13) on three nodes")
+    ap.add_argument("--movers", choices=("netlink", "aws"), default="netlink",
+                    help="aws: kill trials of a pair with movers [netlink, aws] against an "
+                         "EC2 emulator in the lab (issue 14)")
     ap.add_argument("--ttl", default="1s", help="with --arbiter etcd: the etcd lease TTL "
                                                 "(default 1s)")
     ap.add_argument("--fence", choices=("none", "kernel"), default=None,
@@ -568,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.arbiter == "etcd":
         return group_main(args)
+    if args.movers == "aws":
+        return cloud_main(args)
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
@@ -672,6 +677,53 @@ def main(argv: list[str] | None = None) -> int:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     log(f"runtime {runtime:.1f} s; seed {seed}; host load average now {load} on "
         f"{os.cpu_count()} CPUs (other work on the host adds timer jitter)")
+    return 0
+
+
+def cloud_main(args: argparse.Namespace) -> int:
+    """--movers aws: kill trials of a pair moving the VIP in an EC2 emulator."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workdir = Path(tempfile.mkdtemp(prefix="vipd-bench-cloud-"))
+    started = time.monotonic()
+    trials: list[dict[str, Any]] = []
+    log(f"bench_failover --movers aws: {args.trials} kill trials; work dir {workdir}")
+    pair = PairLab.create(workdir / "pair", ipv6=False, roles=("cloud",))
+    try:
+        cloud = bench_cloud.start_cloud(pair)
+        dead = load_config(pair.nodes[ACTIVE].config).pair.dead_interval
+        asker = Asker(pair)
+        try:
+            for i in range(1, args.trials + 1):
+                try:
+                    reset(pair, asker, dead)
+                except RuntimeError as exc:
+                    trial = {"error": f"no stable pair: {exc}"}
+                else:
+                    try:
+                        trial = bench_cloud.run_trial(pair, cloud, i)
+                    finally:
+                        kill_probe(pair)
+                trials.append(trial)
+                log(f"kill #{i:<3} {json.dumps(trial)}")
+        finally:
+            asker.close()
+    except KeyboardInterrupt:
+        log("\ninterrupted: lab removed")
+        return 130
+    finally:
+        pair.destroy()
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary = bench_cloud.summarize(trials)
+    text = bench_cloud.table(summary)
+    if args.json:
+        print(json.dumps({"trials": trials, "summary": summary}))
+        log(text)
+    else:
+        print(text)
+    log(f"runtime {time.monotonic() - started:.1f} s")
     return 0
 
 

@@ -19,6 +19,9 @@ priorities 150, 120, 100) sharing the VIPs, the client, and three hosts etcd1..3
 3-member etcd cluster (`start_etcd`, `etcd`: vipd.demo.etcdserver), named by the nodes'
 ``arbiter: {etcd: ...}``; the nodes have no heartbeat settings.
 
+``roles`` adds hosts of the caller's own (the cloud benchmark's emulator host), and
+``env`` is added to the daemons' environment.
+
 With ``arbiter="witness"`` the lab has a fourth host, ``witness`` (198.51.100.4), running
 `vipd witness` (`start_witness`, `stop_witness`, `kill_witness`) for the pair's cluster
 with the pair's key, and both nodes' configs name it. ``fence`` sets the nodes' `fence`
@@ -99,12 +102,14 @@ class PairLab:
     fence_table: str | None = None  # the nodes' nftables fence table, if they have one
     etcd: EtcdCluster | None = None  # with arbiter="etcd", once started
     etcd_hosts: tuple[str, ...] = ()  # with arbiter="etcd": the members' hosts
+    env: dict[str, str] = field(default_factory=dict)  # added to the daemons' environment
 
     @classmethod
     def create(cls, workdir: Path, *, preempt: bool = False, preempt_delay: float = 0.0,
                ipv6: bool = True, extra: str = "", interval: str | None = None,
                dead_after: int | None = None, checks: bool = True, arbiter: str = "none",
-               fence: str | None = None, api: bool = False, ttl: str = "1s") -> PairLab:
+               fence: str | None = None, api: bool = False, ttl: str = "1s",
+               roles: tuple[str, ...] = ()) -> PairLab:
         if arbiter not in ("none", "witness", "etcd") or fence not in (None, "none", "kernel"):
             raise ValueError(f"arbiter {arbiter!r}, fence {fence!r}: expected arbiter "
                              f"'none', 'witness' or 'etcd', fence None, 'none' or 'kernel'")
@@ -113,9 +118,9 @@ class PairLab:
         _private(key, generate_key_line(1))
         witness, group = arbiter == "witness", arbiter == "etcd"
         names = ("node1", "node2", "node3") if group else ("node1", "node2")
-        roles = ((*names, "client", *ETCD_MEMBERS) if group else
-                 (*DEFAULT_ROLES, "witness") if witness else DEFAULT_ROLES)
-        lab = Lab.create(new_prefix(), roles)
+        roles_of_lab = ((*names, "client", *ETCD_MEMBERS) if group else
+                        (*DEFAULT_ROLES, "witness") if witness else DEFAULT_ROLES)
+        lab = Lab.create(new_prefix(), (*roles_of_lab, *roles))
         pair = cls(workdir, lab)
         if group:
             pair.etcd_hosts = ETCD_MEMBERS
@@ -246,9 +251,12 @@ class PairLab:
         node = self.nodes[name]
         self._drop_faketime_shm(node)
         with node.log.open("a") as log:  # the children keep their own copies of the fd
+            env = _faketime_env(node.clock_file) if node.clock_file else None
+            if self.env:
+                env = {**(env or os.environ), **self.env}
             node.daemon = self.lab[name].spawn(
                 sys.executable, "-m", "vipd.cli", "run", "-c", str(node.config), stderr=log,
-                env=_faketime_env(node.clock_file) if node.clock_file else None)
+                env=env)
             if node.clock_file:
                 node.faked_pids.append(node.daemon.pid)
             if responder and node.responder is None:
