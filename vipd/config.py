@@ -109,6 +109,25 @@ class AuthConfig(_Model):
     key_file: ConfigPath
 
 
+def _unicast_list(endpoints: list[Endpoint], key: str, what: str,
+                  empty: str) -> list[Endpoint]:
+    """At least one (else ``empty``), each a unicast address of ``what``, none twice;
+    every problem at once."""
+    if not endpoints:
+        raise ValueError(empty)
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    first: dict[Endpoint, int] = {}
+    for i, endpoint in enumerate(endpoints):
+        if endpoint in first:
+            problems.append(((i,), f"{endpoint} is listed twice (also {key}[{first[endpoint]}])"))
+        elif endpoint.host.is_unspecified or endpoint.host.is_multicast:
+            problems.append(((i,), f"{endpoint} is not a unicast address of {what}"))
+        first.setdefault(endpoint, i)
+    if problems:
+        raise Problems(problems)
+    return endpoints
+
+
 class EtcdTlsConfig(_Model):
     """TLS to etcd: the CA that signed the etcd members' certificates, and this node's
     client certificate and key when etcd requires them (--client-cert-auth)."""
@@ -138,20 +157,8 @@ class EtcdConfig(_Model):
     @field_validator("endpoints")
     @classmethod
     def _check_endpoints(cls, endpoints: list[Endpoint]) -> list[Endpoint]:
-        if not endpoints:
-            raise ValueError("expected at least one etcd endpoint, like [192.0.2.5:2379]")
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        first: dict[Endpoint, int] = {}
-        for i, endpoint in enumerate(endpoints):
-            if endpoint in first:
-                problems.append(((i,), f"{endpoint} is listed twice (also "
-                                       f"endpoints[{first[endpoint]}])"))
-            elif endpoint.host.is_unspecified or endpoint.host.is_multicast:
-                problems.append(((i,), f"{endpoint} is not a unicast address of an etcd member"))
-            first.setdefault(endpoint, i)
-        if problems:
-            raise Problems(problems)
-        return endpoints
+        return _unicast_list(endpoints, "endpoints", "an etcd member",
+                             "expected at least one etcd endpoint, like [192.0.2.5:2379]")
 
     @field_validator("prefix")
     @classmethod
@@ -184,20 +191,8 @@ class ArbiterConfig(_Model):
     def _check_witnesses(cls, witnesses: list[Endpoint] | None) -> list[Endpoint] | None:
         if witnesses is None:
             return None
-        if not witnesses:
-            raise ValueError("expected at least one witness, like [192.0.2.3:5406]")
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        first: dict[Endpoint, int] = {}
-        for i, witness in enumerate(witnesses):
-            if witness in first:
-                problems.append(((i,), f"{witness} is listed twice (also "
-                                       f"witness[{first[witness]}])"))
-            elif witness.host.is_unspecified or witness.host.is_multicast:
-                problems.append(((i,), f"{witness} is not a unicast address of a witness"))
-            first.setdefault(witness, i)
-        if problems:
-            raise Problems(problems)
-        return witnesses
+        return _unicast_list(witnesses, "witness", "a witness",
+                             "expected at least one witness, like [192.0.2.3:5406]")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ArbiterConfig:

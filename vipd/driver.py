@@ -26,6 +26,7 @@ from vipd.core import election as el
 from vipd.core.events import UNPLANNED_TAKEOVERS
 from vipd.core.protocol import KeyRing, Reject, Rejected, Session, State
 from vipd.core.votes import PROBE_EVERY
+from vipd.deadline import DeadlineTimer
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics
 from vipd.statefile import StateFile
@@ -72,8 +73,7 @@ class Driver:
         # (host, port) tuples made once: the send path runs for every heartbeat.
         self._peer_addresses = [(str(p.host), p.port) for p in config.pair.peers]
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_timer_fire = time.monotonic()
+        self._timer = DeadlineTimer(self._on_timer, metrics.hot.lateness.observe)
         self._ready_sent = False
         self._offset_warned = False
         self._last_ask = float("-inf")  # loop time of our last vote request to the witnesses
@@ -89,9 +89,7 @@ class Driver:
         self.handle(el.Start())
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -203,33 +201,15 @@ class Driver:
     # --- the timer -----------------------------------------------------------------------
 
     def _rearm(self) -> None:
-        assert self._loop is not None
-        deadline = self.election.next_deadline()
-        if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
-                return  # usually so after a heartbeat arrives: keep the armed timer
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer, deadline)
+        self._timer.arm(self.election.next_deadline())
 
     def _on_timer(self, deadline: float) -> None:
-        assert self._loop is not None
-        self._timer = None
-        self._last_timer_fire = time.monotonic()
-        self.metrics.hot.lateness.observe(max(self._loop.time() - deadline, 0.0))
         if self.transport is not None:
             self.transport.drain()  # after a stall the peer's heartbeats are heard first
         self.handle(el.Tick())
 
     def timer_works(self, stale: float) -> bool:
-        """The timer fired lately, or is armed for a deadline not long past. A node that
-        answers its peer's heartbeats sends them without its timer ever firing (the
-        timer is only its fallback), so "fired lately" alone would call it wedged."""
-        now = time.monotonic()
-        if now - self._last_timer_fire <= stale:
-            return True
-        return self._timer is not None and self._timer.when() >= now - stale
+        return self._timer.works(stale)
 
     # --- actions out ---------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -23,6 +22,7 @@ from vipd.config import Config
 from vipd.core import election as el
 from vipd.core import group as g
 from vipd.core.protocol import State
+from vipd.deadline import DeadlineTimer
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics
 from vipd.statefile import StateFile
@@ -68,8 +68,7 @@ class GroupDriver:
         self.metrics = metrics
         self._on_finished = on_finished
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_timer_fire = time.monotonic()
+        self._timer = DeadlineTimer(self._on_timer, metrics.hot.lateness.observe)
         self._calls: set[asyncio.Task[None]] = set()
         self._next_record: g.Member | None = None  # the newest record not yet sent
         self._publishing = False
@@ -92,9 +91,7 @@ class GroupDriver:
         self.handle(el.Start())
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
     async def close(self, budget: float) -> None:
         """Let the calls in flight (a resign, the revoke of a clean stop) finish within
@@ -162,28 +159,13 @@ class GroupDriver:
     # --- the timer -----------------------------------------------------------------------
 
     def _rearm(self) -> None:
-        assert self._loop is not None
-        deadline = self.election.next_deadline()
-        if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
-                return
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer, deadline)
+        self._timer.arm(self.election.next_deadline())
 
     def _on_timer(self, deadline: float) -> None:
-        assert self._loop is not None
-        self._timer = None
-        self._last_timer_fire = time.monotonic()
-        self.metrics.hot.lateness.observe(max(self._loop.time() - deadline, 0.0))
         self.handle(el.Tick())
 
     def timer_works(self, stale: float) -> bool:
-        now = time.monotonic()
-        if now - self._last_timer_fire <= stale:
-            return True
-        return self._timer is not None and self._timer.when() >= now - stale
+        return self._timer.works(stale)
 
     # --- actions out ---------------------------------------------------------------------
 

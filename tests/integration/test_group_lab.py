@@ -8,19 +8,16 @@ timeout, so it grants 1 s): the benchmark (`bench_failover --arbiter etcd`) meas
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from simulations.arpwatch import ArpWatch, Observations
 from simulations.bench_group import etcd_leader
 from simulations.splitbrain import metric_values
 from support.etcd import require_etcd
-from support.pairlab_checks import expect, logs, stays
-from vipd.demo.pairlab import VIP4, PairLab
+from support.pairlab_checks import expect, logs, oracle, stays, two_mac_rounds
+from vipd.demo.pairlab import PairLab
 from vipd.vipctl import render_status
 
 pytestmark = [pytest.mark.netns, pytest.mark.pair(arbiter="etcd", api=True, ipv6=False)]
@@ -31,21 +28,6 @@ TTL = 1.0
 @pytest.fixture(autouse=True)
 def _etcd_installed() -> None:
     require_etcd()
-
-
-@contextlib.contextmanager
-def oracle(pair: PairLab) -> Iterator[list[Observations]]:
-    watch = ArpWatch.start(pair, VIP4)
-    seen: list[Observations] = []
-    try:
-        yield seen
-        seen.append(watch.stop())
-    finally:
-        watch.close()
-
-
-def two_mac_rounds(obs: Observations, start: float, end: float) -> list[Any]:
-    return [(t, macs) for t, _, macs in obs.rounds(start, end) if len(macs) >= 2]
 
 
 def group(pair: PairLab, node: str) -> dict[str, Any]:

@@ -6,19 +6,17 @@ of the fault's window."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from simulations.arpwatch import ArpWatch, Observations
+from simulations.arpwatch import Observations
 from simulations.splitbrain import metric_values
-from support.pairlab_checks import expect, logs, start_pair, stays
+from support.pairlab_checks import expect, logs, oracle, start_pair, stays, two_mac_rounds
 from vipd.config import load_config
-from vipd.demo.pairlab import VIP4, PairLab, outage
+from vipd.demo.pairlab import PairLab, outage
 
 pytestmark = [pytest.mark.netns, pytest.mark.pair(arbiter="witness", api=True)]
 
@@ -28,22 +26,6 @@ GATE_SLACK = 0.02  # s: nftables timeouts count in jiffies (4 ms at HZ=250), and
 
 def dead_interval(pair: PairLab) -> float:
     return load_config(pair.nodes["node1"].config).heartbeat.dead_interval
-
-
-@contextlib.contextmanager
-def oracle(pair: PairLab) -> Iterator[list[Observations]]:
-    """The ARP oracle over the block; its observations land in the yielded list."""
-    watch = ArpWatch.start(pair, VIP4)
-    seen: list[Observations] = []
-    try:
-        yield seen
-        seen.append(watch.stop())
-    finally:
-        watch.close()
-
-
-def two_mac_rounds(obs: Observations, start: float, end: float) -> list[tuple[float, set[str]]]:
-    return [(t, seen) for t, _, seen in obs.rounds(start, end) if len(seen) >= 2]
 
 
 def replies_from(pair: PairLab, obs: Observations, node: str, since: float) -> list[float]:

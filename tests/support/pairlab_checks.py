@@ -6,10 +6,12 @@ Shared by the integration tests that run a PairLab.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from simulations.arpwatch import ArpWatch, Observations
 from vipd.demo.pairlab import VIP4, VIP6, PairLab
 
 LEASE_GONE = 8.0  # s: vip_lease is 3 s; a dead or frozen node's copy is gone well within this
@@ -66,3 +68,21 @@ def start_pair(pair: PairLab, settle: float = 0.5) -> None:
     node2 = pair.log_lines("node2")
     assert transitions(node2) == [line for line in node2 if "INIT -> STANDBY" in line], \
         logs(pair)
+
+
+@contextlib.contextmanager
+def oracle(pair: PairLab) -> Iterator[list[Observations]]:
+    """The ARP oracle (simulations.arpwatch) over the block; its observations land in the
+    yielded list when the block ends."""
+    watch = ArpWatch.start(pair, VIP4)
+    seen: list[Observations] = []
+    try:
+        yield seen
+        seen.append(watch.stop())
+    finally:
+        watch.close()
+
+
+def two_mac_rounds(obs: Observations, start: float, end: float) -> list[tuple[float, set[str]]]:
+    """The ARP probe rounds within [start, end] answered by two or more MACs."""
+    return [(t, seen) for t, _, seen in obs.rounds(start, end) if len(seen) >= 2]

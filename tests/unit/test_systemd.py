@@ -366,9 +366,7 @@ def wedge(node: Node, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     real = d.driver._rearm
 
     def no_timer() -> None:
-        if d.driver._timer is not None:
-            d.driver._timer.cancel()
-            d.driver._timer = None
+        d.driver._timer.cancel()
 
     monkeypatch.setattr(d.driver, "_rearm", no_timer)
     no_timer()
@@ -382,11 +380,11 @@ async def test_watchdog_stops_when_the_timer_is_wedged(
     await started(pair, readers, monkeypatch)
     reader, d = readers["a"], pair.a.daemon
     wedge(pair.a, monkeypatch)
-    d.driver._last_timer_fire = time.monotonic() - 60  # and it last fired long ago
+    d.driver._timer._last_fire = time.monotonic() - 60  # and it last fired long ago
     await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.05)  # a ping already in flight arrives
     mark = len(reader.messages)
     await asyncio.sleep(0.5)
-    assert d.driver._last_timer_fire < time.monotonic() - 59  # still wedged
+    assert d.driver._timer._last_fire < time.monotonic() - 59  # still wedged
     assert reader.with_key("WATCHDOG", since=mark) == [], reader.dump()
     assert readers["b"].with_key("WATCHDOG", since=0)  # the other daemon still pings
 
@@ -420,10 +418,11 @@ async def test_watchdog_keeps_pinging_on_a_node_that_only_answers(
     armed (not overdue) timer counts as working, so systemd does not restart it."""
     await started(pair, readers, monkeypatch)
     reader, d = readers["a"], pair.a.daemon
-    d.driver._last_timer_fire = time.monotonic() - 60  # as if every send had been an answer
-    assert d.driver._timer is not None and d.driver._timer.when() >= time.monotonic() - 1.0
+    d.driver._timer._last_fire = time.monotonic() - 60  # as if every send had been an answer
+    handle = d.driver._timer._handle
+    assert handle is not None and handle.when() >= time.monotonic() - 1.0
     await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.05)
     mark = len(reader.messages)
-    d.driver._last_timer_fire = time.monotonic() - 60
+    d.driver._timer._last_fire = time.monotonic() - 60
     await asyncio.sleep(WATCHDOG_PERIOD / 2 + 0.1)
     assert reader.with_key("WATCHDOG", since=mark), reader.dump()
