@@ -21,7 +21,6 @@ ENI ("moved"), node2's own time from its takeover to verified ownership
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from simulations import disturb
 from simulations.splitbrain import metric_values
 from vipd.demo.lab import enter_netns
 from vipd.demo.pairlab import VIP4, PairLab, outage
@@ -187,14 +187,10 @@ def run_trial(pair: PairLab, cloud: Cloud, index: int) -> dict[str, Any]:
 
 def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [t for t in trials if not t["error"]]
-
-    def spread(key: str) -> dict[str, float | None]:
-        values = [t[key] for t in ok if t.get(key) is not None]
-        return {"median": round(statistics.median(values), 1) if values else None,
-                "max": round(max(values), 1) if values else None}
-
-    return {"n": len(ok), "failed": len(trials) - len(ok), "outage_ms": spread("outage_ms"),
-            "moved_ms": spread("moved_ms"), "verified_ms": spread("verified_ms"),
+    return {"n": len(ok), "failed": len(trials) - len(ok),
+            "outage_ms": disturb.spread(ok, "outage_ms"),
+            "moved_ms": disturb.spread(ok, "moved_ms"),
+            "verified_ms": disturb.spread(ok, "verified_ms"),
             "samples": sum(t.get("samples", 0) for t in ok),
             "max_enis_holding": max((t.get("max_enis_holding", 0) for t in ok), default=0),
             "errors": [t["error"] for t in trials if t["error"]]}

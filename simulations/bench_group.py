@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import subprocess
 import time
 import urllib.error
@@ -316,20 +315,15 @@ def _ms(seconds: float) -> float:
 def summarize(trials: list[disturb.Trial]) -> dict[str, Any]:
     ok = [t.detail for t in trials if not t.error]
 
-    def spread(key: str) -> dict[str, float | None]:
-        values = [d[key] for d in ok if d.get(key) is not None]
-        return {"median": round(statistics.median(values), 1) if values else None,
-                "max": round(max(values), 1) if values else None}
-
     return {
         "n": len(ok), "failed": len(trials) - len(ok),
-        "failover_ms": spread("failover_ms"),
+        "failover_ms": disturb.spread(ok, "failover_ms"),
         "no_failover": sum(1 for d in ok if d["failover_ms"] is None),
-        "longest_unanswered_ms": spread("longest_unanswered_ms"),
-        "two_macs_ms": spread("two_macs_ms"),
-        "both_gates_ms": spread("both_gates_ms"),
-        "holder_gate_shut_ms": spread("holder_gate_shut_ms"),
-        "answered_after_etcd_back_ms": spread("answered_after_etcd_back_ms"),
+        "longest_unanswered_ms": disturb.spread(ok, "longest_unanswered_ms"),
+        "two_macs_ms": disturb.spread(ok, "two_macs_ms"),
+        "both_gates_ms": disturb.spread(ok, "both_gates_ms"),
+        "holder_gate_shut_ms": disturb.spread(ok, "holder_gate_shut_ms"),
+        "answered_after_etcd_back_ms": disturb.spread(ok, "answered_after_etcd_back_ms"),
         "moves_max": max((d["moves"] for d in ok), default=None),
         "trials_with_move": sum(1 for d in ok if d["moves"]),
         "unexpected": [d["unexpected"] for d in ok if d["unexpected"]],

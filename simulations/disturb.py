@@ -321,6 +321,13 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def spread(details: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Median and max of ``key`` over the trials' details that have it (a summary cell)."""
+    values = [d[key] for d in details if d.get(key) is not None]
+    return {"median": round(statistics.median(values), 1) if values else None,
+            "max": round(max(values), 1) if values else None}
+
+
 def median_max(stats: dict[str, Any], key: str) -> str:
     """A summary cell: "median / max" of ``stats[key]``."""
     return f"{_cell(stats[key]['median'])} / {_cell(stats[key]['max'])}"

@@ -263,20 +263,15 @@ def _ms(seconds: float) -> float:
 def summarize(trials: list[disturb.Trial]) -> dict[str, Any]:
     ok = [t.detail for t in trials if not t.error]
 
-    def spread(key: str) -> dict[str, float | None]:
-        values = [d[key] for d in ok if d.get(key) is not None]
-        return {"median": round(statistics.median(values), 1) if values else None,
-                "max": round(max(values), 1) if values else None}
-
     # kill: from the kill to the killed node's last ARP reply (0: none after the kill)
     stale = [t.detail["node1_last_reply_ms"] or 0.0 for t in trials
              if not t.error and t.fault == "kill"]
     return {
         "n": len(ok), "failed": len(trials) - len(ok),
-        "failover_ms": spread("failover_ms"),
+        "failover_ms": disturb.spread(ok, "failover_ms"),
         "no_failover": sum(1 for d in ok if d["failover_ms"] is None),
-        "two_macs_ms": spread("two_macs_ms"),
-        "both_gates_ms": spread("both_gates_ms"),
+        "two_macs_ms": disturb.spread(ok, "two_macs_ms"),
+        "both_gates_ms": disturb.spread(ok, "both_gates_ms"),
         "moves_max": max((d["moves"] for d in ok), default=None),
         "trials_with_move": sum(1 for d in ok if d["moves"]),
         "stale_ms": {"median": round(statistics.median(stale), 1) if stale else None,
