@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from hashlib import sha256
 from typing import Any
 
 from vipd import __version__
@@ -45,8 +46,6 @@ def group_config(cfg: Config) -> g.GroupConfig:
 def group_digest(cfg: Config) -> str:
     """What every member of a group must agree on (reported when they do not): the VIPs,
     the etcd prefix and TTL."""
-    from hashlib import sha256
-
     assert cfg.etcd is not None
     text = "|".join([cfg.cluster, ",".join(sorted(str(v) for v in cfg.vips)),
                      cfg.etcd.prefix, f"{cfg.etcd.ttl:g}"])
@@ -80,7 +79,6 @@ class GroupDriver:
         self._last_resign: asyncio.Task[None] | None = None
         self._mismatched: set[str] = set()  # members whose settings digest differs
         self.granted_ttl: float | None = None
-        self.last_call: dict[str, float] = {}  # seconds each kind of call took, last time
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -217,8 +215,7 @@ class GroupDriver:
         self.handle(g.StoreFailed(str(exc)))
 
     def _took(self, what: str, sent: float) -> None:
-        self.last_call[what] = self.loop_time() - sent
-        self.metrics.etcd_latency.labels(what).observe(self.last_call[what])
+        self.metrics.etcd_latency.labels(what).observe(self.loop_time() - sent)
 
     async def _grant(self, ttl: float, sent: float) -> None:
         try:
