@@ -509,3 +509,41 @@ def test_tokens_file_reports_every_bad_line_and_every_duplicate(tmp_path: Path) 
     assert "line 1: expected 'NAME ROLE SHA256'" in message
     assert "line 3: token name 'ops' appears twice" in message
     assert "line 2" not in message and "line 4" not in message
+
+
+def group_doc(holder: str, states: dict[str, str]) -> dict[str, Any]:
+    """vm-a's status in a group on etcd: ``holder`` holds the key; members' states."""
+    doc = status_doc(state=states["vm-a"], here_held=states["vm-a"] == "ACTIVE")
+    doc["peer"] = None
+    doc["group"] = {
+        "endpoints": ["198.51.100.5:2379"], "prefix": "/vipd", "etcd": "ok",
+        "etcd_detail": "lease 10 kept alive", "ttl_seconds": 1.0, "granted_ttl_seconds": 1.0,
+        "lease": "10", "lease_remaining_seconds": 0.8, "holder": holder, "holder_term": 7,
+        "successor": None, "revision": 9,
+        "members": [{"node": n, "state": s, "priority": 100, "healthy": True,
+                     "maintenance": False, "eligible": True, "wants": False,
+                     "holder": n == holder, "version": "0.1.0",
+                     "settings_match": n != "vm-c"} for n, s in sorted(states.items())]}
+    return doc
+
+
+@pytest.mark.asyncio
+async def test_switchover_to_a_member_waits_until_it_holds(
+        env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.controller.before = group_doc("vm-a", {"vm-a": "ACTIVE", "vm-b": "STANDBY",
+                                               "vm-c": "STANDBY"})
+    env.controller.after = group_doc("vm-c", {"vm-a": "STANDBY", "vm-b": "STANDBY",
+                                              "vm-c": "ACTIVE"})
+    env.controller.flip_after = 0.05
+    async with serve(env) as url:
+        code = await vipctl("--api", url, "--token-file", str(env.operate_file),
+                            "switchover", "--to", "vm-c", "--wait")
+        out, err = capsys.readouterr()
+        assert code == EXIT_OK, err
+        assert re.search(r"^done: VIPs on vm-c after \d+ ms$", out, re.MULTILINE), out
+        code = await vipctl("--api", url, "--token-file", str(env.read_file), "status")
+    text = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "holder: vm-c (term 7)" in text and "etcd 198.51.100.5:2379 (/vipd): ok" in text
+    assert "SETTINGS DIFFER" in text and "WARNING: members' settings differ" in text
+    assert env.controller.targets == ["vm-c"]
