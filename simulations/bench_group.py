@@ -211,7 +211,6 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random,
     spec = FAULTS[fault]
     trial = disturb.Trial(fault, index)
     tails = {name: disturb.log_tail(pair, name) for name in pair.nodes}
-    obs, samples = Observations(), []
     try:
         watch = ArpWatch.start(pair, VIP4)
     except RuntimeError as exc:
@@ -242,15 +241,11 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random,
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         trial.error = f"{fault} failed: {exc!r}"
     finally:
-        try:
+        def settle() -> None:
             pair.heal()
             time.sleep(AFTER)
-            obs = watch.stop()
-            samples = pair.stop_probe()
-        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-            trial.error = trial.error or f"no observations: {exc!r}"
-        finally:
-            watch.close()
+
+        obs, samples = disturb.collect(pair, watch, trial, settle)
     if trial.error:
         return trial
     macs = {pair.host(name).mac: name for name in pair.nodes}

@@ -96,7 +96,7 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random, interva
     """One disturbance of a stable pair with the UDP probe running; stops the probe."""
     trial = Trial(fault, index)
     tails = {name: log_tail(pair, name) for name in pair.nodes}
-    obs, samples, window = Observations(), [], None
+    window = None
     try:
         watch = ArpWatch.start(pair, VIP4)
     except RuntimeError as exc:
@@ -108,13 +108,7 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random, interva
         trial.error = f"{fault} failed: {exc!r}"
     finally:
         _undo(pair, fault)
-        try:
-            obs = watch.stop()
-            samples = pair.stop_probe()
-        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-            trial.error = trial.error or f"no observations: {exc!r}"
-        finally:
-            watch.close()
+        obs, samples = collect(pair, watch, trial)
     if window is not None and not trial.error:
         macs = {pair.host(name).mac: name for name in pair.nodes}
         trial.detail = measure(obs, samples, window, macs)
@@ -153,6 +147,24 @@ def _undo(pair: PairLab, fault: str) -> None:
     for node in pair.nodes.values():
         if node.daemon is not None and node.daemon.poll() is None:
             pair.resume(node.name)
+
+
+def collect(pair: PairLab, watch: ArpWatch, trial: Trial,
+            settle: Callable[[], object] = lambda: None
+            ) -> tuple[Observations, list[tuple[float, str | None]]]:
+    """The end of a lab trial: ``settle`` (undo the fault, watch a while longer), then
+    stop the ARP oracle and the UDP probe; a failure lands in ``trial.error`` and empty
+    observations come back. The oracle is closed in any case."""
+    obs, samples = Observations(), list[tuple[float, str | None]]()
+    try:
+        settle()
+        obs = watch.stop()
+        samples = pair.stop_probe()
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
+        trial.error = trial.error or f"no observations: {exc!r}"
+    finally:
+        watch.close()
+    return obs, samples
 
 
 def log_tail(pair: PairLab, name: str) -> Callable[[], list[str]]:

@@ -124,7 +124,6 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random, interva
     spec = FAULTS[fault]
     trial = disturb.Trial(fault, index)
     tails = {name: disturb.log_tail(pair, name) for name in pair.nodes}
-    obs, samples = Observations(), []
     try:
         watch = ArpWatch.start(pair, VIP4)
     except RuntimeError as exc:
@@ -153,19 +152,15 @@ def run_trial(pair: PairLab, fault: str, index: int, rng: random.Random, interva
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         trial.error = f"{fault} failed: {exc!r}"
     finally:
-        try:
+        def settle() -> None:
             _undo(pair)
             if fault in ("kill", "witness-stop-then-kill"):
                 # the killed node's address stays until its lifetime runs out: watch its
                 # kernel until then (without a fence it answers ARP all that time)
                 pair.wait_for(lambda: ACTIVE not in pair.holders(), STALE_TIMEOUT, 0.02)
             time.sleep(AFTER)
-            obs = watch.stop()
-            samples = pair.stop_probe()
-        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-            trial.error = trial.error or f"no observations: {exc!r}"
-        finally:
-            watch.close()
+
+        obs, samples = disturb.collect(pair, watch, trial, settle)
     if trial.error:
         return trial
     macs = {pair.host(name).mac: name for name in pair.nodes}
