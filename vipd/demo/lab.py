@@ -201,6 +201,7 @@ class Lab:
         self.hosts = {role: Host(role, f"{prefix}{role}", n)
                       for n, role in enumerate(roles, start=1)}
         self._created: list[str] = []
+        self.switch_procs: list[subprocess.Popen[str]] = []
 
     @classmethod
     def create(cls, prefix: str, roles: Sequence[str] = DEFAULT_ROLES) -> Self:
@@ -283,6 +284,14 @@ class Lab:
         return [(m[0], m[1]) for m in re.findall(r'iifname "([^"]+)" oifname "([^"]+)" drop',
                                                  text)]
 
+    def switch_spawn(self, *argv: str, **popen: Any) -> subprocess.Popen[str]:
+        """Start a process in the switch namespace (a forwarder between ports), killed
+        when the lab goes."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.switch, *argv], text=True,
+                                start_new_session=True, **popen)
+        self.switch_procs.append(proc)
+        return proc
+
     def nft(self, commands: str) -> str:
         """nftables commands as one transaction in the switch namespace (libnftables,
         no process start: a block lands within a millisecond of the call)."""
@@ -319,6 +328,12 @@ class Lab:
         try:
             for host in self.hosts.values():
                 host.kill_procs()
+            for proc in self.switch_procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            self.switch_procs.clear()
         finally:
             for ns in reversed(self._created):
                 delete_namespace(ns)
