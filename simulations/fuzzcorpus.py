@@ -134,7 +134,8 @@ def select(packets: list[tuple[Flow, bytes]]) -> dict[str, dict[str, bytes]]:
             chosen[kind][hashlib.sha1(data).hexdigest()[:16]] = data
     for (kind, _), datagrams in sorted(flows.items()):
         # the start of the flow (small echo sequence numbers) and evenly after it
-        for start in range(0, len(datagrams), max(len(datagrams) // RUNS_PER_FLOW, 1)):
+        step = max(len(datagrams) // RUNS_PER_FLOW, 1)
+        for start in range(0, len(datagrams) - RUN_LENGTH + 1, step):
             run = b"".join(datagrams[start:start + RUN_LENGTH])
             chosen[kind][f"seq-{hashlib.sha1(run).hexdigest()[:12]}"] = run
     return chosen
