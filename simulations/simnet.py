@@ -36,6 +36,7 @@ from typing import Any
 
 from vipd.arbiter.witness_client import WitnessClient
 from vipd.core import election as el
+from vipd.core.damping import Damper, Flap
 from vipd.core.protocol import (
     Flag,
     KeyRing,
@@ -118,6 +119,8 @@ class SimNode:
     health: bool = True
     persisted_term: int = 0
     persisted_maintenance: bool = False
+    persisted_flaps: list[Flap] = field(default_factory=list)  # flap damping's failures
+    running: bool = False  # the state file's mark: still set at a start after a crash
     election: el.Election | None = None
     session: Session | None = None
     timer_gen: int = 0
@@ -169,7 +172,9 @@ class SimNode:
         self.gate_until = float("-inf")  # ... and installs its gate shut
         self.sim.checker.on_start(self)
         self.election = el.Election(self.cfg, term=self.persisted_term,
-                                    maintenance=self.persisted_maintenance)
+                                    maintenance=self.persisted_maintenance,
+                                    damper=Damper(list(self.persisted_flaps)))
+        crashed, self.running = self.running, True
         boot = self.sim.rng.getrandbits(64)
         self.session = Session(cluster=CLUSTER, node=self.name, keys=self.sim.keys,
                                boot_id=boot, digest=self.cfg.digest)
@@ -178,7 +183,7 @@ class SimNode:
                 cluster=CLUSTER, node=self.name, keys=self.sim.keys, boot_id=boot,
                 digest=self.cfg.digest, witnesses=[(WITNESS, (WITNESS, 0))],
                 lease=self.cfg.vote_lease, max_skew=1.0)
-        self.handle(el.Start())
+        self.handle(el.Start(crashed=crashed))
         self.handle(el.HealthChanged(self.health, "" if self.health else "sim: down"))
 
     def crash(self) -> None:
@@ -251,7 +256,7 @@ class SimNode:
         self.rearm()
         if self.election.finished:
             assert not self.held, f"{self.name} stopped while holding VIPs"
-            self.up = False
+            self.up = self.running = False  # a clean stop
 
     def rearm(self) -> None:
         assert self.election is not None
@@ -301,6 +306,9 @@ class SimNode:
                 self.announce()
             case el.RunHook():
                 pass
+            case el.DampingChanged(flap=flap):
+                if flap is not None and self.election is not None:
+                    self.persisted_flaps = list(self.election.damper.flaps)
 
     def renew_gate(self) -> None:
         """The VIP worker keeps the gate open while holding, never past the votes (the

@@ -23,13 +23,14 @@ from typing import Any
 from simulations import simulate_group
 from simulations.simnet import CLUSTER, WITNESS, Attack, Checker, Sim, SimNode
 from vipd.core import election as el
+from vipd.core.damping import DampingConfig
 from vipd.core.protocol import KeyRing, Kind, Session, State, Vote
 from vipd.core.votes import RATE_MARGIN, counted_lease
 
 DEFAULTS = el.ElectionConfig(node="x")
 KINDS = ["crash", "crash_restart", "stop", "health_fail", "health_flap", "partition",
          "oneway", "attack", "switchover", "maintenance", "promote", "standby_restart",
-         "freeze_standby", "freeze_active", "clock_step"]
+         "freeze_standby", "freeze_active", "clock_step", "flap_active", "crash_loop"]
 # s: shorter and longer than the dead interval, longer than the lease, than the socket buffer
 FREEZES = [0.2, 0.7, 1.5, 5.0, 12.0]
 CLOCK_STEPS = [3.0, -3.0, 3600.0, -3600.0]  # s, on one node's wall clock
@@ -38,13 +39,19 @@ MEASURED = {"crash", "crash_restart", "stop", "health_fail", "switchover", "main
 LOSSES = [0.0, 0.01, 0.05, 0.05, 0.2]
 WARMUP = 1.5
 RUN_AFTER = 4.0
+# The preferred active flaps (its health, or its daemon in a crash loop): with flap
+# damping it moves the VIPs at most twice, away and back once it is stable again.
+FLAPPING = {"flap_active", "crash_loop"}
+FLAPPING_MOVES = 2
+CRASH_LOOP = 5  # kill -9 and restart this many times
 
 # --arbiter witness: the pair's faults that still apply, and the witness's own.
 ARBITER_KINDS = ["crash", "crash_restart", "stop", "health_fail", "switchover", "maintenance",
                  "promote", "standby_restart", "partition", "partition_pair",
                  "partition_witness", "isolate_active", "isolate_standby", "witness_crash",
                  "witness_restart", "witness_crash_then_active_crash", "freeze_active",
-                 "freeze_standby", "freeze_witness", "attack", "health_flap"]
+                 "freeze_standby", "freeze_witness", "attack", "health_flap", "flap_active",
+                 "crash_loop"]
 ARBITER_MEASURED = MEASURED | {"isolate_active"}
 # Only the witness is out or cut off: the pair's own two votes keep the holder.
 WITNESS_OUTAGES = {"witness_crash", "witness_restart", "freeze_witness", "partition_witness"}
@@ -69,7 +76,8 @@ class Outcome:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none") -> Outcome:
+def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none",
+             damping: DampingConfig | None = None) -> Outcome:
     sim_rng_seed = seed * 7919 + 17
     witness = arbiter == "witness"
     kinds = ARBITER_KINDS if witness else KINDS
@@ -80,9 +88,12 @@ def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none")
     jitter = rng.uniform(0.0, delay)
     preempt = rng.random() < 0.5
     prios = rng.choice([(150, 100), (100, 150), (100, 100)])
+    if kind in FLAPPING:  # the preferred node (started first) flaps, as operators saw it
+        preempt, prios = True, (150, 100)
     cfgs = [el.ElectionConfig(node=name, priority=prio, preempt=preempt,
                               preempt_delay=rng.choice([0.0, 0.2, 1.0]),
-                              interval=interval, dead_after=dead_after)
+                              interval=interval, dead_after=dead_after,
+                              damping=damping or DampingConfig())
             for name, prio in zip(("node-a", "node-b"), prios, strict=True)]
     sim = Sim(sim_rng_seed, cfgs, ["203.0.113.10/32", "2001:db8::10/128"], witness=witness)
     for link in sim.links.values():
@@ -119,6 +130,9 @@ def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none")
         end += 1.5
     if "thaw_at" in out.notes:
         end = max(end, out.notes["thaw_at"] + 2.0)
+    if "stable_from" in out.notes:  # watch until the flapping node may take the VIPs back
+        cfg = active.cfg.damping
+        end = max(end, out.notes["stable_from"] + (cfg.hold_down if cfg.enabled else 0) + 3.0)
     sim.run_until(end)
     _measure(kind, sim, active, other, t_fault, out, ARBITER_MEASURED if witness else MEASURED)
     if witness:
@@ -155,6 +169,10 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
             n.health = True
             n.handle(el.HealthChanged(True, "sim: stable"))
         sim.call(when, heal)
+    elif kind == "flap_active":
+        _flap(sim, rng, active, t, out)
+    elif kind == "crash_loop":
+        _crash_loop(sim, rng, active, t, out)
     elif kind in ("partition", "oneway"):
         links = list(sim.links.values())
         cut = links if kind == "partition" else [rng.choice(links)]
@@ -187,6 +205,66 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
         step = rng.choice(CLOCK_STEPS)
         out.notes.update(step_s=step, stepped=node.name)
         node.skew_ns += int(step * 1e9)
+
+
+def _flap(sim: Sim, rng: Any, node: SimNode, t: float, out: Outcome) -> None:
+    """The active's health flaps with a period of 0.1-2 s for 2-10 s, then stays up."""
+    period, duration = rng.uniform(0.1, 2.0), rng.uniform(2.0, 10.0)
+    when, up = t, False
+    while True:
+        def flip(h: bool = up) -> None:
+            sim.checker.disturb()
+            node.health = h
+            node.handle(el.HealthChanged(h, "sim: flap"))
+        sim.call(when, flip)
+        if up and when >= t + duration:
+            break
+        when, up = when + period / 2, not up
+    out.notes.update(fault_at=t, flap_period_s=period, stable_from=when)
+
+
+def _crash_loop(sim: Sim, rng: Any, node: SimNode, t: float, out: Outcome) -> None:
+    """kill -9 of the active and a restart 0.3-1.5 s later, CRASH_LOOP times, each run
+    0.5-2 s long; the last restart stays up."""
+    when = t
+    for i in range(CRASH_LOOP):
+        if i:
+            sim.call(when, lambda: _disturbed(sim.checker, node.crash))
+        else:
+            node.crash()
+        when += rng.uniform(0.3, 1.5)
+        sim.call(when, lambda: _disturbed(sim.checker, node.start))
+        start = when
+        when += rng.uniform(0.5, 2.0)
+    out.notes.update(fault_at=t, stable_from=start)
+
+
+def _check_flapping(sim: Sim, active: SimNode, out: Outcome) -> None:
+    """The flapping preferred node moved the VIPs at most FLAPPING_MOVES times, and took
+    them back only after it had been stable for the hold-down."""
+    cfg, t = active.cfg.damping, out.notes["fault_at"]
+    moves, holder = [], active.name  # a takeover by the node that held them is no move
+    for when, name, _ in sim.checker.takeovers:
+        if when >= t and name != holder:
+            moves.append((when, name))
+            holder = name
+    out.notes["moves"] = len(moves)
+    if not cfg.enabled:
+        return
+    if len(moves) > FLAPPING_MOVES:
+        sim.checker.violation(f"{out.kind}: the VIPs moved {len(moves)} times (at most "
+                              f"{FLAPPING_MOVES} with damping): {moves[:6]}")
+    back = [when for when, name in moves if name == active.name]
+    stable = out.notes["stable_from"]
+    # The node's own clock times the hold-down (with a witness it runs up to RATE_SPREAD
+    # fast); its health event may come up to 10 ms after the flip.
+    if back and back[-1] < stable + cfg.hold_down * (1 - RATE_SPREAD) - 0.01:
+        sim.checker.violation(f"{out.kind}: {active.name} took the VIPs back at "
+                              f"{back[-1]:.3f}s, stable since {stable:.3f}s, hold-down "
+                              f"{cfg.hold_down:g} s")
+    if not back and out.loss < 0.2:
+        sim.checker.violation(f"{out.kind}: {active.name} never took the VIPs back after "
+                              f"being stable since {stable:.3f}s (hold-down {cfg.hold_down:g} s)")
 
 
 def _freeze(sim: Sim, rng: Any, node: SimNode, pause: float, t: float, out: Outcome) -> None:
@@ -368,6 +446,8 @@ def _check_end(kind: str, sim: Sim, active: SimNode, other: SimNode, out: Outcom
     _check_moves_and_freezes(kind, sim, active, other, states, out)
     if kind == "clock_step":
         _check_clock_step(sim, out)
+    if kind in FLAPPING:
+        _check_flapping(sim, active, out)
 
 
 def _check_moves_and_freezes(kind: str, sim: Sim, active: SimNode, other: SimNode,
@@ -390,7 +470,10 @@ def _check_settled(kind: str, sim: Sim, active: SimNode, other: SimNode,
     """After a crash and restart, or a partition long enough for the taker to settle, the
     taker keeps the VIPs (clients followed it) unless the old active preempts it back."""
     actives = [n for n, s in states.items() if s is State.ACTIVE]
-    back = active.cfg.preempt and active.cfg.priority > other.cfg.priority
+    # A crash is a failure for flap damping: the restarted node waits the hold-down
+    # (longer than the run) before it preempts.
+    damped = kind == "crash_restart" and active.cfg.damping.enabled
+    back = active.cfg.preempt and active.cfg.priority > other.cfg.priority and not damped
     expected = active.name if back else other.name
     if actives != [expected]:
         what = ("crash_restart" if kind == "crash_restart"
@@ -416,6 +499,8 @@ def _check_end_arbiter(kind: str, sim: Sim, active: SimNode, other: SimNode, t: 
     if (kind in HOLDER_STAYS or out.notes.get("witness_only")) and out.loss < 0.2:
         _check_holder_stays(kind, sim, t, out)
     _check_moves_and_freezes(kind, sim, active, other, states, out)
+    if kind in FLAPPING:
+        _check_flapping(sim, active, out)
 
 
 def _check_no_takeover_without_majority(sim: Sim, standby: SimNode, t: float) -> None:
@@ -653,10 +738,23 @@ def build_report(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str,
             "simulated soaks at 20/30/40% loss (soak_checks); a false suspicion never moves "
             "the VIP because the incumbent wins the split brain, so this rate bounds it"),
         "soak_checks": soaks,
+        "flapping": flapping_summary(outcomes),
     }
     if witness:
         report["arbiter"] = arbiter_summary(outcomes, args)
     return report
+
+
+def flapping_summary(outcomes: list[Outcome]) -> dict[str, Any]:
+    """VIP moves per flapping scenario (flap_active, crash_loop): how many scenarios moved
+    them how often (at most FLAPPING_MOVES with damping)."""
+    summary: dict[str, Any] = {}
+    for kind in sorted(FLAPPING):
+        moves = [o.notes["moves"] for o in outcomes if o.kind == kind and "moves" in o.notes]
+        summary[kind] = {"n": len(moves), "max_moves": max(moves, default=0),
+                         "scenarios_by_moves": {str(m): moves.count(m)
+                                                for m in sorted(set(moves))}}
+    return summary
 
 
 def arbiter_summary(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, Any]:
@@ -697,6 +795,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"{kind:<14}{q['n']:>5}{q.get('p50', '-'):>9}{q.get('p99', '-'):>9}"
               f"{q.get('max', '-'):>9}   {'':>12}{q5['n']:>4}{q5.get('p50', '-'):>8}"
               f"{q5.get('p99', '-'):>8}{q5.get('max', '-'):>8}")
+    for kind, f in report["flapping"].items():
+        print(f"{kind}: {f['n']} scenarios, VIP moves at most {f['max_moves']} "
+              f"(scenarios by moves: {f['scenarios_by_moves']})")
     for p, rate in report["false_failovers_per_hour"].items():
         print(f"false failovers/hour at {float(p):.0%} loss (analytic): {rate:.3g}")
     for s in report["soak_checks"]:

@@ -50,6 +50,7 @@ from vipd.configtypes import (
     format_duration,
     key_path,
 )
+from vipd.core.damping import DEFAULT_FAILURES, DEFAULT_HOLD_DOWN, DEFAULT_WINDOW
 from vipd.core.events import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL, Hook
 from vipd.errors import ConfigError
 
@@ -419,6 +420,16 @@ class MetricsConfig(_Model):
     listen: Endpoint | None = Endpoint.parse("127.0.0.1:9441")  # None: no metrics endpoint
 
 
+class DampingSettings(_Model):
+    """Flap damping of preemption (vipd/core/damping.py): after `failures` failures of
+    this node (health turning bad, a start after an unclean exit) within `window`, it does
+    not preempt until it has been healthy for `hold_down`. `failures: 0` turns it off."""
+
+    failures: Annotated[int, Strict(), Field(ge=0, le=1000)] = DEFAULT_FAILURES
+    window: PositiveDuration = DEFAULT_WINDOW
+    hold_down: Duration = DEFAULT_HOLD_DOWN
+
+
 class HooksConfig(_Model):
     on_active: Argv = Field(default_factory=list)
     on_standby: Argv = Field(default_factory=list)
@@ -444,6 +455,8 @@ class Config(_Model):
     priority: Annotated[int, Strict(), Field(ge=1, le=254)] = 100
     preempt: StrictBool = True
     preempt_delay: Duration = 0.0
+    # A node that failed recently does not preempt until it has been healthy for a while.
+    damping: DampingSettings = Field(default_factory=DampingSettings)
     # The pair's heartbeats and their key; not used (and not allowed) with arbiter etcd,
     # where the group meets in etcd instead.
     heartbeat: HeartbeatConfig | None = None

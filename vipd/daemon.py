@@ -35,6 +35,7 @@ from vipd.config import Config, MoverConfig, format_duration
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core import group as g
+from vipd.core.damping import Damper, DampingConfig
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session, new_witness_client
 from vipd.errors import VipdError, VipError
@@ -50,7 +51,7 @@ from vipd.movers.remote import RemoteMover, RemoteMoverRunner
 from vipd.movers.webhook import WebhookMover, load_secret
 from vipd.privileges import resolve_exec_user
 from vipd.reload import ReloadError, read_reload
-from vipd.statefile import StateFile
+from vipd.statefile import StateFile, flaps_from_json
 from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
 from vipd.view import Status, group_snapshot, snapshot
@@ -67,7 +68,9 @@ def election_config(cfg: Config) -> el.ElectionConfig:
         digest=settings_digest(cfg.cluster, [str(v) for v in cfg.vips], hb.interval,
                                hb.dead_after, cfg.vote_lease if cfg.arbiter else 0.0),
         witnesses=tuple(str(w) for w in cfg.arbiter.witnesses) if cfg.arbiter else (),
-        lease=cfg.vote_lease if cfg.arbiter else 0.0)
+        lease=cfg.vote_lease if cfg.arbiter else 0.0,
+        damping=DampingConfig(failures=cfg.damping.failures, window=cfg.damping.window,
+                              hold_down=cfg.damping.hold_down))
 
 
 class Daemon:
@@ -95,13 +98,16 @@ class Daemon:
                 self.hooks, state_file, self.notifier, self.metrics, on_finished=self._finish)
         else:  # a pair: heartbeats (and a witness's votes)
             election = el.Election(election_config(config), term=term,
-                                   maintenance=maintenance)
+                                   maintenance=maintenance,
+                                   damper=Damper(flaps_from_json(saved.get("flaps"),
+                                                                 time.monotonic(), time.time())))
             keys, boot_id = KeyRing(load_keys(config.key_file)), secrets.randbits(64)
             self.driver = Driver(
                 config, election, new_session(config, keys, boot_id, election.cfg.digest),
                 self.worker, self.hooks, state_file, self.notifier, self.metrics,
                 on_finished=self._finish,
-                witnesses=new_witness_client(config, keys, boot_id, election.cfg.digest))
+                witnesses=new_witness_client(config, keys, boot_id, election.cfg.digest),
+                crashed=saved.get("running") is True)
         # The gate never stays open past the votes or the etcd lease held (loop time is
         # time.monotonic()).
         self.worker.gate_limit = self.driver.gate_limit

@@ -29,7 +29,7 @@ from vipd.core.votes import PROBE_EVERY
 from vipd.deadline import DeadlineTimer
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics
-from vipd.statefile import StateFile
+from vipd.statefile import StateFile, flaps_to_json
 from vipd.systemd import Notifier
 from vipd.transport import HeartbeatTransport
 from vipd.vipworker import VipWorker
@@ -58,8 +58,9 @@ class Driver:
     def __init__(self, config: Config, election: el.Election, session: Session,
                  worker: VipWorker, hooks: HookRunner, state_file: StateFile,
                  notifier: Notifier, metrics: Metrics, on_finished: Callable[[], None],
-                 witnesses: WitnessClient | None = None) -> None:
+                 witnesses: WitnessClient | None = None, crashed: bool = False) -> None:
         self.config = config
+        self.crashed = crashed  # the previous run ended without a clean stop
         self.witnesses = witnesses  # the arbiter's witnesses (config `arbiter`)
         self.election = election
         self.session = session
@@ -86,7 +87,8 @@ class Driver:
         self.transport = transport
 
     def start(self) -> None:
-        self.handle(el.Start())
+        self.handle(el.Start(crashed=self.crashed))
+        self.state_file.save(running=True)  # until a clean stop says otherwise
 
     def stop(self) -> None:
         self._timer.cancel()
@@ -119,6 +121,7 @@ class Driver:
             self._apply(action, now)
         self._rearm()
         if self.election.finished:
+            self.state_file.save(running=False)
             self._on_finished()
         elif not self._ready_sent and self.election.ready(now):
             self._ready_sent = True
@@ -245,6 +248,12 @@ class Driver:
                 self.worker.close_gate(reason)  # at once: a later action may vote for the peer
             case el.AskVotes(release=release):
                 self._ask_witnesses(release, now)
+            case el.DampingChanged(damped=damped, reason=reason, flap=flap):
+                if flap is not None:
+                    self.metrics.flaps.labels(flap.cause.value).inc()
+                    self.state_file.save(flaps=flaps_to_json(self.election.damper.flaps, now,
+                                                             time.time()))
+                (log.warning if damped else log.info)("flap damping: %s", reason)
 
     def _ask_witnesses(self, release: bool, now: float) -> None:
         """Vote requests to every witness: what the election's advert says decides what

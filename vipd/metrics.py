@@ -38,6 +38,7 @@ from prometheus_client.utils import floatToGoString
 from vipd import __version__
 from vipd.api import HTTP_SHUTDOWN_TIMEOUT
 from vipd.config import Endpoint
+from vipd.core.damping import Cause
 from vipd.core.group import Store
 from vipd.core.protocol import Reject, State
 from vipd.core.witness import Witness
@@ -135,6 +136,7 @@ class Metrics:
     mover_errors: Counter
     mover_verified: Histogram
     mover_corrections: Counter
+    flaps: Counter
 
 
 def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -199,7 +201,12 @@ def build_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         mover_corrections=Counter("vipd_mover_corrections_total", "Times the holder found "
                                   "the provider disagreeing and re-asserted, by mover",
                                   ["mover"], registry=registry),
+        flaps=Counter("vipd_flaps_total", "Failures of this node that count for flap "
+                      "damping (its health turning bad, the daemon starting after an "
+                      "unclean exit), by cause", ["cause"], registry=registry),
     )
+    for cause in Cause:
+        m.flaps.labels(cause.value)
     m.self_fence.labels("votes_lost")
     for result in ("ok", "error", "refused"):
         m.reloads.labels(result)
@@ -242,7 +249,9 @@ class StatusCollector(Collector):
                 ("vipd_preferred", s.preferred, "1 while an operator's choice (not preempted)"),
                 ("vipd_healthy", s.healthy is True or s.health_override,
                  "1 when all local checks pass (or a forced promote overrides them)"),
-                ("vipd_priority", s.priority, "Configured priority")):
+                ("vipd_priority", s.priority, "Configured priority"),
+                ("vipd_preemption_damped", s.damping is not None and s.damping.damped,
+                 "1 while flap damping keeps this node from preempting")):
             yield GaugeMetricFamily(name, text, value=float(value))
         vip = GaugeMetricFamily("vipd_vip_held", "1 when the VIP is on the interface",
                                 labels=["vip"])

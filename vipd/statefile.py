@@ -1,5 +1,7 @@
 """The state that must survive a restart: the term (a fencing token that never goes
-back) and the maintenance flag (an operator's drain outlives the process)."""
+back), the maintenance flag (an operator's drain outlives the process), and for flap
+damping whether the daemon was running (a start that finds it set follows an unclean
+exit) and its recent failures (wall-clock times: the loop clock starts over)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from vipd.core.damping import Cause, Flap
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,9 @@ class StateFile:
         return data
 
     def save(self, **values: Any) -> None:
-        """Write only what changed: this runs on the loop at every transition, on a
-        takeover's way to acquiring the VIPs."""
+        """Update the given values, keep the others; write only what changed: this runs
+        on the loop at every transition, on a takeover's way to acquiring the VIPs."""
+        values = {**(self._saved or {}), **values}
         if values == self._saved:
             return
         try:
@@ -49,3 +54,23 @@ class StateFile:
                 log.warning("cannot write state file %s: %s (term and maintenance will not "
                             "survive a restart)", self.path, exc)
                 self._warned = True
+
+
+def flaps_to_json(flaps: list[Flap], now: float, wall: float) -> list[dict[str, Any]]:
+    """Failures at loop times as wall-clock records (``now``: loop time, ``wall``: time.time())."""
+    return [{"at": round(wall - (now - f.at), 3), "cause": f.cause.value, "detail": f.detail}
+            for f in flaps]
+
+
+def flaps_from_json(saved: Any, now: float, wall: float) -> list[Flap]:
+    """The records of `flaps_to_json` at loop times; malformed ones are skipped (a state
+    file is ours, but may be from another version)."""
+    flaps = []
+    for record in saved if isinstance(saved, list) else []:
+        try:
+            at, cause = float(record["at"]), Cause(record["cause"])
+            detail = str(record.get("detail", ""))
+        except (KeyError, TypeError, ValueError):
+            continue
+        flaps.append(Flap(now - (wall - at), cause, detail))
+    return sorted(flaps, key=lambda f: f.at)

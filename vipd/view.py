@@ -16,6 +16,7 @@ from typing import Any
 
 from vipd import __version__
 from vipd.config import Config
+from vipd.core.damping import Damper, DampingConfig
 from vipd.core.election import Election
 from vipd.core.group import GroupElection
 from vipd.core.protocol import Flag, Reject, State
@@ -130,6 +131,21 @@ class GroupView:
 
 
 @dataclass(frozen=True, slots=True)
+class DampingView:
+    """Flap damping of preemption (vipd/core/damping.py, docs/election.md)."""
+
+    enabled: bool
+    damped: bool  # this node does not preempt now
+    remaining_seconds: float | None  # damped: left of the hold-down (None: not healthy yet)
+    failures: int  # counted within the window
+    failures_to_damp: int
+    window_seconds: float
+    hold_down_seconds: float
+    last_failure: str | None  # its cause and detail
+    last_failure_seconds_ago: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     node: str
     cluster: str
@@ -159,6 +175,7 @@ class Status:
     arbiter: ArbiterView = NO_ARBITER
     group: GroupView | None = None  # arbiter etcd: the group (then `peer` is None)
     movers: list[MoverStatus] = dataclasses.field(default_factory=list)  # remote movers
+    damping: DampingView | None = None  # None: an older vipd
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +188,7 @@ class Status:
         arbiter = NO_ARBITER if arb is None else ArbiterView(**{
             **arb, "votes": [VoteView(**v) for v in arb["votes"]],
             "witnesses": [WitnessView(**w) for w in arb["witnesses"]]})
+        damping = doc.get("damping")
         grp = doc.get("group")
         group = None if grp is None else GroupView(**{
             **grp, "members": [MemberView(**m) for m in grp["members"]]})
@@ -178,6 +196,7 @@ class Status:
                       "vips": [VipView(**v) for v in doc["vips"]],
                       "peer": None if peer is None else PeerView(**peer),
                       "arbiter": arbiter, "group": group,
+                      "damping": None if damping is None else DampingView(**damping),
                       "movers": [MoverStatus(**m) for m in doc.get("movers", [])]})
 
 
@@ -216,7 +235,22 @@ def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
         vip_error=vip_error, peer=peer, config_digest=e.cfg.digest.hex(),
         rejected_heartbeats={r.value: n for r in Reject if (n := rejected.get(r.value, 0))},
         socket_errors=socket_errors, fence=fence,
-        arbiter=arbiter_view(e, now, witness_replies or {}))
+        arbiter=arbiter_view(e, now, witness_replies or {}),
+        damping=damping_view(e.damper, e.cfg.damping, now))
+
+
+def damping_view(damper: Damper, cfg: DampingConfig, now: float) -> DampingView:
+    until = damper.until(now, cfg)
+    recent = damper.recent(now, cfg)
+    last = damper.flaps[-1] if damper.flaps else None
+    return DampingView(
+        enabled=cfg.enabled, damped=until is not None,
+        remaining_seconds=None if until is None or until == float("inf")
+        else round(until - now, 3),
+        failures=len(recent), failures_to_damp=cfg.failures, window_seconds=cfg.window,
+        hold_down_seconds=cfg.hold_down,
+        last_failure=None if last is None else f"{last.cause}: {last.detail}",
+        last_failure_seconds_ago=None if last is None else round(now - last.at, 3))
 
 
 def arbiter_view(e: Election, now: float, replies: dict[str, float | None]) -> ArbiterView:

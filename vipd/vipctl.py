@@ -233,6 +233,7 @@ def render_status(doc: dict[str, Any]) -> str:
                  + ("" if s.fence == "none" else f"; kernel gate {s.fence}"))
     lines += _arbiter_lines(s)
     lines += _mover_lines(s)
+    lines += _damping_lines(s)
     for c in s.checks:
         lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
     if p and not p.settings_match:
@@ -241,6 +242,18 @@ def render_status(doc: dict[str, Any]) -> str:
     if s.rejected_heartbeats:
         lines.append(f"  rejected heartbeats: {s.rejected_heartbeats}")
     return "\n".join(lines)
+
+
+def _damping_lines(s: Status) -> list[str]:
+    """Flap damping, when it keeps this node from preempting."""
+    d = s.damping
+    if d is None or not d.damped:
+        return []
+    left = ("until healthy" if d.remaining_seconds is None
+            else f"{d.remaining_seconds:.0f} s more")
+    return [f"  preemption damped ({left}, hold-down {d.hold_down_seconds:g} s): "
+            f"{d.failures} failure(s) within {d.window_seconds:g} s, last "
+            f"{d.last_failure_seconds_ago or 0:.0f} s ago: {d.last_failure}"]
 
 
 def _render_group(s: Status, g: GroupView) -> str:

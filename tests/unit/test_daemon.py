@@ -113,11 +113,15 @@ async def test_graceful_stop_hands_over_before_releasing(pair: Pair) -> None:
 
 
 @pytest.mark.asyncio
-async def test_health_failure_faults_and_recovery_takes_the_vips_back(
+async def test_health_failure_faults_and_recovery_takes_the_vips_back_after_hold_down(
         pair: Pair, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Flap damping at its default of one failure: a recovers, then waits `hold_down`
+    healthy before it preempts (by handover)."""
+    hold_down = 1.0
     flag = tmp_path / "healthy"
     flag.touch()
     pair.a.settings["health"] = [exec_check(flag)]
+    pair.a.settings["damping"] = {"hold_down": f"{hold_down:g}s"}
     pair.start()
     await pair.settled()
 
@@ -127,11 +131,20 @@ async def test_health_failure_faults_and_recovery_takes_the_vips_back(
     await eventually(lambda: pair.b.mover.addresses == VIP_SET, what="b holds the VIPs")
     assert pair.a.mover.addresses == set()
     b_term = pair.b.term
+    assert (await pair.a.daemon.status()).damping.damped  # type: ignore[union-attr]
 
     flag.touch()
+    await eventually(lambda: pair.a.state is State.STANDBY, what="a STANDBY again")
+    standby_at = time.monotonic()
+    damping = (await pair.a.daemon.status()).damping
+    assert damping is not None and damping.damped and damping.failures == 1
+    assert damping.last_failure is not None and damping.last_failure.startswith("health")
     await pair.settled()  # preempt (default on): a takes the VIPs back by handover
+    assert time.monotonic() - standby_at >= hold_down * 0.9
     assert pair.a.term > b_term
     assert any(m.startswith("FAULT -> STANDBY") for m in messages(caplog))
+    assert any("preemption allowed again" in m for m in messages(caplog))
+    assert not (await pair.a.daemon.status()).damping.damped  # type: ignore[union-attr]
 
 
 @pytest.mark.asyncio

@@ -45,12 +45,16 @@ def test_the_checker_catches_a_broken_election(monkeypatch: pytest.MonkeyPatch) 
 def test_report_has_the_promised_fields() -> None:
     args = argparse.Namespace(seed=3, interval=DEFAULT_INTERVAL, dead_after=DEFAULT_DEAD_AFTER,
                               soak_hours=0.0, arbiter="none")
+    count = 2 * len(simulate.KINDS)  # every kind twice
     outcomes = [simulate.scenario(3_000 + i, DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER)
-                for i in range(24)]
+                for i in range(count)]
     report = simulate.build_report(outcomes, args)
-    assert report["scenarios"] == 24 and report["violations"]["count"] == 0
+    assert report["scenarios"] == count and report["violations"]["count"] == 0
     assert set(report["false_failovers_per_hour"]) == {"0.01", "0.05", "0.2"}
     assert report["failover_ms"]["crash"]["n"] == 2
+    for kind in simulate.FLAPPING:
+        assert report["flapping"][kind] == {"n": 2, "max_moves": 2,
+                                            "scenarios_by_moves": {"2": 2}}
     assert report["heartbeat"]["dead_interval_ms"] == pytest.approx(320.0)
 
 

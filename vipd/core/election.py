@@ -39,6 +39,9 @@ authenticated heartbeat), so they agree without a third party:
   starved loop), the node listens before it judges: no takeover until a heartbeat
   answers one it sent after the stall, or one dead interval has passed. A holder whose
   VIP lease lapsed meanwhile (VipsLost) steps down and re-validates the same way.
+* A node that failed recently (its health, or a crash of the daemon) does not preempt
+  until it has been healthy for a hold-down time (vipd/core/damping.py), so a flapping
+  preferred node moves the VIPs at most twice, not twice per flap.
 * FAULT and MAINTENANCE never hold VIPs: leaving ACTIVE always releases first. Two live
   nodes with the same name (DuplicateNode) are a configuration error: both go FAULT.
 """
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vipd.core.damping import Cause, Damper, Flap
 from vipd.core.events import (  # re-exported: callers use election.Start etc.
     AcquireVips,
     Action,
@@ -56,6 +60,7 @@ from vipd.core.events import (  # re-exported: callers use election.Start etc.
     Command,
     CommandKind,
     CommandResult,
+    DampingChanged,
     DuplicateNode,
     Effect,
     ElectionConfig,
@@ -192,6 +197,8 @@ class Election:
     tally: Tally | None = None
     campaign: Reason | None = None  # a takeover waiting for a majority of votes
     witnesses: dict[str, WitnessView] = field(default_factory=dict)
+    damper: Damper = field(default_factory=Damper)  # recent failures (may be persisted ones)
+    _damped: bool = False  # preemption damped, as last reported (DampingChanged)
     _pending: list[Action] = field(default_factory=list)  # from helpers, flushed by handle()
     _heard_peer: bool = False
     _dual_announced: bool = False
@@ -217,8 +224,11 @@ class Election:
         self._now = max(self._now, now)
         answering = False
         match event:
-            case Start():
+            case Start(crashed=crashed):
                 if self.state is State.INIT:
+                    if crashed:
+                        self._flap(now, Cause.RESTART,
+                                   "the daemon started after an unclean exit")
                     self.timers.holddown_until = now + self.cfg.dead_interval
                     if self.cfg.arbiter:
                         self.ballot = Ballot.started(self.cfg.vote_lease, now)
@@ -232,9 +242,12 @@ class Election:
                 actions += self._on_heartbeat(rx)
                 answering = not self._is_answer(rx)
             case HealthChanged(healthy=healthy, detail=detail):
+                if healthy is False and self.health is True:
+                    self._flap(now, Cause.HEALTH, f"health check failed: {detail}")
                 self.health, self.health_detail = healthy, detail
                 if healthy:
                     self.health_override = False
+                    self.damper.healthy(now)
             case Command():
                 actions += self._on_command(event, now)
             case Shutdown():
@@ -258,6 +271,7 @@ class Election:
             actions += self._pending
             self._pending = []
             actions += self._maybe_send(now, answering=answering)
+            actions += self._damping_update(now)
         if self._promote_now:  # one-shot: a promote that could not act now does not linger
             self._promote_now = False
             if self.state is not State.ACTIVE:
@@ -276,6 +290,9 @@ class Election:
                 candidates.append(t.holddown_until)
             if t.preempt_since is not None and not self.want_active:
                 candidates.append(t.preempt_since + self.cfg.preempt_delay)
+            if self._damped:
+                until = self.damped_until(self._now)
+                candidates.append(until if until != float("inf") else None)
             candidates += [t.listen_until, t.duplicate_until]
             if t.winner_idle_since is not None:
                 candidates.append(t.winner_idle_since + t.winner_idle_limit)
@@ -318,6 +335,11 @@ class Election:
         hb = self.peer.heartbeat
         return (hb.state in ELIGIBLE_STATES and Flag.HEALTHY in hb.flags
                 and Flag.RESIGNING not in hb.flags)
+
+    def damped_until(self, now: float) -> float | None:
+        """Until when flap damping keeps this node from preempting (inf: until it has
+        been healthy for the hold-down; None: not damped)."""
+        return self.damper.until(now, self.cfg.damping)
 
     @property
     def _health(self) -> bool | None:
@@ -645,7 +667,7 @@ class Election:
                     return Why.PEER_UNHEALTHY, f"peer {hb.node} active but unhealthy"
                 preempting = (self.cfg.preempt and Flag.PREFERRED not in hb.flags
                               and self.cfg.priority > hb.effective_priority
-                              and self.peer_hears_us(now))
+                              and self.peer_hears_us(now) and self.damped_until(now) is None)
                 if preempting:
                     t.preempt_since = now if t.preempt_since is None else t.preempt_since
                     if now >= t.preempt_since + self.cfg.preempt_delay and not self.want_active:
@@ -819,6 +841,40 @@ class Election:
                 case Hook():
                     actions.append(RunHook(effect, new, self.term))
         return actions
+
+    def _flap(self, now: float, cause: Cause, detail: str) -> None:
+        """Count a failure of our own for flap damping; the runtime logs and persists it."""
+        cfg = self.cfg.damping
+        flap = Flap(now, cause, detail)
+        self.damper.failed(flap, cfg)
+        if not cfg.enabled:
+            return
+        count = len(self.damper.recent(now, cfg))
+        self._damped = self.damped_until(now) is not None
+        window = f"{count} of {cfg.failures} failure(s) within {cfg.window:g} s"
+        if self._damped:
+            why = (f"{detail}: {window}; no preemption until healthy for "
+                   f"{cfg.hold_down:g} s")
+        else:
+            why = f"{detail}: {window}"
+        self._pending.append(DampingChanged(self._damped, why, flap))
+
+    def _damping_update(self, now: float) -> list[Action]:
+        """Say when damping ends (healthy for the hold-down, or its failures left the
+        window) or begins without a new failure (persisted ones, a reload)."""
+        damped = self.damped_until(now) is not None
+        if damped == self._damped:
+            return []
+        self._damped = damped
+        cfg = self.cfg.damping
+        if damped:
+            return [DampingChanged(True, f"{len(self.damper.recent(now, cfg))} failure(s) "
+                                         f"within {cfg.window:g} s; no preemption until "
+                                         f"healthy for {cfg.hold_down:g} s")]
+        since = self.damper.healthy_since
+        stable = f"healthy for {now - since:.0f} s" if since is not None else "no failures"
+        return [DampingChanged(False, f"{stable} since the last failure: preemption "
+                                      "allowed again")]
 
     def _check_stall(self, now: float) -> list[Action]:
         """Called when `now` is far past the last event: were we stalled past our own

@@ -6,8 +6,9 @@ The rule that maps one to the other lives in vipd/core/election.py.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from vipd.core.damping import DampingConfig, Flap
 from vipd.core.protocol import Advert, Received, State, Verdict
 
 # Defaults chosen with the simulator (simulations/README.md): crash failover ~300 ms
@@ -30,6 +31,7 @@ class ElectionConfig:
     vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
     witnesses: tuple[str, ...] = ()  # arbiter: the witnesses' voter ids (none: no arbiter)
     lease: float = 0.0  # a vote's lease; 0: the dead interval
+    damping: DampingConfig = field(default_factory=DampingConfig)  # of preemption
 
     @property
     def dead_interval(self) -> float:
@@ -53,7 +55,10 @@ class ElectionConfig:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    pass
+    """The node starts; ``crashed``: its previous run ended without a clean stop (the
+    state file says it was running), which counts as a failure for flap damping."""
+
+    crashed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +252,18 @@ class CloseGate:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class DampingChanged:
+    """Flap damping (vipd/core/damping.py): a failure was counted (``flap``; the runtime
+    logs, counts and persists it) or preemption became damped or free again."""
+
+    damped: bool
+    reason: str
+    flap: Flap | None = None
+
+
 Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | RunHook
-          | CommandResult | Warn | AskVotes | CloseGate)
+          | CommandResult | Warn | AskVotes | CloseGate | DampingChanged)
 
 
 # Takeovers because the peer failed (not planned, not the start-up election).
