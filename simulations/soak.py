@@ -12,8 +12,9 @@ Every --every s each daemon's VmRSS and open file descriptors are read from /pro
 the end:
 
 * moves of the VIP (netlink, `disturb.moves`) and ms of ARP rounds answered by two MACs;
-* per daemon, the least-squares slope of RSS (KB/min) and of the fd count (fds/min), over
-  the whole run and over its second half (after warm-up), with first, last and max;
+* per daemon, the (seconds, RSS KB, fds) samples and the least-squares slope of RSS
+  (KB/min) and of the fd count (fds/min), over the whole run and over its second half
+  (after warm-up), with first, last and max;
 * per daemon, /metrics' ``vipd_heartbeats_rejected_total`` by reason. Loss drops
   datagrams on the wire; it neither reorders nor copies them, so no reason is expected:
   any nonzero one is listed as unexpected.
@@ -135,6 +136,7 @@ def run(pair: PairLab, minutes: float, loss: float, every: float) -> dict[str, A
                                  if len(seen) >= 2) * 1000, 1),
         "arp_rounds": len(obs.probes),
         "daemons": {name: trend(rows) for name, rows in samples.items()},
+        "samples": {name: [list(row) for row in rows] for name, rows in samples.items()},
         "rejections": {name: rejections(text) for name, text in metrics.items()},
         "unexpected_rejections": {
             name: {r: v for r, v in rejections(text).items() if r not in EXPECTED_REJECTIONS}
