@@ -50,7 +50,12 @@ from vipd.configtypes import (
     format_duration,
     key_path,
 )
-from vipd.core.damping import DEFAULT_FAILURES, DEFAULT_HOLD_DOWN, DEFAULT_WINDOW
+from vipd.core.damping import (
+    DEFAULT_FAILURES,
+    DEFAULT_HOLD_DOWN,
+    DEFAULT_WINDOW,
+    DampingConfig,
+)
 from vipd.core.events import DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL, Hook
 from vipd.errors import ConfigError
 
@@ -428,6 +433,11 @@ class DampingSettings(_Model):
     failures: Annotated[int, Strict(), Field(ge=0, le=1000)] = DEFAULT_FAILURES
     window: PositiveDuration = DEFAULT_WINDOW
     hold_down: Duration = DEFAULT_HOLD_DOWN
+
+    def rule(self) -> DampingConfig:
+        """The settings as the elections take them."""
+        return DampingConfig(failures=self.failures, window=self.window,
+                             hold_down=self.hold_down)
 
 
 class HooksConfig(_Model):

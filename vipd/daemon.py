@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vipd import __version__
+from vipd import __version__, flaps
 from vipd.api import Api
 from vipd.arbiter.etcd import EtcdStore, store_for
 from vipd.checks import CheckRunner
@@ -35,7 +35,6 @@ from vipd.config import Config, MoverConfig, format_duration
 from vipd.control import start_api
 from vipd.core import election as el
 from vipd.core import group as g
-from vipd.core.damping import Damper, DampingConfig
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session, new_witness_client
 from vipd.errors import VipdError, VipError
@@ -51,7 +50,7 @@ from vipd.movers.remote import RemoteMover, RemoteMoverRunner
 from vipd.movers.webhook import WebhookMover, load_secret
 from vipd.privileges import resolve_exec_user
 from vipd.reload import ReloadError, read_reload
-from vipd.statefile import StateFile, flaps_from_json
+from vipd.statefile import StateFile
 from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
 from vipd.view import Status, group_snapshot, snapshot
@@ -69,8 +68,7 @@ def election_config(cfg: Config) -> el.ElectionConfig:
                                hb.dead_after, cfg.vote_lease if cfg.arbiter else 0.0),
         witnesses=tuple(str(w) for w in cfg.arbiter.witnesses) if cfg.arbiter else (),
         lease=cfg.vote_lease if cfg.arbiter else 0.0,
-        damping=DampingConfig(failures=cfg.damping.failures, window=cfg.damping.window,
-                              hold_down=cfg.damping.hold_down))
+        damping=cfg.damping.rule())
 
 
 class Daemon:
@@ -87,27 +85,27 @@ class Daemon:
         state_file = StateFile(config.effective_state_dir)
         saved = state_file.load()
         term, maintenance = int(saved.get("term", 0)), bool(saved.get("maintenance", False))
+        damper, crashed = flaps.restored(saved)
         self.worker = VipWorker(config, self.mover, self.metrics, self._report)
         self.hooks = HookRunner(config, self.metrics, preexec=None)
         self.driver: Driver | GroupDriver
         if config.etcd is not None:  # a group: etcd decides who holds
             self.driver = GroupDriver(
                 config, g.GroupElection(group_config(config), maintenance=maintenance,
-                                        term=term),
+                                        term=term, damper=damper),
                 store or store_for(config.etcd, config.cluster, config.node), self.worker,
-                self.hooks, state_file, self.notifier, self.metrics, on_finished=self._finish)
+                self.hooks, state_file, self.notifier, self.metrics, on_finished=self._finish,
+                crashed=crashed)
         else:  # a pair: heartbeats (and a witness's votes)
             election = el.Election(election_config(config), term=term,
-                                   maintenance=maintenance,
-                                   damper=Damper(flaps_from_json(saved.get("flaps"),
-                                                                 time.monotonic(), time.time())))
+                                   maintenance=maintenance, damper=damper)
             keys, boot_id = KeyRing(load_keys(config.key_file)), secrets.randbits(64)
             self.driver = Driver(
                 config, election, new_session(config, keys, boot_id, election.cfg.digest),
                 self.worker, self.hooks, state_file, self.notifier, self.metrics,
                 on_finished=self._finish,
                 witnesses=new_witness_client(config, keys, boot_id, election.cfg.digest),
-                crashed=saved.get("running") is True)
+                crashed=crashed)
         # The gate never stays open past the votes or the etcd lease held (loop time is
         # time.monotonic()).
         self.worker.gate_limit = self.driver.gate_limit

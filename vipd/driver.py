@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from vipd import flaps
 from vipd.arbiter.witness_client import WitnessClient
 from vipd.config import Config
 from vipd.core import election as el
@@ -29,7 +30,7 @@ from vipd.core.votes import PROBE_EVERY
 from vipd.deadline import DeadlineTimer
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics
-from vipd.statefile import StateFile, flaps_to_json
+from vipd.statefile import StateFile
 from vipd.systemd import Notifier
 from vipd.transport import HeartbeatTransport
 from vipd.vipworker import VipWorker
@@ -248,12 +249,8 @@ class Driver:
                 self.worker.close_gate(reason)  # at once: a later action may vote for the peer
             case el.AskVotes(release=release):
                 self._ask_witnesses(release, now)
-            case el.DampingChanged(damped=damped, reason=reason, flap=flap):
-                if flap is not None:
-                    self.metrics.flaps.labels(flap.cause.value).inc()
-                    self.state_file.save(flaps=flaps_to_json(self.election.damper.flaps, now,
-                                                             time.time()))
-                (log.warning if damped else log.info)("flap damping: %s", reason)
+            case el.DampingChanged():
+                flaps.report(action, self.election.damper, now, self.state_file, self.metrics)
 
     def _ask_witnesses(self, release: bool, now: float) -> None:
         """Vote requests to every witness: what the election's advert says decides what

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from hashlib import sha256
 from typing import Any
 
-from vipd import __version__
+from vipd import __version__, flaps
 from vipd.arbiter.etcd import EtcdError, EtcdStore
 from vipd.config import Config
 from vipd.core import election as el
@@ -40,7 +40,8 @@ def group_config(cfg: Config) -> g.GroupConfig:
     assert cfg.etcd is not None
     return g.GroupConfig(node=cfg.node, priority=cfg.priority, preempt=cfg.preempt,
                          preempt_delay=cfg.preempt_delay, ttl=cfg.etcd.ttl,
-                         digest=group_digest(cfg), version=__version__)
+                         digest=group_digest(cfg), version=__version__,
+                         damping=cfg.damping.rule())
 
 
 def group_digest(cfg: Config) -> str:
@@ -56,7 +57,7 @@ class GroupDriver:
     def __init__(self, config: Config, election: g.GroupElection, store: EtcdStore,
                  worker: VipWorker, hooks: HookRunner, state_file: StateFile,
                  notifier: Notifier, metrics: Metrics,
-                 on_finished: Callable[[], None]) -> None:
+                 on_finished: Callable[[], None], crashed: bool = False) -> None:
         self.config = config
         self.election = election
         self.store = store
@@ -66,6 +67,7 @@ class GroupDriver:
         self.notifier = notifier
         self.metrics = metrics
         self._on_finished = on_finished
+        self.crashed = crashed  # the previous run ended without a clean stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer = DeadlineTimer(self._on_timer, metrics.hot.lateness.observe)
         self._calls: set[asyncio.Task[None]] = set()
@@ -86,7 +88,8 @@ class GroupDriver:
         self._loop = asyncio.get_running_loop()
 
     def start(self) -> None:
-        self.handle(el.Start())
+        self.handle(el.Start(crashed=self.crashed))
+        self.state_file.save(running=True)  # until a clean stop says otherwise
 
     def stop(self) -> None:
         self._timer.cancel()
@@ -123,6 +126,7 @@ class GroupDriver:
         self._watch_store_state()
         self._rearm()
         if self.election.finished:
+            self.state_file.save(running=False)
             self._on_finished()
         elif not self._ready_sent and self.ready(now):
             self._ready_sent = True
@@ -201,6 +205,8 @@ class GroupDriver:
                                      maintenance=self.election.maintenance)
             case el.CloseGate(reason=reason):
                 self.worker.close_gate(reason)  # at once: the resign that follows frees the key
+            case el.DampingChanged():
+                flaps.report(action, self.election.damper, now, self.state_file, self.metrics)
 
     def _call(self, what: str, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

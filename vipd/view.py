@@ -320,4 +320,4 @@ def group_snapshot(config: Config, e: GroupElection, checks: list[CheckStatus], 
         peer=None, config_digest=e.cfg.digest, rejected_heartbeats={}, socket_errors={},
         fence=fence,
         arbiter=ArbiterView("etcd", granted_ttl or etcd.ttl, 0, 0, [], None, None, None, []),
-        group=group)
+        group=group, damping=damping_view(e.damper, e.cfg.damping, now))

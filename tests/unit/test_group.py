@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vipd.core import group as g
+from vipd.core.damping import Cause, DampingChanged, DampingConfig
 from vipd.core.events import (
     AcquireVips,
     CloseGate,
@@ -258,6 +259,35 @@ def test_a_higher_priority_standby_preempts_after_its_delay() -> None:
                                revision=8), 0.6)
     assert of(acts, g.Resign) == [g.Resign(7, "b")]
     assert of(acts, Transition)[0].why is Why.HANDED_OVER
+
+
+def test_a_member_whose_health_flapped_asks_for_the_vips_only_after_the_hold_down() -> None:
+    """Flap damping in a group: the same rule as a pair's (vipd/core/damping.py)."""
+    b = started("b", 200, damping=DampingConfig(hold_down=5.0))
+    view = g.Observed(g.Holder("a", 7, 0x20), {"a": member("a", 100, State.ACTIVE),
+                                                 "b": b.member()}, revision=7)
+    b.handle(view, 0.0)
+    assert b.member().wants  # never failed: preempts at once
+    acts = b.handle(HealthChanged(False, "probe web: 503"), 0.1)
+    notice = of(acts, DampingChanged)
+    assert len(notice) == 1 and notice[0].damped and notice[0].flap is not None
+    assert not b.member().wants
+    b.handle(HealthChanged(True), 0.2)
+    assert b.state is State.STANDBY and not b.member().wants
+    assert b.next_deadline() is not None and b.next_deadline() <= 5.2  # type: ignore[operator]
+    for t in (1.0, 2.0, 3.0, 4.0, 5.1):
+        b.handle(g.KeptAlive(t, TTL), t)
+        assert not b.member().wants
+    acts = b.handle(Tick(), 5.2)
+    assert b.member().wants
+    assert [n.damped for n in of(acts, DampingChanged)] == [False]
+
+
+def test_a_group_member_started_after_a_crash_is_damped() -> None:
+    e = g.GroupElection(g.GroupConfig("b", 200, ttl=TTL))
+    acts = e.handle(Start(crashed=True), 0.0)
+    flaps = [n.flap for n in of(acts, DampingChanged)]
+    assert len(flaps) == 1 and flaps[0] is not None and flaps[0].cause is Cause.RESTART
 
 
 def test_a_holder_that_got_the_vips_by_switchover_is_not_preempted() -> None:

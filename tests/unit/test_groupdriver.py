@@ -207,3 +207,23 @@ async def test_a_member_with_other_settings_is_reported_once(tmp_path: Path,
     assert "member b's group settings agree with ours again" in caplog.text
     watch.cancel()
     driver.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_group_node_persists_its_running_mark_and_its_failures(tmp_path: Path,
+                                                                       caplog: Any) -> None:
+    """Flap damping's runtime side in a group: the mark a crash leaves, each failure
+    written at once, one log line."""
+    store = GatedStore()
+    driver = group_driver(tmp_path, store)
+    driver.attach()
+    driver.start()
+    await settle()
+    assert StateFile(tmp_path).load()["running"] is True
+    driver.handle(el.HealthChanged(True))
+    driver.handle(el.HealthChanged(False, "probe web: 503"))
+    saved = StateFile(tmp_path).load()
+    assert [f["cause"] for f in saved["flaps"]] == ["health"]
+    assert "flap damping: health check failed: probe web: 503" in caplog.text
+    assert driver.metrics.flaps.labels("health")._value.get() == 1
+    driver.stop()

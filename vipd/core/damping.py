@@ -56,12 +56,58 @@ class Flap:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class DampingChanged:
+    """An action of both elections: a failure was counted (``flap``; the runtime logs,
+    counts and persists it) or preemption became damped or free again."""
+
+    damped: bool
+    reason: str
+    flap: Flap | None = None
+
+
 @dataclass(slots=True)
 class Damper:
     """The node's recent failures and since when it has been healthy."""
 
     flaps: list[Flap] = field(default_factory=list)
     healthy_since: float | None = None  # None: failing, or not known healthy since a failure
+    damped: bool = False  # as last reported (DampingChanged)
+
+    def fail(self, flap: Flap, cfg: DampingConfig) -> DampingChanged | None:
+        """Count a failure of the node's own; the notice for the runtime (None: off)."""
+        self.failed(flap, cfg)
+        if not cfg.enabled:
+            return None
+        count = len(self.recent(flap.at, cfg))
+        self.damped = self.until(flap.at, cfg) is not None
+        why = f"{flap.detail}: failure {count} within {cfg.window:g} s"
+        if self.damped:
+            why += f"; no preemption until healthy for {cfg.hold_down:g} s"
+        else:
+            why += f" (damping from {cfg.failures})"
+        return DampingChanged(self.damped, why, flap)
+
+    def update(self, now: float, cfg: DampingConfig) -> DampingChanged | None:
+        """The notice when damping ends (healthy for the hold-down, or its failures left
+        the window) or begins without a new failure (persisted ones, a reload)."""
+        damped = self.until(now, cfg) is not None
+        if damped == self.damped:
+            return None
+        self.damped = damped
+        if damped:
+            return DampingChanged(True, f"{len(self.recent(now, cfg))} failure(s) within "
+                                        f"{cfg.window:g} s; no preemption until healthy for "
+                                        f"{cfg.hold_down:g} s")
+        since = self.healthy_since
+        stable = f"healthy for {now - since:.0f} s" if since is not None else "no failures"
+        return DampingChanged(False, f"{stable} since the last failure: preemption allowed "
+                                     "again")
+
+    def deadline(self, now: float, cfg: DampingConfig) -> float | None:
+        """When the election must look again (the end of the hold-down), if damped."""
+        until = self.until(now, cfg) if self.damped else None
+        return None if until is None or until == float("inf") else until
 
     def failed(self, flap: Flap, cfg: DampingConfig) -> None:
         self.flaps = [f for f in self.flaps if f.at > flap.at - cfg.window] + [flap]

@@ -198,7 +198,6 @@ class Election:
     campaign: Reason | None = None  # a takeover waiting for a majority of votes
     witnesses: dict[str, WitnessView] = field(default_factory=dict)
     damper: Damper = field(default_factory=Damper)  # recent failures (may be persisted ones)
-    _damped: bool = False  # preemption damped, as last reported (DampingChanged)
     _pending: list[Action] = field(default_factory=list)  # from helpers, flushed by handle()
     _heard_peer: bool = False
     _dual_announced: bool = False
@@ -227,8 +226,8 @@ class Election:
             case Start(crashed=crashed):
                 if self.state is State.INIT:
                     if crashed:
-                        self._flap(now, Cause.RESTART,
-                                   "the daemon started after an unclean exit")
+                        self._flap(Flap(now, Cause.RESTART,
+                                        "the daemon started after an unclean exit"))
                     self.timers.holddown_until = now + self.cfg.dead_interval
                     if self.cfg.arbiter:
                         self.ballot = Ballot.started(self.cfg.vote_lease, now)
@@ -243,7 +242,7 @@ class Election:
                 answering = not self._is_answer(rx)
             case HealthChanged(healthy=healthy, detail=detail):
                 if healthy is False and self.health is True:
-                    self._flap(now, Cause.HEALTH, f"health check failed: {detail}")
+                    self._flap(Flap(now, Cause.HEALTH, f"health check failed: {detail}"))
                 self.health, self.health_detail = healthy, detail
                 if healthy:
                     self.health_override = False
@@ -271,7 +270,8 @@ class Election:
             actions += self._pending
             self._pending = []
             actions += self._maybe_send(now, answering=answering)
-            actions += self._damping_update(now)
+            if notice := self.damper.update(now, self.cfg.damping):
+                actions.append(notice)
         if self._promote_now:  # one-shot: a promote that could not act now does not linger
             self._promote_now = False
             if self.state is not State.ACTIVE:
@@ -290,9 +290,7 @@ class Election:
                 candidates.append(t.holddown_until)
             if t.preempt_since is not None and not self.want_active:
                 candidates.append(t.preempt_since + self.cfg.preempt_delay)
-            if self._damped:
-                until = self.damped_until(self._now)
-                candidates.append(until if until != float("inf") else None)
+            candidates.append(self.damper.deadline(self._now, self.cfg.damping))
             candidates += [t.listen_until, t.duplicate_until]
             if t.winner_idle_since is not None:
                 candidates.append(t.winner_idle_since + t.winner_idle_limit)
@@ -842,39 +840,11 @@ class Election:
                     actions.append(RunHook(effect, new, self.term))
         return actions
 
-    def _flap(self, now: float, cause: Cause, detail: str) -> None:
+    def _flap(self, flap: Flap) -> None:
         """Count a failure of our own for flap damping; the runtime logs and persists it."""
-        cfg = self.cfg.damping
-        flap = Flap(now, cause, detail)
-        self.damper.failed(flap, cfg)
-        if not cfg.enabled:
-            return
-        count = len(self.damper.recent(now, cfg))
-        self._damped = self.damped_until(now) is not None
-        window = f"{count} of {cfg.failures} failure(s) within {cfg.window:g} s"
-        if self._damped:
-            why = (f"{detail}: {window}; no preemption until healthy for "
-                   f"{cfg.hold_down:g} s")
-        else:
-            why = f"{detail}: {window}"
-        self._pending.append(DampingChanged(self._damped, why, flap))
-
-    def _damping_update(self, now: float) -> list[Action]:
-        """Say when damping ends (healthy for the hold-down, or its failures left the
-        window) or begins without a new failure (persisted ones, a reload)."""
-        damped = self.damped_until(now) is not None
-        if damped == self._damped:
-            return []
-        self._damped = damped
-        cfg = self.cfg.damping
-        if damped:
-            return [DampingChanged(True, f"{len(self.damper.recent(now, cfg))} failure(s) "
-                                         f"within {cfg.window:g} s; no preemption until "
-                                         f"healthy for {cfg.hold_down:g} s")]
-        since = self.damper.healthy_since
-        stable = f"healthy for {now - since:.0f} s" if since is not None else "no failures"
-        return [DampingChanged(False, f"{stable} since the last failure: preemption "
-                                      "allowed again")]
+        notice: DampingChanged | None = self.damper.fail(flap, self.cfg.damping)
+        if notice is not None:
+            self._pending.append(notice)
 
     def _check_stall(self, now: float) -> list[Action]:
         """Called when `now` is far past the last event: were we stalled past our own

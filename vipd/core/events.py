@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from vipd.core.damping import DampingConfig, Flap
+from vipd.core.damping import DampingChanged, DampingConfig
 from vipd.core.protocol import Advert, Received, State, Verdict
 
 # Defaults chosen with the simulator (simulations/README.md): crash failover ~300 ms
@@ -250,16 +250,6 @@ class CloseGate:
     heartbeat that follows may give our vote away (break-before-make)."""
 
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DampingChanged:
-    """Flap damping (vipd/core/damping.py): a failure was counted (``flap``; the runtime
-    logs, counts and persists it) or preemption became damped or free again."""
-
-    damped: bool
-    reason: str
-    flap: Flap | None = None
 
 
 Action = (Transition | AcquireVips | ReleaseVips | Announce | SendHeartbeat | RunHook

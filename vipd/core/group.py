@@ -24,6 +24,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from vipd.core.damping import Cause, Damper, DampingConfig, Flap
 from vipd.core.election import TRANSITIONS, _name_key
 from vipd.core.events import (
     AcquireVips,
@@ -73,6 +74,7 @@ class GroupConfig:
     digest: str = ""  # the config digest each member publishes (mismatches are reported)
     version: str = ""
     vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
+    damping: DampingConfig = field(default_factory=DampingConfig)  # of preemption
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +237,7 @@ class GroupElection:
     holding: Holder | None = None  # our key, while ACTIVE
     preferred: bool = False
     timers: _Timers = field(default_factory=_Timers)
+    damper: Damper = field(default_factory=Damper)  # recent failures (may be persisted ones)
     _claim_sent: bool = False
     _wants: bool = False
     _published: Member | None = None
@@ -253,9 +256,12 @@ class GroupElection:
     def handle(self, event: GroupEvent, now: float) -> list[GroupAction]:
         self._now = now
         match event:
-            case Start():
+            case Start(crashed=crashed):
                 self.state = State.INIT
                 self._ask_lease(now)
+                if crashed:
+                    self._flap(Flap(now, Cause.RESTART,
+                                    "the daemon started after an unclean exit"))
             case Tick():
                 pass
             case LeaseGranted():
@@ -271,7 +277,11 @@ class GroupElection:
             case Claimed():
                 self._on_claimed(event, now)
             case HealthChanged(healthy=healthy, detail=detail):
+                if healthy is False and self.health is True:
+                    self._flap(Flap(now, Cause.HEALTH, f"health check failed: {detail}"))
                 self.health, self.health_detail = healthy, detail
+                if healthy:
+                    self.damper.healthy(now)
             case Command():
                 self._on_command(event, now)
             case Shutdown():
@@ -286,6 +296,8 @@ class GroupElection:
         self._keep_alive(now)
         self._evaluate(now)
         self._publish()
+        if notice := self.damper.update(now, self.cfg.damping):
+            self._pending.append(notice)
         actions, self._pending = self._pending, []
         return actions
 
@@ -302,6 +314,7 @@ class GroupElection:
             times.append(t.successor_since + self._ttl())
         if t.preempt_since is not None:
             times.append(t.preempt_since + self.cfg.preempt_delay)
+        times.append(self.damper.deadline(self._now, self.cfg.damping))
         # A deadline already passed was acted on (or cannot be yet: the next event decides).
         return min((x for x in times if x is not None and x > self._now), default=None)
 
@@ -629,12 +642,18 @@ class GroupElection:
             return True
         current = self.view.members.get(holder.node) if holder is not None else None
         better = (self.cfg.preempt and current is not None and self.eligible(now)
-                  and not current.preferred and self.cfg.priority > current.priority)
+                  and not current.preferred and self.cfg.priority > current.priority
+                  and self.damper.until(now, self.cfg.damping) is None)
         if not better:
             t.preempt_since = None
             return False
         t.preempt_since = now if t.preempt_since is None else t.preempt_since
         return now >= t.preempt_since + self.cfg.preempt_delay
+
+    def _flap(self, flap: Flap) -> None:
+        """Count a failure of our own for flap damping; the runtime logs and persists it."""
+        if notice := self.damper.fail(flap, self.cfg.damping):
+            self._pending.append(notice)
 
     def _preemptor(self) -> Member | None:
         """The member the holder should hand over to now: promoted, or of higher priority
