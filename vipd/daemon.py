@@ -38,7 +38,7 @@ from vipd.core import group as g
 from vipd.core.protocol import KeyRing, Session, settings_digest
 from vipd.driver import Driver, new_session, new_witness_client
 from vipd.errors import VipdError, VipError
-from vipd.fence import KernelFence
+from vipd.fence import HeartbeatFilter, KernelFence
 from vipd.groupdriver import GroupDriver, group_config
 from vipd.hooks import HookRunner
 from vipd.keys import load_keys
@@ -69,6 +69,16 @@ def election_config(cfg: Config) -> el.ElectionConfig:
         witnesses=tuple(str(w) for w in cfg.arbiter.witnesses) if cfg.arbiter else (),
         lease=cfg.vote_lease if cfg.arbiter else 0.0,
         damping=cfg.damping.rule())
+
+
+def heartbeat_filter(cfg: Config) -> HeartbeatFilter | None:
+    """A pair's heartbeat socket takes datagrams from the peers and the witnesses only
+    (both fixed while running: vipd/reload.py refuses changes); a group has none."""
+    if cfg.heartbeat is None:
+        return None
+    witnesses = cfg.arbiter.witnesses if cfg.arbiter is not None else []
+    return HeartbeatFilter(cfg.heartbeat.bind, tuple(
+        e.host for e in [*cfg.heartbeat.peers, *witnesses]))
 
 
 class Daemon:
@@ -214,7 +224,18 @@ class Daemon:
         movers' verified state."""
         now = time.monotonic()
         return dataclasses.replace(self._view(held, vip_error),
-                                   movers=[r.status(now) for r in self.worker.remotes])
+                                   movers=[r.status(now) for r in self.worker.remotes],
+                                   heartbeat_filtered=self._filtered())
+
+    def _filtered(self) -> int | None:
+        """The kernel's count of heartbeats from elsewhere (None: no filter, or the
+        table cannot be read: a status must not fail for it)."""
+        fence = self.worker.fence
+        try:
+            return fence.filtered() if fence is not None else None
+        except VipError as exc:
+            log.warning("status: cannot read the heartbeat filter's counter: %s", exc)
+            return None
 
     def _view(self, held: set[str], vip_error: str | None) -> Status:
         if isinstance(self.driver, GroupDriver):
@@ -266,7 +287,8 @@ class Daemon:
                      format_duration(cfg.vote_lease), election_config(cfg).voters // 2 + 1,
                      election_config(cfg).voters)
         if cfg.fence == "kernel":  # shut before anything: a previous run's gate goes too
-            self.worker.fence = KernelFence(cfg.cluster, cfg.vips)
+            self.worker.fence = KernelFence(cfg.cluster, cfg.vips,
+                                            heartbeat=heartbeat_filter(cfg))
             self.worker.fence.install()
         try:
             await self.mover.release()  # stale VIPs of a crashed previous run

@@ -298,6 +298,13 @@ class StatusCollector(Collector):
         if s.fence != "none":
             fence.add_metric([], float(s.fence == "open"))
         yield fence
+        filtered = CounterMetricFamily(
+            "vipd_heartbeat_filtered_total", "Datagrams to the heartbeat port from neither a "
+            "peer nor a witness, dropped by the kernel fence's filter before the socket (read "
+            "from its nftables counter; absent without the filter)")
+        if s.heartbeat_filtered is not None:
+            filtered.add_metric([], s.heartbeat_filtered)
+        yield filtered
         movers = GaugeMetricFamily("vipd_mover_state", "1 for each remote mover's state now "
                                    "(idle, acquiring, verified, mismatch, superseded, "
                                    "waiting, error)", labels=["mover", "state"])

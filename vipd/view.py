@@ -176,6 +176,8 @@ class Status:
     group: GroupView | None = None  # arbiter etcd: the group (then `peer` is None)
     movers: list[MoverStatus] = dataclasses.field(default_factory=list)  # remote movers
     damping: DampingView | None = None  # None: an older vipd
+    # heartbeats the kernel dropped (fence: kernel, a pair's filter); None: no filter
+    heartbeat_filtered: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
