@@ -12,14 +12,19 @@ from __future__ import annotations
 import base64
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
 from simulations import fuzztargets
 from simulations.fuzz import ATHERIS_TARGETS, run_atheris
 from simulations.fuzzapi import SCHEMA, run_api
 from simulations.fuzztargets import CORPUS, Lab, Violation, datagrams, reseal, target
+from vipd.api import Api, Outcome
+from vipd.audit import AuditLog
+from vipd.core.election import CommandKind
 from vipd.core.protocol import (
     Heartbeat,
     KeyRing,
@@ -30,6 +35,7 @@ from vipd.core.protocol import (
     decode,
     flag_of,
 )
+from vipd.tokens import load_tokens, new_token
 
 KINDS = {"heartbeat": Kind.HEARTBEAT, "vote_request": Kind.VOTE_REQUEST,
          "vote_reply": Kind.VOTE_REPLY}
@@ -147,6 +153,51 @@ def test_schemathesis_sees_a_response_that_does_not_match_the_schema(
     result = run_api(examples=3, derandomize=True, schema_path=wrong)
     assert result.failures > 0, result
     assert any("term" in detail for detail in result.failure_details), result.failure_details
+
+
+class _Controller:
+    """The API's Controller, recording what a move was asked with."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[CommandKind, bool, int | None, str]] = []
+
+    async def status(self) -> dict[str, Any]:
+        return {}
+
+    async def command(self, kind: CommandKind, force: bool, expected_term: int | None,
+                      target: str = "") -> Outcome:
+        self.commands.append((kind, force, expected_term, target))
+        return Outcome(True, "done", "ACTIVE", 3)
+
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.mark.asyncio
+async def test_null_expected_term_and_target_mean_absent_in_schema_and_server(
+        tmp_path: Path) -> None:
+    """Found by schemathesis (ST201, {"expected_term": null} accepted): the server takes
+    null as "no check" / "no target", as the audit line writes an absent expected_term;
+    the schema said integer / string only. The schema now says nullable, and this pins
+    both sides."""
+    bodies = yaml.safe_load(SCHEMA.read_text())["components"]["schemas"]
+    for body, field in [("MoveBody", "expected_term"), ("SwitchoverBody", "expected_term"),
+                        ("SwitchoverBody", "to"), ("MaintenanceBody", "expected_term")]:
+        assert bodies[body]["properties"][field].get("nullable") is True, (body, field)
+    token, line = new_token("alice", "operate")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(line + "\n")
+    tokens.chmod(0o600)
+    controller = _Controller()
+    api = Api(controller, load_tokens(tokens), AuditLog(tmp_path / "audit.jsonl"))
+    async with TestClient(TestServer(api.app(), host="127.0.0.1")) as client:
+        auth = {"Authorization": f"Bearer {token}"}
+        for path, body in [("/v1/promote", {"expected_term": None}),
+                           ("/v1/switchover", {"expected_term": None, "to": None}),
+                           ("/v1/maintenance", {"enabled": True, "expected_term": None})]:
+            resp = await client.post(path, json=body, headers=auth)
+            assert resp.status == 200, (path, await resp.text())
+    assert [(c[2], c[3]) for c in controller.commands] == [(None, "")] * 3
 
 
 def test_no_crash_file_left_in_the_corpus() -> None:
