@@ -49,6 +49,10 @@ def check_config(args: argparse.Namespace) -> int:
             raise ConfigError(file, [("arbiter.etcd", str(exc))]) from exc
     if config.api.tokens_file is not None:
         load_tokens(config.api.tokens_file)  # what the daemon will check at start
+    if config.metrics.web_config_file is not None:
+        from vipd.webconfig import load_web_config
+
+        load_web_config(config.metrics.web_config_file)  # keys, hashes, TLS files
     for i, mover in enumerate(config.movers):
         if mover.webhook is not None:
             load_secret(mover.webhook.secret_file)  # 0600, long enough

@@ -423,6 +423,8 @@ class AuditConfig(_Model):
 
 class MetricsConfig(_Model):
     listen: Endpoint | None = Endpoint.parse("127.0.0.1:9441")  # None: no metrics endpoint
+    # TLS and basic auth in the exporter-toolkit's format (vipd/webconfig.py)
+    web_config_file: ConfigPath | None = None
 
 
 class DampingSettings(_Model):

@@ -17,6 +17,7 @@ from vipd.errors import VipdError
 from vipd.metrics import Metrics
 from vipd.tokens import load_tokens
 from vipd.view import Status
+from vipd.webconfig import server_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,9 @@ class NodeController:
 def tls_context(api: ApiConfig) -> ssl.SSLContext | None:
     if api.tls is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(api.tls.cert, api.tls.key)
-        if api.tls.client_ca is not None:
-            ctx.load_verify_locations(api.tls.client_ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx = server_tls_context(api.tls.cert, api.tls.key, api.tls.client_ca,
+                                 ssl.CERT_REQUIRED)
     except (OSError, ssl.SSLError) as exc:
         raise ApiError(f"api.tls: cannot load certificate/key/CA ({api.tls.cert}, "
                        f"{api.tls.key}, {api.tls.client_ca}): {exc}") from exc

@@ -307,7 +307,7 @@ class Daemon:
                 runner, self.api = started
                 runners.append(runner)
             served = await serve_metrics(cfg.metrics.listen, self.metrics, self.collector,
-                                         self.status)
+                                         self.status, cfg.metrics.web_config_file)
             runners += [served] if served is not None else []
         except VipdError:
             if transport is not None:

@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from vipd.config import Config, load_config
 from vipd.errors import ConfigError, VipdError
-from vipd.keys import load_keys
+from vipd.keys import load_keys, read_private_file
 from vipd.movers.webhook import load_secret
 from vipd.tokens import load_tokens
 
@@ -191,6 +191,31 @@ def check_fence(cfg: Config) -> list[Finding]:
     return found
 
 
+def check_metrics(cfg: Config, user: str | None) -> list[Finding]:
+    """The /metrics listener: its web config (TLS, basic auth) as the daemon will load
+    it, and plain HTTP that other hosts can reach."""
+    from vipd.webconfig import load_web_config, plain_beyond_loopback, plain_warning
+
+    listen, file = cfg.metrics.listen, cfg.metrics.web_config_file
+    if listen is None:
+        return [Finding(OK, "metrics", "metrics.listen is off")]
+    found: list[Finding] = []
+    security = None
+    if file is not None:
+        found += check_file(file, "metrics web config", user)
+        try:
+            security = load_web_config(file)
+        except ConfigError as exc:
+            return [*found, Finding(FAIL, "metrics", "; ".join(exc.lines()))]
+        if (tls := security.config.tls_server_config) is not None:
+            found += check_file(tls.key_file, "metrics TLS key", user,
+                                lambda p: read_private_file(p, "TLS key file"))
+    if plain_beyond_loopback(listen, security is not None and security.ssl_context is not None):
+        return [*found, Finding(WARN, "metrics", plain_warning("metrics.listen", listen))]
+    how = security.describe() if security is not None else "plain HTTP on loopback"
+    return [*found, Finding(OK, "metrics", f"{listen}: {how}")]
+
+
 def run_checks(path: str, user: str | None) -> list[Finding]:
     cfg = load_config(path)
     found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
@@ -215,9 +240,7 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
         except KeyError:
             found.append(Finding(FAIL, "user", f"user {user} does not exist: install "
                                  "systemd/vipd.sysusers.conf (systemd-sysusers)"))
-    if cfg.metrics.listen is not None and ip_address(str(cfg.metrics.listen.host)).is_unspecified:
-        found.append(Finding(WARN, "metrics", f"metrics.listen {cfg.metrics.listen} is open on "
-                             "every address: restrict it with the host firewall"))
+    found += check_metrics(cfg, user)
     found.append(check_capabilities())
     found += check_sysctls(cfg)
     found += check_fence(cfg)

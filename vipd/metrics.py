@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import (
@@ -42,9 +43,9 @@ from vipd.core.damping import Cause
 from vipd.core.group import Store
 from vipd.core.protocol import Reject, State
 from vipd.core.witness import Witness
-from vipd.errors import VipdError
 from vipd.movers.remote import MoverState
 from vipd.view import GroupView, Status
+from vipd.webconfig import start_http
 
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # readded: a VIP missing on the holder was added again; removed: a VIP found on a node
@@ -387,10 +388,11 @@ log = logging.getLogger(__name__)
 
 
 async def serve_metrics(listen: Endpoint | None, metrics: Metrics, collector: StatusCollector,
-                        status: Callable[[], Awaitable[Status]]) -> web.AppRunner | None:
-    """GET /metrics on metrics.listen. The status (with its VIP check) is read on the
-    loop (cheap); rendering the text runs in a thread so a scrape never delays a
-    heartbeat."""
+                        status: Callable[[], Awaitable[Status]],
+                        web_config_file: Path | None = None) -> web.AppRunner | None:
+    """GET /metrics on metrics.listen, behind the web config's TLS and basic auth if one
+    is given. The status (with its VIP check) is read on the loop (cheap); rendering the
+    text runs in a thread so a scrape never delays a heartbeat."""
     if listen is None:
         return None
 
@@ -405,16 +407,8 @@ async def serve_metrics(listen: Endpoint | None, metrics: Metrics, collector: St
 
     app = web.Application()
     app.router.add_get("/metrics", serve)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, str(listen.host), listen.port, reuse_address=True).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise VipdError(f"cannot listen on metrics.listen {listen}: "
-                        f"{exc.strerror or exc}") from exc
-    log.info("metrics on http://%s/metrics", listen)
-    return runner
+    return await start_http(app, listen, web_config_file, "metrics.listen",
+                            HTTP_SHUTDOWN_TIMEOUT)
 
 
 # --- the witness (vipd witness) -------------------------------------------------------------

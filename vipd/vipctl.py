@@ -231,6 +231,9 @@ def render_status(doc: dict[str, Any]) -> str:
     held = [v.address for v in s.vips if v.held]
     lines.append(f"  VIPs on {s.interface} here: {', '.join(held) or 'none'}"
                  + ("" if s.fence == "none" else f"; kernel gate {s.fence}"))
+    if s.heartbeat_filtered:
+        lines.append(f"  heartbeat filter: {s.heartbeat_filtered} datagrams from neither the "
+                     f"peer nor a witness dropped by the kernel")
     lines += _arbiter_lines(s)
     lines += _mover_lines(s)
     lines += _damping_lines(s)

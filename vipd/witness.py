@@ -41,6 +41,7 @@ from vipd.core.witness import (
 from vipd.errors import ConfigError, VipdError
 from vipd.metrics import build_witness_metrics
 from vipd.systemd import Notifier, watchdog
+from vipd.webconfig import start_http
 from vipd.witnessconfig import WitnessConfig, cluster_specs, load_witness_config
 
 log = logging.getLogger(__name__)
@@ -102,21 +103,16 @@ class WitnessServer:
                 "clusters": len(self.core.clusters),
                 "holders": self.core.holders(time.monotonic())}
 
-    async def _serve_http(self, listen: Endpoint | None) -> web.AppRunner | None:
+    async def _serve_http(self, listen: Endpoint | None,
+                          web_config_file: Path | None) -> web.AppRunner | None:
+        """/metrics and /healthz, both behind the web config's TLS and basic auth."""
         if listen is None:
             return None
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, str(listen.host), listen.port, reuse_address=True).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise VipdError(f"cannot listen on metrics.listen {listen}: "
-                            f"{exc.strerror or exc}") from exc
-        return runner
+        return await start_http(app, listen, web_config_file, "metrics.listen",
+                                HTTP_SHUTDOWN_TIMEOUT)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -133,7 +129,7 @@ class WitnessServer:
                             f"{exc.strerror or exc}") from exc
         self._transport = transport
         try:
-            runner = await self._serve_http(cfg.metrics.listen)
+            runner = await self._serve_http(cfg.metrics.listen, cfg.metrics.web_config_file)
         except VipdError:
             transport.close()
             raise
@@ -142,7 +138,7 @@ class WitnessServer:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         log.info("vipd %s witness started: %s (%s), vote requests on udp %s, metrics %s",
                  __version__, _clusters(len(self.core.clusters)), ", ".join(self.core.clusters),
-                 cfg.listen, f"on http://{cfg.metrics.listen}/metrics"
+                 cfg.listen, f"on {cfg.metrics.listen}"
                  if cfg.metrics.listen is not None else "off")
         self.notifier.notify(READY=1, STATUS=self._status())
         try:

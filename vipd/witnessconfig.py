@@ -41,6 +41,7 @@ class WitnessCluster(_Model):
 
 class WitnessMetricsConfig(_Model):
     listen: Endpoint | None = Endpoint.parse("127.0.0.1:9442")  # None: no HTTP endpoint
+    web_config_file: ConfigPath | None = None  # TLS and basic auth (vipd/webconfig.py)
 
 
 class WitnessConfig(_Model):

@@ -1,10 +1,10 @@
 """The kernel fence's commands (vipd/fence.py) without a kernel: the heartbeat filter's
-rules, reading its counter, and how the daemon builds it and reports it (status, metrics).
+rules, reading its counter, and how the daemon builds it and reports it (status, metrics,
+vipctl status).
 tests/integration/test_fence.py runs the same tables on the real kernel."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from ipaddress import ip_address, ip_interface
 from pathlib import Path
@@ -16,6 +16,7 @@ from vipd.config import load_config
 from vipd.configtypes import Endpoint
 from vipd.daemon import heartbeat_filter
 from vipd.fence import FenceError, HeartbeatFilter, KernelFence
+from vipd.vipctl import render_status
 
 VIPS = [ip_interface("198.51.100.100/32"), ip_interface("2001:db8:1::100/128")]
 
@@ -147,8 +148,11 @@ async def test_status_and_metrics_show_the_kernel_count(
 
     assert d.view(set()).heartbeat_filtered is None and scrape() is None, "no fence: absent"
     d.worker.fence = CountingFence(41)  # type: ignore[assignment]
-    assert dataclasses.asdict(d.view(set()))["heartbeat_filtered"] == 41
+    doc = d.view(set()).to_json()
+    assert doc["heartbeat_filtered"] == 41
     assert scrape() == 41.0
+    assert "heartbeat filter: 41 datagrams from neither the peer nor a witness dropped" in \
+        render_status(doc)
     d.worker.fence = CountingFence(None)  # type: ignore[assignment]
     assert d.view(set()).heartbeat_filtered is None, "an unreadable counter fails no status"
     await eventually(lambda: any("heartbeat filter's counter" in r.getMessage()
