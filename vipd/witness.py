@@ -191,7 +191,9 @@ class WitnessServer:
             return
         old = self.config
         for key, before, after in (("listen", old.listen, new.listen),
-                                   ("metrics.listen", old.metrics.listen, new.metrics.listen)):
+                                   ("metrics.listen", old.metrics.listen, new.metrics.listen),
+                                   ("metrics.web_config_file", old.metrics.web_config_file,
+                                    new.metrics.web_config_file)):
             if before != after:
                 log.warning("reload: %s changed from %s to %s; it takes effect at the next "
                             "restart", key, before, after)
