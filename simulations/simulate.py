@@ -44,6 +44,7 @@ RUN_AFTER = 4.0
 FLAPPING = {"flap_active", "crash_loop"}
 FLAPPING_MOVES = 2
 CRASH_LOOP = 5  # kill -9 and restart this many times
+FLAP_PERIOD = (0.1, 2.0)  # s, the health flapping's period (half up, half down)
 
 # --arbiter witness: the pair's faults that still apply, and the witness's own.
 ARBITER_KINDS = ["crash", "crash_restart", "stop", "health_fail", "switchover", "maintenance",
@@ -77,7 +78,8 @@ class Outcome:
 
 
 def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none",
-             damping: DampingConfig | None = None) -> Outcome:
+             damping: DampingConfig | None = None,
+             flap_period: tuple[float, float] = FLAP_PERIOD) -> Outcome:
     sim_rng_seed = seed * 7919 + 17
     witness = arbiter == "witness"
     kinds = ARBITER_KINDS if witness else KINDS
@@ -116,6 +118,8 @@ def scenario(seed: int, interval: float, dead_after: int, arbiter: str = "none",
     t_fault = WARMUP + rng.uniform(0, interval)
     sim.run_until(t_fault)
     out = Outcome(seed, kind, loss, delay + jitter / 2, sim.checker.violations)
+    if kind == "flap_active":
+        out.notes["flap_period_range"] = flap_period
     active = next((n for n in (a, b) if n.state is State.ACTIVE), None)
     if active is None:
         sim.checker.violation("no ACTIVE node after warm-up")
@@ -208,8 +212,10 @@ def _inject(kind: str, sim: Sim, rng: Any, active: SimNode, other: SimNode, t: f
 
 
 def _flap(sim: Sim, rng: Any, node: SimNode, t: float, out: Outcome) -> None:
-    """The active's health flaps with a period of 0.1-2 s for 2-10 s, then stays up."""
-    period, duration = rng.uniform(0.1, 2.0), rng.uniform(2.0, 10.0)
+    """The active's health flaps (by default with a period of 0.1-2 s) for 2-10 s and at
+    least 3 periods, then stays up."""
+    period = rng.uniform(*out.notes["flap_period_range"])
+    duration = rng.uniform(2.0, 10.0) + 3 * period
     when, up = t, False
     while True:
         def flip(h: bool = up) -> None:
@@ -249,13 +255,15 @@ def _check_flapping(sim: Sim, active: SimNode, out: Outcome) -> None:
             moves.append((when, name))
             holder = name
     out.notes["moves"] = len(moves)
+    back = [when for when, name in moves if name == active.name]
+    stable = out.notes["stable_from"]
+    if back and back[-1] > stable:
+        out.notes["back_after"] = back[-1] - stable
     if not cfg.enabled:
         return
     if len(moves) > FLAPPING_MOVES:
         sim.checker.violation(f"{out.kind}: the VIPs moved {len(moves)} times (at most "
                               f"{FLAPPING_MOVES} with damping): {moves[:6]}")
-    back = [when for when, name in moves if name == active.name]
-    stable = out.notes["stable_from"]
     # The node's own clock times the hold-down (with a witness it runs up to RATE_SPREAD
     # fast); its health event may come up to 10 ms after the flip.
     if back and back[-1] < stable + cfg.hold_down * (1 - RATE_SPREAD) - 0.01:
@@ -636,7 +644,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the pair alone (default), voting with a simulated witness, or a "
                          "group of --nodes nodes on a simulated etcd")
     ap.add_argument("--nodes", type=int, default=3, help="group size with --arbiter etcd")
+    ap.add_argument("--damping-sweep", action="store_true",
+                    help="VIP moves of flapping scenarios against damping settings (how "
+                         "the defaults were chosen); --scenarios per cell")
     args = ap.parse_args(argv)
+    if args.damping_sweep:
+        return damping_sweep(args)
     if args.arbiter == "etcd":
         return group_main(args)
     if args.replay is not None:
@@ -652,6 +665,47 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_table(report)
     return 1 if report["violations"]["count"] else 0
+
+
+SWEEP_HOLD_DOWNS = [None, 5.0, 10.0, 30.0, 60.0]  # None: damping off
+SWEEP_PERIODS = [(0.1, 2.0), (2.0, 10.0), (10.0, 40.0)]
+
+
+def damping_sweep(args: argparse.Namespace) -> int:
+    """Moves per flapping scenario against the hold-down (one failure damps): the health
+    of the preferred active flapping with short, medium and long periods, and a crash
+    loop; and how long after it was last stable it took the VIPs back."""
+    rows = []
+    cells = [("flap_active", p) for p in SWEEP_PERIODS] + [("crash_loop", FLAP_PERIOD)]
+    for kind, period in cells:
+        seeds = [KINDS.index(kind) + len(KINDS) * (args.seed * 1000 + i)
+                 for i in range(args.scenarios)]
+        for hold in SWEEP_HOLD_DOWNS:
+            damping = DampingConfig(failures=0) if hold is None else DampingConfig(
+                failures=1, hold_down=hold)
+            outs = [scenario(s, args.interval, args.dead_after, damping=damping,
+                             flap_period=period) for s in seeds]
+            moves = [o.notes["moves"] for o in outs]
+            back = [o.notes["back_after"] for o in outs if "back_after" in o.notes]
+            rows.append({
+                "kind": kind, "flap_period_s": list(period) if kind == "flap_active" else None,
+                "hold_down_s": hold, "n": len(outs), "mean_moves": round(statistics.mean(moves), 2),
+                "max_moves": max(moves), "over_2_moves": sum(1 for m in moves if m > 2),
+                "back_after_stable_s_median": round(statistics.median(back), 2) if back else None,
+                "violations": sum(len(o.violations) for o in outs)})
+    if args.json:
+        print(json.dumps({"seed": args.seed, "scenarios_per_cell": args.scenarios,
+                          "rows": rows}, indent=2))
+        return 0
+    print(f"{'fault':<12}{'period s':>10}{'hold-down':>10}{'n':>5}{'mean':>7}{'max':>5}"
+          f"{'>2':>5}{'back after s':>14}")
+    for r in rows:
+        span = "-" if r["flap_period_s"] is None else "{:g}-{:g}".format(*r["flap_period_s"])
+        held = "off" if r["hold_down_s"] is None else f"{r['hold_down_s']:g} s"
+        after = r["back_after_stable_s_median"]
+        print(f"{r['kind']:<12}{span:>10}{held:>10}{r['n']:>5}{r['mean_moves']:>7}"
+              f"{r['max_moves']:>5}{r['over_2_moves']:>5}{'-' if after is None else after:>14}")
+    return 0
 
 
 def group_main(args: argparse.Namespace) -> int:
