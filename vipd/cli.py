@@ -7,12 +7,13 @@ Errors are printed as ``FILE: key.path: message`` lines, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
-from vipd import __version__
+from vipd import __version__, credentials
 from vipd.config import Config, format_duration, load_config
 from vipd.errors import ConfigError, VipdError
 from vipd.keys import MAX_KEY_ID, generate_key_line, load_keys
@@ -39,7 +40,8 @@ def _add_check_config(parser: argparse.ArgumentParser) -> None:
 def check_config(args: argparse.Namespace) -> int:
     file: str = args.file
     config = load_config(file)
-    keys = load_keys(config.key_file) if config.auth is not None else {}
+    notes: list[str] = []
+    keys = _secret(load_keys, config.key_file, notes) if config.auth is not None else {}
     if config.etcd is not None:
         from vipd.arbiter.etcd import EtcdError, check_client
 
@@ -48,14 +50,14 @@ def check_config(args: argparse.Namespace) -> int:
         except EtcdError as exc:
             raise ConfigError(file, [("arbiter.etcd", str(exc))]) from exc
     if config.api.tokens_file is not None:
-        load_tokens(config.api.tokens_file)  # what the daemon will check at start
+        _secret(load_tokens, config.api.tokens_file, notes)  # as the daemon will at start
     if config.metrics.web_config_file is not None:
         from vipd.webconfig import load_web_config
 
         load_web_config(config.metrics.web_config_file)  # keys, hashes, TLS files
     for i, mover in enumerate(config.movers):
         if mover.webhook is not None:
-            load_secret(mover.webhook.secret_file)  # 0600, long enough
+            _secret(load_secret, mover.webhook.secret_file, notes)  # 0600, long enough
         if mover.aws is not None:
             try:
                 import aiobotocore  # noqa: F401
@@ -69,11 +71,29 @@ def check_config(args: argparse.Namespace) -> int:
             check_nftables(talk=False)
         except FenceError as exc:
             raise ConfigError(file, [("fence", str(exc))]) from exc
-    print(f"{file}: ok: {summary(config, len(keys))}")
+    print(f"{file}: ok: {summary(config, None if keys is None else len(keys))}")
+    for note in notes:
+        print(f"  {note}")
     return EXIT_OK
 
 
-def summary(config: Config, key_count: int) -> str:
+T = TypeVar("T")
+
+
+def _secret(load: Callable[[Path], T], path: Path, notes: list[str]) -> T | None:
+    """A secret loaded as the daemon will load it; outside the unit, a credential that is
+    encrypted at rest (which only systemd decrypts) is noted instead (None)."""
+    name = credentials.name_of(path)
+    if name is not None and not os.environ.get(credentials.ENV):
+        where = credentials.stored(name)
+        if where is not None and where.encrypted:
+            notes.append(f"credential {name}: encrypted at rest in {where.path}; its contents "
+                         "are checked when the unit starts (LoadCredentialEncrypted=)")
+            return None
+    return load(path)
+
+
+def summary(config: Config, key_count: int | None) -> str:
     """The one-line description check-config prints for a valid config."""
     head = [f"node {config.node} in cluster {config.cluster}",
             f"{_count(len(config.vips), 'VIP')} on {config.interface}"]
@@ -90,7 +110,7 @@ def summary(config: Config, key_count: int) -> str:
         f"heartbeat {format_duration(hb.interval)} x {hb.dead_after} "
         f"(dead after {format_duration(hb.dead_interval)})",
         _count(len(config.health), "check"),
-        _count(key_count, "key"),
+        _count(key_count, "key") if key_count is not None else "keys in a credential",
         (f"arbiter witness {','.join(map(str, config.arbiter.witnesses))} (vote lease "
          f"{format_duration(config.vote_lease)})" if config.arbiter else "no arbiter"),
         f"fence {config.fence}",

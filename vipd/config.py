@@ -44,6 +44,7 @@ from vipd.configtypes import (
     Port,
     PositiveDuration,
     Problems,
+    SecretPath,
     StrictBool,
     Vip,
     check_command,
@@ -112,7 +113,7 @@ class HeartbeatConfig(_Model):
 
 
 class AuthConfig(_Model):
-    key_file: ConfigPath
+    key_file: SecretPath  # a path, or credential:NAME (vipd/credentials.py)
 
 
 def _unicast_list(endpoints: list[Endpoint], key: str, what: str,
@@ -140,7 +141,7 @@ class EtcdTlsConfig(_Model):
 
     ca: ConfigPath
     cert: ConfigPath | None = None
-    key: ConfigPath | None = None
+    key: SecretPath | None = None
 
     @model_validator(mode="after")
     def _cert_with_key(self) -> EtcdTlsConfig:
@@ -322,7 +323,7 @@ class WebhookMoverConfig(_Model):
 
     url: str
     verify_url: str | None = None  # GET ?cluster=&vip= -> {"node", "term"}; None: trust POSTs
-    secret_file: ConfigPath  # the HMAC secret, a 0600 file
+    secret_file: SecretPath  # the HMAC secret, a 0600 file (or credential:NAME)
     insecure: StrictBool = False  # allow http:// (a receiver on loopback, a lab)
     timeout: PositiveDuration = 2.0  # per request; timeouts and 5xx are retried
     reconcile: PositiveDuration = 10.0  # the holder verifies (and re-asserts) this often
@@ -407,13 +408,13 @@ class MoverConfig(_Model):
 
 class TlsConfig(_Model):
     cert: ConfigPath
-    key: ConfigPath
+    key: SecretPath
     client_ca: ConfigPath | None = None  # given: clients must present a certificate it signed
 
 
 class ApiConfig(_Model):
     listen: Endpoint | None = Endpoint.parse("127.0.0.1:9440")  # None: no control API
-    tokens_file: ConfigPath | None = None  # None: only /healthz and /readyz answer
+    tokens_file: SecretPath | None = None  # None: only /healthz and /readyz answer
     tls: TlsConfig | None = None
 
 

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from vipd import credentials
+
 # A relative path is relative to the directory of the config file (set by load_config).
 BASE_DIR = "base_dir"
 
@@ -200,3 +202,15 @@ InterfaceName = Annotated[str, AfterValidator(_check_ifname)]
 Vip = Annotated[IPv4Interface | IPv6Interface, PlainValidator(_parse_vip)]
 Argv = Annotated[list[str], AfterValidator(_check_argv)]
 ConfigPath = Annotated[Path, BeforeValidator(_nonempty_path), AfterValidator(_resolve_path)]
+
+
+def _resolve_secret(value: Path, info: ValidationInfo) -> Path:
+    name = credentials.name_of(value)
+    if name is None:
+        return _resolve_path(value, info)
+    credentials.check_name(name)
+    return value  # read from $CREDENTIALS_DIRECTORY (vipd.credentials.locate)
+
+
+# A secret file: a path, or `credential:NAME` (a systemd credential, vipd/credentials.py).
+SecretPath = Annotated[Path, BeforeValidator(_nonempty_path), AfterValidator(_resolve_secret)]

@@ -19,6 +19,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vipd import credentials
 from vipd.config import Config, load_config
 from vipd.errors import ConfigError, VipdError
 from vipd.keys import load_keys, read_private_file
@@ -66,6 +67,36 @@ def check_file(path: Path, what: str, user: str | None,
         problems.append(Finding(FAIL, what, f"{path}: owned by {owner}, but vipd runs as "
                                             f"{user} and must read it; chown {user} {path}"))
     return problems or [Finding(OK, what, f"{path}: owner {owner}, mode {mode:04o}")]
+
+
+def check_secret(path: Path, what: str, user: str | None,
+                 load: Callable[[Path], object]) -> list[Finding]:
+    """A secret as check_file judges it, and how it lies at rest: a systemd credential
+    encrypted by `systemd-creds` (only systemd decrypts it, for the unit), or plaintext on
+    disk (a finding of its own: docs/install.md shows how to encrypt it)."""
+    name = credentials.name_of(path)
+    if name is None:
+        return [*check_file(path, what, user, load),
+                Finding(WARN, what, f"{path} is plaintext at rest: encrypt it with "
+                        f"systemd-creds and use credential:NAME (docs/install.md)")]
+    if os.environ.get(credentials.ENV):  # inside the unit (systemd-run): read it
+        try:
+            load(path)
+        except ConfigError as exc:
+            return [Finding(FAIL, what, "; ".join(exc.lines()))]
+        return [Finding(OK, what, f"credential {name}, from ${credentials.ENV}")]
+    where = credentials.stored(name)
+    if where is None:
+        try:
+            credentials.locate(path)
+        except credentials.CredentialError as exc:
+            return [Finding(FAIL, what, str(exc))]
+    assert where is not None
+    if where.encrypted:
+        return [Finding(OK, what, f"credential {name}: encrypted at rest in {where.path}")]
+    return [*check_file(where.path, what, user, load),
+            Finding(WARN, what, f"credential {name} is plaintext at rest in {where.path}: "
+                    f"encrypt it with systemd-creds encrypt --name={name} (docs/install.md)")]
 
 
 def _user_name(uid: int) -> str:
@@ -208,8 +239,8 @@ def check_metrics(cfg: Config, user: str | None) -> list[Finding]:
         except ConfigError as exc:
             return [*found, Finding(FAIL, "metrics", "; ".join(exc.lines()))]
         if (tls := security.config.tls_server_config) is not None:
-            found += check_file(tls.key_file, "metrics TLS key", user,
-                                lambda p: read_private_file(p, "TLS key file"))
+            found += check_secret(tls.key_file, "metrics TLS key", user,
+                                  lambda p: read_private_file(p, "TLS key file"))
     if plain_beyond_loopback(listen, security is not None and security.ssl_context is not None):
         return [*found, Finding(WARN, "metrics", plain_warning("metrics.listen", listen))]
     how = security.describe() if security is not None else "plain HTTP on loopback"
@@ -221,17 +252,22 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
     found: list[Finding] = [Finding(OK, "config", f"{path} is valid")]
     found += check_file(Path(path), "config file", user)
     if cfg.auth is not None:
-        found += check_file(cfg.auth.key_file, "key file", user, load_keys)
+        found += check_secret(cfg.auth.key_file, "key file", user, load_keys)
     for mover in cfg.remote_movers:
         if mover.webhook is not None:
-            found += check_file(mover.webhook.secret_file, "webhook secret file", user,
-                                load_secret)
+            found += check_secret(mover.webhook.secret_file, "webhook secret file", user,
+                                  load_secret)
     if cfg.etcd is not None and cfg.etcd.tls is not None:
         for name in ("ca", "cert", "key"):
-            if (path := getattr(cfg.etcd.tls, name)) is not None:
+            if (path := getattr(cfg.etcd.tls, name)) is None:
+                continue
+            if name == "key":
+                found += check_secret(path, "etcd key file", user,
+                                      lambda p: read_private_file(p, "etcd key file"))
+            else:
                 found += check_file(path, f"etcd {name} file", user)
     if cfg.api.tokens_file is not None:
-        found += check_file(cfg.api.tokens_file, "tokens file", user, load_tokens)
+        found += check_secret(cfg.api.tokens_file, "tokens file", user, load_tokens)
     if cfg.api.tokens_file is None and cfg.api.listen is not None:
         found.append(Finding(WARN, "api", "no api.tokens_file: vipctl cannot drive this node"))
     if user is not None:

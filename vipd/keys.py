@@ -12,6 +12,7 @@ import stat
 import time
 from pathlib import Path
 
+from vipd import credentials
 from vipd.core.protocol import MAX_KEY_ID, MIN_KEY_BYTES
 from vipd.errors import ConfigError
 
@@ -19,8 +20,13 @@ _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 
 
 def read_private_file(path: str | Path, what: str) -> str:
-    """The text of a secrets file (keys, tokens), refused if group/others can access it."""
+    """The text of a secrets file (keys, tokens), refused if group/others can access it;
+    ``path`` may be `credential:NAME` (a systemd credential, vipd/credentials.py)."""
     file = str(path)
+    try:
+        path = credentials.locate(path)
+    except credentials.CredentialError as exc:
+        raise ConfigError(file, [("", str(exc))]) from None
     try:
         # O_NONBLOCK so that a FIFO in place of the file cannot hang the daemon.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

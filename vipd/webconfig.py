@@ -30,8 +30,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from aiohttp import web
 from pydantic import AfterValidator, field_validator, model_validator
 
+from vipd import credentials
 from vipd.config import _Model, load_model
-from vipd.configtypes import ConfigPath, Endpoint, Problems, StrictBool
+from vipd.configtypes import ConfigPath, Endpoint, Problems, SecretPath, StrictBool
 from vipd.errors import ConfigError, VipdError
 from vipd.keys import read_private_file
 
@@ -91,7 +92,7 @@ class TlsServerConfig(_Refusing):
     }
 
     cert_file: ConfigPath
-    key_file: ConfigPath
+    key_file: SecretPath  # a path, or credential:NAME (vipd/credentials.py)
     client_auth_type: Literal["NoClientCert", "VerifyClientCertIfGiven",
                               "RequireAndVerifyClientCert", "RequestClientCert",
                               "RequireAnyClientCert"] = "NoClientCert"
@@ -173,7 +174,7 @@ def server_tls_context(cert: Path, key: Path, client_ca: Path | None = None,
     ssl.SSLError, which the callers word)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version, ctx.maximum_version = min_version, max_version
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(cert, credentials.locate(key))  # the key may be credential:NAME
     if client_ca is not None:
         ctx.load_verify_locations(client_ca)
         ctx.verify_mode = verify

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from vipd.config import _Model, load_model
-from vipd.configtypes import ConfigPath, Endpoint, Name, PositiveDuration, Problems
+from vipd.configtypes import ConfigPath, Endpoint, Name, PositiveDuration, Problems, SecretPath
 from vipd.core.protocol import KeyRing
 from vipd.core.witness import ClusterSpec
 from vipd.errors import ConfigError
@@ -19,7 +19,7 @@ DEFAULT_PORT = 5406
 
 
 class WitnessCluster(_Model):
-    key_file: ConfigPath
+    key_file: SecretPath  # a path, or credential:NAME (vipd/credentials.py)
     nodes: list[Name]
 
     @field_validator("nodes")

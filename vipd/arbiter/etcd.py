@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vipd import credentials
 from vipd.config import EtcdConfig
 from vipd.core.group import Holder, Member, Observed
 from vipd.core.protocol import State
@@ -53,7 +54,10 @@ def check_client(config: EtcdConfig) -> None:
             if path is None:
                 continue
             try:
-                path.read_bytes()
+                credentials.locate(path).read_bytes()
+            except credentials.CredentialError as exc:
+                if not credentials.encrypted_at_rest(path):  # else: read inside the unit
+                    raise EtcdError(f"tls.{name}: {exc}") from exc
             except OSError as exc:
                 raise EtcdError(f"tls.{name}: cannot read {path}: "
                                 f"{exc.strerror or exc}") from exc
@@ -102,7 +106,7 @@ def _client_class() -> Any:
             if self._tls is not None:
                 creds = grpc.ssl_channel_credentials(
                     self._tls.ca.read_bytes(),
-                    self._tls.key.read_bytes() if self._tls.key else None,
+                    credentials.locate(self._tls.key).read_bytes() if self._tls.key else None,
                     self._tls.cert.read_bytes() if self._tls.cert else None)
                 self.channel = grpc.aio.secure_channel(self._target, creds, options=options)
             else:
