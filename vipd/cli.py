@@ -16,7 +16,7 @@ from typing import NamedTuple, TypeVar
 from vipd import __version__, credentials
 from vipd.config import Config, format_duration, load_config
 from vipd.errors import ConfigError, VipdError
-from vipd.keys import MAX_KEY_ID, generate_key_line, load_keys
+from vipd.keys import MAX_KEY_ID, generate_key_line, load_keys, read_private_file
 from vipd.movers.webhook import load_secret
 from vipd.tokens import load_tokens
 
@@ -58,6 +58,9 @@ def check_config(args: argparse.Namespace) -> int:
     for i, mover in enumerate(config.movers):
         if mover.webhook is not None:
             _secret(load_secret, mover.webhook.secret_file, notes)  # 0600, long enough
+        if mover.aws is not None and mover.aws.credentials_file is not None:
+            _secret(lambda p: read_private_file(p, "AWS credentials file"),
+                    mover.aws.credentials_file, notes)
         if mover.aws is not None:
             try:
                 import aiobotocore  # noqa: F401

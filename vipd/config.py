@@ -365,6 +365,9 @@ class AwsMoverConfig(_Model):
     route_tables: list[Annotated[str, Field(pattern=r"^rtb-[0-9a-f]{8,17}$")]] = Field(
         default_factory=list)  # VIP/32 routes to the ENI (VIPs outside the VPC CIDR)
     endpoint_url: str | None = None  # an emulator (tests); None: the region's endpoint
+    # A shared credentials file (or credential:NAME); None: botocore's chain (instance
+    # profile, environment), which needs no secret on the node at all.
+    credentials_file: SecretPath | None = None
     timeout: PositiveDuration = 5.0
     reconcile: PositiveDuration = 10.0
 

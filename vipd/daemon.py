@@ -150,7 +150,8 @@ class Daemon:
                              elastic_ips=[(e.allocation_id, str(e.private_ip))
                                           for e in aws.elastic_ips],
                              route_tables=list(aws.route_tables),
-                             endpoint_url=aws.endpoint_url)
+                             endpoint_url=aws.endpoint_url,
+                             credentials_file=aws.credentials_file)
             reconcile, timeout = aws.reconcile, aws.timeout
         name = mover.name
 

@@ -254,6 +254,9 @@ def run_checks(path: str, user: str | None) -> list[Finding]:
     if cfg.auth is not None:
         found += check_secret(cfg.auth.key_file, "key file", user, load_keys)
     for mover in cfg.remote_movers:
+        if mover.aws is not None and mover.aws.credentials_file is not None:
+            found += check_secret(mover.aws.credentials_file, "AWS credentials file", user,
+                                  lambda p: read_private_file(p, "AWS credentials file"))
         if mover.webhook is not None:
             found += check_secret(mover.webhook.secret_file, "webhook secret file", user,
                                   load_secret)

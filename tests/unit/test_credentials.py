@@ -200,3 +200,34 @@ def test_a_tls_key_as_a_credential_loads_and_a_missing_one_is_an_os_error(
     assert ctx.minimum_version.name == "TLSv1_2"
     with pytest.raises(OSError, match=r"LoadCredentialEncrypted=gone\.key"):
         server_tls_context(tmp_path / "server.pem", Path("credential:gone.key"))
+
+
+@pytest.mark.asyncio
+async def test_the_aws_mover_takes_its_credentials_file_from_a_credential(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's chain reads the shared credentials file systemd decrypted; nothing
+    else is asked (no environment keys, instance metadata disabled)."""
+    pytest.importorskip("aiobotocore")
+    from vipd.movers.aws import AwsMover
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    private(creds / "aws", "[default]\naws_access_key_id = AKIAFROMCREDENTIAL01\n"
+                           "aws_secret_access_key = " + "s" * 40 + "\n")
+    monkeypatch.setenv(credentials.ENV, str(creds))
+    mover = AwsMover(region="eu-west-1", eni="eni-0123456789abcdef0", cluster="web",
+                     node="a", vips=["198.51.100.10/32"], secondary_ips=True,
+                     elastic_ips=[], route_tables=[],
+                     credentials_file=Path("credential:aws"))
+    found = await mover.session().get_credentials()
+    assert found is not None and found.access_key == "AKIAFROMCREDENTIAL01"
+    cfg_doc = config_doc(tmp_path, movers=["netlink", {"aws": {
+        "region": "eu-west-1", "eni": "eni-0123456789abcdef0",
+        "credentials_file": "credential:aws"}}])
+    private(creds / "web.key", generate_key_line(1) + "\n")
+    assert main(["check-config", str(write(tmp_path, cfg_doc))]) == 0

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 from ipaddress import IPv4Interface
+from pathlib import Path
 from typing import Any
 
+from vipd import credentials
 from vipd.movers.remote import MoverError, Ownership
 
 RETRIED_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException",
@@ -42,8 +44,10 @@ class AwsMover:
     def __init__(self, *, region: str, eni: str, cluster: str, node: str,
                  vips: list[str], secondary_ips: bool,
                  elastic_ips: list[tuple[str, str]], route_tables: list[str],
-                 endpoint_url: str | None = None) -> None:
+                 endpoint_url: str | None = None,
+                 credentials_file: Path | None = None) -> None:
         self.region, self.eni, self.cluster, self.node = region, eni, cluster, node
+        self.credentials_file = credentials_file  # None: botocore's default chain
         self.ips = [str(IPv4Interface(v).ip) for v in vips if ":" not in v]
         self.cidrs = [f"{ip}/32" for ip in self.ips]
         self.secondary_ips, self.elastic_ips = secondary_ips, elastic_ips
@@ -56,7 +60,7 @@ class AwsMover:
     async def _client(self) -> Any:
         if self._ec2 is None:
             try:
-                from aiobotocore.session import get_session
+                import aiobotocore.session  # noqa: F401
             except ImportError as exc:
                 raise MoverError("the aws mover needs aiobotocore: pip install 'vipd[aws]'",
                                  operation="connect", code="missing_client",
@@ -66,10 +70,26 @@ class AwsMover:
             # one attempt per call: the runner retries with its own backoff and timeout
             config = AioConfig(connect_timeout=2, read_timeout=5,
                                retries={"max_attempts": 1, "mode": "standard"})
-            self._ec2 = await self._stack.enter_async_context(get_session().create_client(
+            self._ec2 = await self._stack.enter_async_context(self.session().create_client(
                 "ec2", region_name=self.region, endpoint_url=self.endpoint_url,
                 config=config))
         return self._ec2
+
+    def session(self) -> Any:
+        """The aiobotocore session: botocore's credential chain, which reads its shared
+        credentials file from `credentials_file` (which may be credential:NAME, a systemd
+        credential) when one is configured."""
+        from aiobotocore.session import get_session
+
+        session = get_session()
+        if self.credentials_file is not None:
+            try:
+                path = credentials.locate(self.credentials_file)
+            except credentials.CredentialError as exc:
+                raise MoverError(str(exc), operation="connect", code="credentials",
+                                 retry=False) from exc
+            session.set_config_variable("credentials_file", str(path))
+        return session
 
     async def _api(self, operation: str, call: str, **params: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
