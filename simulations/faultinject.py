@@ -72,8 +72,11 @@ def _loss(fraction: float) -> Callable[[Run], None]:
 
 def _forwarded(mode: str) -> Callable[[Run], None]:
     def act(run: Run) -> None:
-        netfaults.divert(run.pair.lab, ACTIVE)
+        # The forwarder reads both ports before the bridge stops carrying heartbeats:
+        # the other way round its start-up (Python, 0.1-0.3 s on a busy machine) was a
+        # blackout that, with the first delays, made the standby take over.
         run.forwarder = netfaults.Forwarder.start(run.pair, mode, run.seed)
+        netfaults.divert(run.pair.lab, ACTIVE)
         time.sleep(NET_HOLD)
         netfaults.clear(run.pair.lab)  # first: the heartbeats take the bridge again
         forwarder, run.forwarder = run.forwarder, None

@@ -12,7 +12,9 @@ The kernels here have no ``sch_netem`` (LAB-NOTES.md), so:
   switch's ports, which see a frame on arrival, before the bridge (and the drop rule)
   does. The UDP checksum of a re-sent datagram is zeroed: the sender's veth leaves it
   to an offload that never happens on a re-injected frame, and a receiver silently
-  drops a wrong one (a "delay" would become a partition).
+  drops a wrong one (a "delay" would become a partition). Start the forwarder first and
+  divert once it reads (the heartbeats of that millisecond arrive twice, harmlessly);
+  the other way round its start-up is a blackout.
 
 Only the heartbeat path is touched: ARP, the client's probe and the votes to a witness
 pass as before, so the oracles keep measuring the daemons, not the lossy link. Everything
