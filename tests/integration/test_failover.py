@@ -297,10 +297,11 @@ def test_returning_node_does_not_preempt_without_preempt(pair: PairLab) -> None:
 
 @pytest.mark.pair(preempt=True, preempt_delay=1.0)
 def test_returning_node_preempts_after_delay(pair: PairLab) -> None:
+    """A clean stop is no failure for flap damping: the returning node waits
+    preempt_delay only (a crashed one waits the hold-down too: the test below)."""
     start_pair(pair)
-    pair.kill("node1")
-    expect(pair, lambda: "node2" in pair.holders(), TAKEOVER_WAIT, "node2 to take the VIP")
-    expect_only(pair, "node2")  # the crashed node's copy expired: node1 holds nothing
+    assert pair.stop("node1") == 0
+    expect_only(pair, "node2")  # handed over: node1 holds nothing
     mark = len(pair.log_lines("node1"))
     t0 = time.monotonic()
     pair.start("node1")
@@ -327,6 +328,38 @@ def test_returning_node_preempts_after_delay(pair: PairLab) -> None:
 
 
 # --- 7: IPv6 ---------------------------------------------------------------------------
+
+@pytest.mark.pair(preempt=True, api=True, extra="damping: {hold_down: 2s}\n")
+def test_a_crashed_node_preempts_only_after_the_damping_hold_down(pair: PairLab) -> None:
+    """Flap damping on real daemons: after kill -9 the restarted preferred node says it
+    is damped (status, log) and takes the VIPs back only once healthy for the hold-down."""
+    start_pair(pair)
+    pair.kill("node1")
+    expect(pair, lambda: "node2" in pair.holders(), TAKEOVER_WAIT, "node2 to take the VIP")
+    expect_only(pair, "node2")
+    mark = len(pair.log_lines("node1"))
+    t0 = time.monotonic()
+    pair.start("node1")
+
+    def node1_state() -> str | None:
+        try:
+            return str(pair.status("node1")["state"])
+        except OSError:  # the API is not listening yet
+            return None
+    expect(pair, lambda: node1_state() == "STANDBY", 5.0, "node1 STANDBY")
+    damping = pair.status("node1")["damping"]
+    assert damping["damped"] and damping["last_failure"].startswith("restart"), damping
+    assert pair.holders() == ["node2"]
+    expect(pair, lambda: "node1" in pair.holders(), 10.0, "node1 to take the VIP back")
+    back = time.monotonic() - t0
+    print(f"\ndamping (hold-down 2 s): node1 holds the VIP {1000 * back:.0f} ms after its start")
+    assert back >= 1.9, f"node1 preempted after {back:.2f} s, hold-down is 2 s"
+    expect_only(pair, "node1", timeout=3.0)
+    after = lines_since(pair, "node1", mark)
+    assert any("flap damping: the daemon started after an unclean exit" in line
+               for line in after), logs(pair)
+    assert any("preemption allowed again" in line for line in after), logs(pair)
+
 
 def test_ipv6_vip_moves_with_the_ipv4_vip(pair: PairLab) -> None:
     start_pair(pair)
