@@ -294,7 +294,7 @@ def status_doc(arbiter: dict[str, Any] | None) -> dict[str, Any]:
         "vips": [{"address": "198.51.100.10/32", "held": False}], "vip_error": None,
         "peer": None, "config_digest": "00", "rejected_heartbeats": {},
         "socket_errors": {"send": 0, "receive": 0}, "fence": "shut", "group": None,
-        "movers": [],
+        "movers": [], "heartbeat_filtered": None,
         "damping": {"enabled": True, "damped": False, "remaining_seconds": None,
                     "failures": 0, "failures_to_damp": 1, "window_seconds": 600.0,
                     "hold_down_seconds": 30.0, "last_failure": None,
