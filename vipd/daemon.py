@@ -130,6 +130,7 @@ class Daemon:
         self._stop_at = 0.0  # time.monotonic() of the first stop signal
         self._reload_requested = asyncio.Event()
         self._fatal: BaseException | None = None
+        self._filter_unreadable = False  # said once (status, metrics scrapes)
 
     def _remote(self, spec: MoverConfig) -> RemoteMoverRunner:
         """A remote mover of config `movers` and the task that drives it."""
@@ -233,10 +234,16 @@ class Daemon:
         table cannot be read: a status must not fail for it)."""
         fence = self.worker.fence
         try:
-            return fence.filtered() if fence is not None else None
+            count = fence.filtered() if fence is not None else None
         except VipError as exc:
-            log.warning("status: cannot read the heartbeat filter's counter: %s", exc)
+            if not self._filter_unreadable:  # once until it reads again: scrapes repeat
+                log.warning("status: cannot read the heartbeat filter's counter: %s", exc)
+            self._filter_unreadable = True
             return None
+        if self._filter_unreadable:
+            log.info("status: the heartbeat filter's counter reads again")
+        self._filter_unreadable = False
+        return count
 
     def _view(self, held: set[str], vip_error: str | None) -> Status:
         if isinstance(self.driver, GroupDriver):
