@@ -216,6 +216,13 @@ def check_fence(cfg: Config) -> list[Finding]:
             found.append(Finding(OK, "fence", check_nftables(talk=os.geteuid() == 0)))
         except FenceError as exc:
             found.append(Finding(FAIL, "fence", str(exc)))
+        if cfg.heartbeat is not None:
+            found.append(Finding(OK, "fence", f"heartbeats to {cfg.heartbeat.bind} are "
+                                 "accepted from the peers and witnesses only, in the kernel"))
+    elif cfg.heartbeat is not None:
+        found.append(Finding(WARN, "fence", "fence: none: every host can make the daemon "
+                             "read and reject datagrams at the heartbeat port (fence: kernel "
+                             "filters them in the kernel)"))
     else:
         found.append(Finding(WARN, "fence", "fence: none: after kill -9 or a frozen process "
                              "the VIPs answer until their address lifetime runs out"))
