@@ -265,9 +265,13 @@ def prepare(pair: PairLab, fault: str) -> dict[Path, str]:
 
 
 def restore(pair: PairLab, saved: dict[Path, str]) -> None:
+    """The saved files back; a witness whose key file changed is stopped (the reset
+    starts it again): after a rotation it would know only the new key."""
     for path, text in saved.items():
         if path.read_text() != text:
             write_private(path, text)
+            if pair.witness_config is not None and path == key_files(pair).get("witness"):
+                pair.stop_witness()
 
 
 def undo(run: Run) -> None:

@@ -3,10 +3,10 @@
 The kernels here have no ``sch_netem`` (LAB-NOTES.md), so:
 
 * **loss**: an nftables ``bridge`` table in the switch namespace drops the heartbeat
-  datagrams (UDP to `vipd.demo.pairlab.PORT`) that enter or leave the node's bridge
-  port with ``numgen random mod 10000 < N`` (`set_loss`);
-* **delay, reordering, duplication**: the same table drops every heartbeat datagram on
-  the node's port (`divert`) and a small forwarder in the switch namespace
+  datagrams (UDP to `vipd.demo.pairlab.PORT`) going from the node's bridge port to its
+  peer's or back with ``numgen random mod 10000 < N`` (`set_loss`);
+* **delay, reordering, duplication**: the same table drops every heartbeat datagram
+  between the two ports (`divert`) and a small forwarder in the switch namespace
   (`Forwarder`, ``python -m simulations.netfaults``) re-sends each one, late, out of
   order or twice, on the other node's port. It reads them with packet sockets on the
   switch's ports, which see a frame on arrival, before the bridge (and the drop rule)
@@ -16,9 +16,10 @@ The kernels here have no ``sch_netem`` (LAB-NOTES.md), so:
   divert once it reads (the heartbeats of that millisecond arrive twice, harmlessly);
   the other way round its start-up is a blackout.
 
-Only the heartbeat path is touched: ARP, the client's probe and the votes to a witness
-pass as before, so the oracles keep measuring the daemons, not the lossy link. Everything
-lives in the switch namespace (deleted with the lab); `clear` removes the table.
+Only the heartbeat path between the two nodes is touched: ARP, the client's probe and
+the votes to and from a witness (which use the heartbeat port too) pass as before, so
+the oracles keep measuring the daemons, not the lossy link. Everything lives in the
+switch namespace (deleted with the lab); `clear` removes the table.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ MODES = {
 }
 
 
-def _rules(node: str, verdict: str) -> str:
-    return "".join(f'add rule bridge {TABLE} forward {side} "{node}" udp dport '
-                   f'{HEARTBEAT_PORT} {verdict}\n' for side in ("iifname", "oifname"))
+def _rules(node: str, peer: str, verdict: str) -> str:
+    """Both directions between the two ports, heartbeat port only: a witness's replies
+    come to the same port (vipd sends vote requests from its heartbeat socket) and must
+    pass untouched."""
+    return "".join(f'add rule bridge {TABLE} forward iifname "{a}" oifname "{b}" udp dport '
+                   f'{HEARTBEAT_PORT} {verdict}\n' for a, b in ((node, peer), (peer, node)))
 
 
 def _table() -> str:
@@ -67,20 +71,20 @@ def _table() -> str:
             f"policy accept; }}\n")
 
 
-def set_loss(lab: Lab, node: str, fraction: float) -> None:
-    """Drop that ``fraction`` of the heartbeat datagrams to and from ``node`` (0.05: 5 %,
-    to 0.01 %), each on its own draw, until `clear` (replaces any earlier loss or
-    divert)."""
+def set_loss(lab: Lab, node: str, fraction: float, peer: str = "node2") -> None:
+    """Drop that ``fraction`` of the heartbeat datagrams between ``node`` and ``peer``
+    (0.05: 5 %, to 0.01 %), each on its own draw, until `clear` (replaces any earlier
+    loss or divert)."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"loss must be a fraction in 0..1, got {fraction}")
-    lab.nft(_table() + _rules(node, f"numgen random mod 10000 < {round(fraction * 10000)} "
-                                    f"drop"))
+    lab.nft(_table() + _rules(node, peer, f"numgen random mod 10000 < "
+                                          f"{round(fraction * 10000)} drop"))
 
 
-def divert(lab: Lab, node: str) -> None:
-    """Drop every heartbeat datagram to and from ``node`` at the bridge: a `Forwarder`
-    delivers them instead."""
-    lab.nft(_table() + _rules(node, "drop"))
+def divert(lab: Lab, node: str, peer: str = "node2") -> None:
+    """Drop every heartbeat datagram between ``node`` and ``peer`` at the bridge: a
+    `Forwarder` delivers them instead."""
+    lab.nft(_table() + _rules(node, peer, "drop"))
 
 
 def clear(lab: Lab) -> None:
