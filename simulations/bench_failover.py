@@ -153,15 +153,28 @@ def kill_probe(pair: PairLab) -> None:
 
 def clear_daemons(pair: PairLab) -> None:
     """SIGKILL both daemons (not the responders) and delete any VIP they left: faster
-    than a graceful stop (which may wait for a handover) and leaves no stale copy."""
+    than a graceful stop (which may wait for a handover) and leaves no stale copy. Their
+    state files forget the kill (the running mark and flap damping's failures): the next
+    trial starts from a pair with no history, as a clean stop would leave it."""
     for name in pair.nodes:
         pair.kill(name, with_service=False)
+        forget_failures(pair.workdir / f"state-{name}" / "state.json")
         host = pair.host(name)
         for vip in (VIP4, VIP6):
             info = host.address(vip)
             if info is not None:
                 host.ip("addr", "del", f"{vip}/{info['prefixlen']}", "dev", "eth0",
                         check=False)
+
+
+def forget_failures(state_file: Path) -> None:
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return
+    state.pop("running", None)
+    state.pop("flaps", None)
+    state_file.write_text(json.dumps(state))
 
 
 RESPONDER_DEATHS: list[str] = []
