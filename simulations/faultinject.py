@@ -245,12 +245,7 @@ def prepare(pair: PairLab, fault: str) -> dict[Path, str]:
     """Before the pair first starts; returns the files `restore` puts back."""
     spec = FAULTS[fault]
     if spec.clock:
-        pair.fake_clock(ACTIVE)
-        # libfaketime 0.9.10's "monotonic fix" of pthread_cond_timedwait makes a Python
-        # thread that waits for the GIL spin, which starves the event loop: the faked
-        # daemon stalled 100-350 ms about twice a second (measured) and its peer took
-        # over. Without the fix, no stall; the daemon's clocks are faked all the same.
-        pair.env["FAKETIME_FORCE_MONOTONIC_FIX"] = "0"
+        pair.fake_clock(ACTIVE)  # without libfaketime's monotonic fix (pairlab)
     if spec.own_keys:
         shared = pair.workdir / "pair.key"
         for name, node in pair.nodes.items():

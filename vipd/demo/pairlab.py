@@ -446,9 +446,15 @@ def _http(url: str, token: str | None, data: bytes | None) -> tuple[int, str]:
 
 
 def _faketime_env(clock_file: Path) -> dict[str, str]:
+    """libfaketime in one daemon: its wall clock from ``clock_file``, monotonic time
+    untouched. Without FAKETIME_FORCE_MONOTONIC_FIX=0, libfaketime 0.9.10's fix of
+    pthread_cond_timedwait makes a Python thread waiting for the GIL spin, which starved
+    the faked daemon (stalls of 100-350 ms twice a second, measured by the fault
+    campaign, simulations/README.md)."""
     env = {k: v for k, v in os.environ.items() if k != "FAKETIME"}  # it would win
     return {**env, "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME_TIMESTAMP_FILE": str(clock_file),
-            "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_FORCE_MONOTONIC_FIX": "0"}
 
 
 def failed_runs(samples: list[tuple[float, str | None]], after: float) -> list[float]:
