@@ -340,6 +340,9 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._start(tg, self.worker.run(), "vip worker")
+                if isinstance(self.mover, NetlinkMover):  # a VIP deleted: put back at once
+                    self._start(tg, self.mover.watch_removals(self.worker.recheck),
+                                "address watch")
                 self._start(tg, self.checks.run(), "health checks")
                 if self.notifier.watchdog:
                     stale = max(1.0, 4 * self.config.interval)

@@ -48,8 +48,10 @@ class VipWorker:
         self.gate_limit: Callable[[float], float | None] = lambda now: None
         self._metrics = metrics
         self._report = report  # events for the election (through the driver)
-        self._queue: asyncio.Queue[tuple[el.AcquireVips | el.ReleaseVips, float]] = (
+        # An acquire or a release and when it was decided; (None, 0.0): check now (`recheck`).
+        self._queue: asyncio.Queue[tuple[el.AcquireVips | el.ReleaseVips | None, float]] = (
             asyncio.Queue())
+        self._recheck = False  # a VIP left the interface: renew (re-add) at the next upkeep
         self._holding = False  # what was last applied: acquired, or released
         now = time.monotonic()
         self._last_renew = self._last_announce = self._last_reconcile = now
@@ -67,6 +69,13 @@ class VipWorker:
     def apply(self, op: el.AcquireVips | el.ReleaseVips, decided_at: float) -> None:
         """Queue an acquire or release (``decided_at``: the loop time of the decision)."""
         self._queue.put_nowait((op, decided_at))
+
+    def recheck(self, vip: str) -> None:
+        """The kernel says ``vip`` left the interface (a netlink event): a holder puts it
+        back now instead of at its next renewal; anyone else has nothing to do."""
+        if self._holding and not self._recheck:
+            self._recheck = True
+            self._queue.put_nowait((None, 0.0))
 
     def announce(self, reason: str) -> None:
         log.info("re-announcing VIPs: %s", reason)
@@ -89,7 +98,7 @@ class VipWorker:
         a VipFailed event (FAULT, retried)."""
         try:
             while True:
-                item: tuple[el.AcquireVips | el.ReleaseVips, float] | None = None
+                item: tuple[el.AcquireVips | el.ReleaseVips | None, float] | None = None
                 now = time.monotonic()
                 delay = self._upkeep_delay(now)
                 with contextlib.suppress(TimeoutError):
@@ -104,6 +113,8 @@ class VipWorker:
                         late = max(woke - (now + delay), 0.0)
                         self._metrics.hot.lateness.observe(late)
                         await self._upkeep(woke, late)
+                    elif item[0] is None:  # recheck: not late, whatever the timer says
+                        await self._upkeep(time.monotonic(), 0.0)
                     elif isinstance(item[0], el.AcquireVips):
                         await self._acquire(item[1])
                         for remote in self.remotes:
@@ -229,6 +240,7 @@ class VipWorker:
         this wake-up is; a stall means another node may have taken over meanwhile."""
         stalled = late > el.STALL_INTERVALS * self.config.interval
         if not self._holding:
+            self._recheck = False
             if now >= self._last_reconcile + RECONCILE_EVERY:
                 self._last_reconcile = now
                 if await self.mover.held():
@@ -273,8 +285,8 @@ class VipWorker:
             return
         if self.fence is not None and now >= self._gate_due:
             self._renew_gate(now)
-        if lease and now >= self._last_renew + self.renew_period():
-            self._last_renew = now
+        if (lease and now >= self._last_renew + self.renew_period()) or self._recheck:
+            self._last_renew, self._recheck = now, False
             added = await self.mover.acquire(lease)
             if added:
                 log.warning("VIP %s was missing from %s while ACTIVE (removed by someone "

@@ -46,6 +46,7 @@ pytestmark = pytest.mark.netns
 FAILOVER = 5.0  # s: a takeover must be visible in the kernel within this
 SETTLE = 1.2  # s: start_pair waits > 3 dead intervals (the pair is settled > 1 s)
 READDED = 5.0  # s: a VIP deleted by hand on the active is back within this
+REACTS = 0.5  # s: ... and, reacting to the netlink event, well before its next renewal
 NODE1, NODE2 = "198.51.100.1", "198.51.100.2"
 NODE2_MAC = bytes.fromhex("027664000002")
 METRICS = "http://127.0.0.1:9441/metrics"  # metrics.listen default, in each node's netns
@@ -441,6 +442,24 @@ def test_vip_deleted_on_active_is_readded_logged_and_counted(pair: PairLab) -> N
         problems.append(f"node2 held VIP4: {held2[:10]}; {watch.describe(deleted)}")
     problems += watch.errors()
     check(problems, pair)
+    expect_only(pair, "node1", timeout=3.0)
+
+
+@pytest.mark.pair(extra="vip_lease: 0\n")
+def test_a_deleted_permanent_vip_is_readded_on_the_netlink_event(pair: PairLab) -> None:
+    """Permanent addresses (vip_lease: 0) are never renewed: only the kernel's
+    RTM_DELADDR event can bring a deleted VIP back, and it does so at once."""
+    start_pair(pair, SETTLE)
+    for attempt in range(3):
+        pair.host("node1").ip("addr", "del", f"{VIP4}/32", "dev", "eth0")
+        deleted = time.monotonic()
+        back = pair.wait_for(lambda: pair.host("node1").address(VIP4) is not None, READDED,
+                             0.005)
+        took = time.monotonic() - deleted
+        assert back, f"deletion {attempt + 1}: VIP4 not back within {READDED} s\n{logs(pair)}"
+        assert took < REACTS, f"deletion {attempt + 1}: VIP4 back after {took:.3f} s"
+        info = pair.host("node1").address(VIP4)
+        assert info is not None and info.get("valid_lft") in (None, "forever", 4294967295), info
     expect_only(pair, "node1", timeout=3.0)
 
 

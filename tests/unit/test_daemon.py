@@ -475,3 +475,28 @@ def test_state_file_is_written_only_when_its_values_change(
     assert len(writes) == 1
     again.save(term=4, maintenance=False)
     assert len(writes) == 2 and again.load()["term"] == 4
+
+
+@pytest.mark.asyncio
+async def test_a_vip_the_kernel_reports_deleted_is_put_back_by_the_holder_only(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """`VipWorker.recheck` (fed by the netlink watch of RTM_DELADDR): with permanent
+    addresses nothing else would ever put the VIP back; a standby does nothing."""
+    for node in pair.nodes:
+        node.settings["vip_lease"] = 0
+    pair.start()
+    await pair.settled()
+    gone = next(iter(VIP_SET))
+    pair.a.mover.addresses.discard(gone)
+    acquires = pair.b.mover.call_names().count("acquire")
+    pair.a.daemon.worker.recheck(str(gone))
+    pair.b.daemon.worker.recheck(str(gone))
+    await eventually(lambda: pair.a.mover.addresses == VIP_SET, timeout=1.0,
+                     what="a put the deleted VIP back")
+    assert any("was missing from" in m and str(gone) in m for m in messages(caplog))
+    await asyncio.sleep(0.1)
+    assert pair.b.mover.call_names().count("acquire") == acquires  # the standby adds nothing
+    # Without the event it stays gone: no renewal of permanent addresses.
+    pair.a.mover.addresses.discard(gone)
+    await asyncio.sleep(1.0)
+    assert gone not in pair.a.mover.addresses

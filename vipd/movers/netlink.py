@@ -55,13 +55,14 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv6Interface, ip_interface
 from typing import Any
 
 from pyroute2 import AsyncIPRoute, IPBatch
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from vipd.errors import VipError
@@ -242,6 +243,23 @@ class NetlinkMover:
     async def announce(self) -> None:
         # Packet sockets block for microseconds; a worker thread keeps even that off the loop.
         await asyncio.to_thread(self._announce)
+
+    async def watch_removals(self, removed: Callable[[str], None]) -> None:
+        """Call ``removed`` with each of our VIPs the kernel reports deleted (RTM_DELADDR:
+        by hand, by its lifetime running out, or by our own release), so that a holder
+        reconciles at once, not at its next renewal (STYLE: reconcile on netlink events).
+        Matched by address and prefix only: the check that follows is idempotent."""
+        mine = {(str(v.ip), v.network.prefixlen): str(v) for v in self.vips}
+        async with self._netlink("watch address changes") as ipr:
+            await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+            while True:  # get() yields what one read brought
+                async for msg in ipr.get():
+                    if msg.get("event") != "RTM_DELADDR":
+                        continue
+                    address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                    vip = mine.get((address, msg.get("prefixlen")))
+                    if vip is not None:
+                        removed(vip)
 
     @asynccontextmanager
     async def _netlink(self, what: str) -> AsyncIterator[AsyncIPRoute]:
