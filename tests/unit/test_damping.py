@@ -3,6 +3,7 @@ file that carries it across a crash, and a pair of real daemons."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -375,3 +376,33 @@ def test_config_damping_section(tmp_path: Path) -> None:
         load(damping={"failures": -1})
     with pytest.raises(ConfigError, match=r"damping\.hold_down"):
         load(damping={"hold_down": "soon"})
+
+
+def test_an_active_that_stalled_past_the_dead_interval_is_damped() -> None:
+    """A paused active (SIGSTOP, a frozen VM) whose peer took over must not take the
+    VIPs straight back when it wakes: the fault campaign saw two moves per pause."""
+    e = Election(cfg(hold_down=HOLD))
+    e.handle(Start(), T0)
+    e.handle(HealthChanged(True), T0)
+    now = T0 + 0.01
+    e.handle(active_peer(now), now)
+    assert e.state is State.STANDBY
+    # node a (150) preempts b (100): WANT_ACTIVE; b hands over (RESIGNING) -> a ACTIVE
+    hb = active_peer(now + 0.05)
+    resigning = dataclasses.replace(hb.received.heartbeat,
+                                    flags=Flag.HEALTHY | Flag.RESIGNING)
+    e.handle(HeartbeatReceived(dataclasses.replace(hb.received, heartbeat=resigning)),
+             now + 0.05)
+    assert e.state is State.ACTIVE
+    stall = 8 * INTERVAL * 3  # three dead intervals
+    actions = e.handle(active_peer(now + 0.1 + stall), now + 0.1 + stall)
+    flaps = [a.flap for a in actions if isinstance(a, DampingChanged) and a.flap]
+    assert len(flaps) == 1 and flaps[0].cause is Cause.STALL
+    assert "stalled for" in flaps[0].detail and e.damped_until(now + 0.2 + stall) is not None
+
+
+def test_a_short_stall_or_a_standbys_stall_is_no_failure() -> None:
+    s = Standby(Election(cfg(hold_down=HOLD)))
+    s.now += 8 * INTERVAL * 3
+    s.step(active_peer(s.now))  # the standby stalled: nothing of ours was at stake
+    assert not [a for a in s.damping() if a.flap is not None]

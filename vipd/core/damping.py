@@ -6,9 +6,11 @@ a health check that flaps every 300 ms for 10 s moved the VIPs 34 times, a crash
 5 restarts 8-10 times (issue 15). Pacemaker's migration-threshold / failure-timeout and
 keepalived's `rise` answer the same problem; here it is part of the election:
 
-* A *failure* is the node's own health turning from healthy to failing, or the daemon
-  starting after an unclean exit (killed, crashed: the state file says it was running).
-  A clean stop and start is not one.
+* A *failure* is the node's own health turning from healthy to failing, the daemon
+  starting after an unclean exit (killed, crashed: the state file says it was running),
+  or the active stalling (SIGSTOP, a paused VM, a starved loop) for longer than the dead
+  interval, so that its peer took over. A clean stop and start is not one, nor a
+  partition (the network failed, not the node).
 * After `failures` failures within `window`, the node is *damped*: it does not preempt
   (it never asks for the VIPs by priority) until it has been healthy for `hold_down`
   without failing again. The count starts over when a failure leaves the window.
@@ -36,6 +38,7 @@ class Cause(enum.StrEnum):
 
     HEALTH = "health"
     RESTART = "restart"  # the daemon started after an unclean exit
+    STALL = "stall"  # the active stalled (paused, starved) past the dead interval
 
 
 @dataclass(frozen=True, slots=True)

@@ -855,6 +855,10 @@ class Election:
             return []
         if not self.peer_alive(self._now):
             return []  # the peer was silent before the stall already: nothing to protect
+        if self.state is State.ACTIVE and late >= self.cfg.dead_interval:
+            # Long enough for the peer to take over: a failure of ours, like a crash.
+            self._flap(Flap(now, Cause.STALL, f"the daemon stalled for "
+                                              f"{round(late * 1000)} ms while active"))
         self._listen(now)
         return [Warn(f"this node stalled for {round(late * 1000)} ms (paused or starved): "
                      f"listening to the peer before judging it")]
