@@ -49,7 +49,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vipd.demo.lab import enter_netns, run_in_netns
+from vipd.demo.lab import enter_netns, run_in_netns, wait_ready
 from vipd.fence import FenceError, Nft
 
 if TYPE_CHECKING:
@@ -451,14 +451,12 @@ class ArpWatch:
                                         str(out), vip, str(every), *nodes,
                                         cwd=Path(__file__).resolve().parent.parent)
         watch = cls(proc, out)
-        ready = Path(f"{out}.ready")
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                watch.close()
-                raise RuntimeError(f"the ARP watcher in the client namespace did not start "
-                                   f"(exit {proc.poll()}; expected {ready})")
-            time.sleep(0.005)
+        try:
+            wait_ready(proc, f"{out}.ready", "the ARP watcher in the client namespace",
+                       START_TIMEOUT)
+        except RuntimeError:
+            watch.close()
+            raise
         return watch
 
     def stop(self) -> Observations:

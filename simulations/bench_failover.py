@@ -349,13 +349,16 @@ def outage_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespa
 
 
 def fault_trials(pair: PairLab, asker: Asker, kind: str, args: argparse.Namespace,
-                 dead_interval: float, run: Callable[[int], disturb.Trial]
-                 ) -> list[disturb.Trial]:
-    """args.trials faults of kind (``run(i)``: `disturb.run_trial` or
-    `splitbrain.run_trial`), each from a freshly reset stable pair; the trial stops the
-    probe, and an error leaves none running."""
+                 dead_interval: float, run: Callable[[int], disturb.Trial],
+                 before: Callable[[], None] | None = None) -> list[disturb.Trial]:
+    """args.trials faults of kind (``run(i)``: `disturb.run_trial`,
+    `splitbrain.run_trial`, `faults.run_trial`), each from a freshly reset stable pair
+    (``before``: called before each reset); the trial stops the probe, and an error
+    leaves none running."""
     trials = []
     for i in range(1, args.trials + 1):
+        if before is not None:
+            before()
         try:
             reset(pair, asker, dead_interval)
         except RuntimeError as exc:

@@ -287,23 +287,12 @@ def fault_row(workdir: Path, kind: str, args: argparse.Namespace, rng: random.Ra
         asker = bench_failover.Asker(pair)
         try:
             trial = functools.partial(run_trial, pair, kind, rng=rng, interval=hb.interval)
-            trials = []
-            for i in range(1, args.trials + 1):
+
+            def before() -> None:
                 faultinject.restore(pair, saved)
                 fresh_state(pair)
-                try:
-                    bench_failover.reset(pair, asker, hb.dead_interval)
-                except RuntimeError as exc:
-                    t = disturb.Trial(kind, i, error=f"no stable pair to start from: {exc}")
-                else:
-                    try:
-                        t = trial(i)
-                    finally:
-                        bench_failover.kill_probe(pair)
-                trials.append(t)
-                shown = {k: v for k, v in t.detail.items() if k != "tracebacks" or v}
-                log(f"{kind:<22} #{i:<3} {'FAILED: ' + t.error if t.error else 'ok'}  "
-                    f"{json.dumps(shown)}")
+            trials = bench_failover.fault_trials(pair, asker, kind, args, hb.dead_interval,
+                                                 trial, before)
             log(row(kind, summarize(kind, trials, witness)))
             return trials
         finally:

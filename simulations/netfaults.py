@@ -110,15 +110,15 @@ class Forwarder:
                 *ports]
         # cwd: the checkout holding `simulations`, wherever the benchmark was started from
         proc = pair.lab.switch_spawn(*argv, cwd=Path(__file__).resolve().parent.parent)
+        from vipd.demo.lab import wait_ready  # here: the forwarder itself stays stdlib
+
         forwarder = cls(proc, out)
-        ready = Path(f"{out}.ready")
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                forwarder.close()
-                raise RuntimeError(f"the heartbeat forwarder in the switch namespace did "
-                                   f"not start (exit {proc.poll()}; expected {ready})")
-            time.sleep(0.005)
+        try:
+            wait_ready(proc, f"{out}.ready", "the heartbeat forwarder in the switch namespace",
+                       START_TIMEOUT)
+        except RuntimeError:
+            forwarder.close()
+            raise
         return forwarder
 
     def stop(self) -> dict[str, Any]:

@@ -64,6 +64,16 @@ _IPV6_CONF = {"disable_ipv6": 0, "accept_dad": 0, "dad_transmits": 0, "accept_ra
               "router_solicitations": 0}
 
 
+def wait_ready(proc: subprocess.Popen[Any], ready: str, what: str, timeout: float) -> None:
+    """Wait until a helper process in a namespace creates its ``ready`` file; raise
+    RuntimeError naming it if it exits or takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start (exit {proc.poll()}; expected {ready})")
+        time.sleep(0.005)
+
+
 def new_prefix() -> str:
     """A namespace name prefix unique to this process and run."""
     return f"vt{os.getpid()}{secrets.token_hex(2)}-"
