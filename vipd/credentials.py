@@ -66,7 +66,7 @@ def locate(path: str | Path) -> Path:
     where = stored(name)
     if where is not None and not where.encrypted:
         return where.path
-    raise CredentialError(_outside_unit(name, where))
+    raise CredentialError(outside_unit(name, where))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,8 @@ def stored(name: str) -> Stored | None:
     return None
 
 
-def _outside_unit(name: str, where: Stored | None) -> str:
+def outside_unit(name: str, where: Stored | None) -> str:
+    """Why a credential cannot be read outside the unit: missing, or encrypted."""
     if where is None:
         stores = ", ".join(str(s) for s in ENCRYPTED_STORES[:1] + PLAIN_STORES[:1])
         return (f"credential {name}: ${ENV} is not set (systemd sets it inside the unit) "

@@ -87,11 +87,7 @@ def check_secret(path: Path, what: str, user: str | None,
         return [Finding(OK, what, f"credential {name}, from ${credentials.ENV}")]
     where = credentials.stored(name)
     if where is None:
-        try:
-            credentials.locate(path)
-        except credentials.CredentialError as exc:
-            return [Finding(FAIL, what, str(exc))]
-    assert where is not None
+        return [Finding(FAIL, what, credentials.outside_unit(name, None))]
     if where.encrypted:
         return [Finding(OK, what, f"credential {name}: encrypted at rest in {where.path}")]
     return [*check_file(where.path, what, user, load),

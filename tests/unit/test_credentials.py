@@ -117,6 +117,9 @@ def test_install_check_tells_encrypted_from_plaintext_at_rest(
     found = check_secret(Path("credential:web.tokens"), "tokens file", None,
                          lambda p: None)
     assert any(f.level == WARN and "plaintext at rest in" in f.detail for f in found)
+    found = check_secret(Path("credential:gone.key"), "key file", None, load_keys)
+    assert [f.level for f in found] == ["FAIL"]
+    assert "systemd-creds encrypt --name=gone.key" in found[0].detail
     key = private(tmp_path / "web.key", generate_key_line(1) + "\n")
     found = check_secret(key, "key file", None, load_keys)
     assert found[-1].level == WARN and f"{key} is plaintext at rest" in found[-1].detail

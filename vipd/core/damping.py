@@ -127,7 +127,9 @@ class Damper:
     def until(self, now: float, cfg: DampingConfig) -> float | None:
         """When the node may preempt again: None if it may now, inf while it has not been
         healthy since its last failure."""
-        if not cfg.enabled or len(self.recent(now, cfg)) < cfg.failures:
+        # Asked at every event: no list is built while there are too few failures at all.
+        if (not cfg.enabled or len(self.flaps) < cfg.failures
+                or len(self.recent(now, cfg)) < cfg.failures):
             return None
         if self.healthy_since is None:
             return float("inf")
