@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simulations.simgroup import CALL_TIMEOUT, EXPIRY_TICK, GroupNode, GroupSim, new_group
+from vipd.core.election import _name_key
 from vipd.core.events import Command, CommandKind, HealthChanged, Shutdown
 from vipd.core.protocol import State
 
@@ -66,6 +67,13 @@ def scenario(seed: int, nodes: int = 3) -> GroupOutcome:
         sim.checker.violation(f"after warm-up expected one holder, got {holders}")
         return out
     holder = sim.nodes[holders[0]]
+    best = max(members, key=lambda n: (n.cfg.priority, _name_key(n.name)))
+    # All started within 0.3 s, less than the start wait (a TTL): the best holds, unless
+    # a lost segment kept its first calls from etcd for the whole wait.
+    if holder is not best and loss == 0:
+        sim.checker.violation(f"started together, {holder.name} (priority "
+                              f"{holder.cfg.priority}) holds, not the best, {best.name} "
+                              f"({best.cfg.priority})")
     standby = rng.choice([n for n in members if n is not holder])
     t = WARMUP + rng.uniform(0, 0.3)
     sim.run_until(t)

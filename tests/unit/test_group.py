@@ -35,6 +35,7 @@ def member(name: str, priority: int = 100, state: State = State.STANDBY, **kw: o
 def started(name: str = "a", priority: int = 100, now: float = 0.0, **cfg: object
             ) -> g.GroupElection:
     """A node with lease 0x10 granted at ``now`` and a healthy check."""
+    cfg.setdefault("start_wait", 0.0)  # the start wait has tests of its own
     e = g.GroupElection(g.GroupConfig(name, priority, ttl=TTL, **cfg))  # type: ignore[arg-type]
     assert g.GrantLease(TTL) in e.handle(Start(), now)
     e.handle(g.LeaseGranted(0x10, TTL, now), now)
@@ -68,7 +69,8 @@ def test_start_asks_a_lease_then_publishes_its_record_under_it() -> None:
     assert e.store is g.Store.CONNECTING
     acts = e.handle(g.LeaseGranted(0x10, TTL, 0.0), 0.01)
     assert of(acts, g.Publish) == [g.Publish(g.Member("a", 120, State.STANDBY, False,
-                                                      version="0.1", digest="d1"))]
+                                                      version="0.1", digest="d1",
+                                                      starting=True))]
     acts = e.handle(HealthChanged(True), 0.02)
     assert of(acts, g.Publish)[0].member.healthy
     assert not of(acts, g.Claim)  # nothing is known of etcd's keys before the watch
@@ -115,6 +117,49 @@ def test_a_lesser_member_waits_one_ttl_for_the_best_before_it_claims() -> None:
         e.handle(g.KeptAlive(t, TTL), t)
     assert not of(e.handle(Tick(), 1.05), g.Claim)
     assert of(e.handle(Tick(), 0.1 + TTL), g.Claim) == [g.Claim(0x10)]
+
+
+def keep_alive(e: g.GroupElection, until: float, start: float = 0.25) -> None:
+    t = start
+    while t <= until + 1e-9:
+        e.handle(Tick(), t)
+        e.handle(g.KeptAlive(t, TTL), t)
+        t += TTL / 4
+
+
+def test_a_started_node_alone_waits_one_ttl_after_its_first_view_before_it_claims() -> None:
+    e = started("a", 150, start_wait=None)  # the default: one TTL
+    view = g.Observed(None, {"a": e.member()}, revision=3)
+    assert not of(e.handle(view, 0.1), g.Claim)  # the best it knows, but just started
+    keep_alive(e, 1.0)
+    assert not of(e.handle(Tick(), 1.05), g.Claim)
+    assert of(e.handle(Tick(), 0.1 + TTL), g.Claim) == [g.Claim(0x10)]
+
+
+def test_members_started_together_elect_by_priority_not_by_who_read_etcd_first() -> None:
+    """c (priority 100) reads the group first and sees only itself; a (150) shows up
+    0.3 s later: c waits for a while a's record says it is starting, a claims when its
+    own start wait ends."""
+    c, a = started("c", 100, start_wait=None), started("a", 150, start_wait=None)
+    assert not of(c.handle(g.Observed(None, {"c": c.member()}, revision=3), 0.0), g.Claim)
+    both = {"a": a.member(), "c": c.member()}
+    assert not of(a.handle(g.Observed(None, both, revision=4), 0.3), g.Claim)
+    assert not of(c.handle(g.Observed(None, both, revision=4), 0.3), g.Claim)
+    claims = {}
+    t = 0.25
+    while t < 0.3 + TTL + 0.5 and not claims:
+        for node in (a, c):
+            if of(node.handle(g.KeptAlive(t, TTL), t) + node.handle(Tick(), t), g.Claim):
+                claims[node.cfg.node] = t
+        t = round(t + 0.05, 2)
+    assert list(claims) == ["a"] and claims["a"] == pytest.approx(0.3 + TTL)
+    assert both["a"].starting and not a.member().starting  # a's record said it was waiting
+    # had a's claim not come: c waits one TTL from when it last knew a was waiting (1.3)
+    settled = {"a": a.member(), "c": c.member()}
+    assert not of(c.handle(g.Observed(None, settled, revision=5), 1.35), g.Claim)
+    keep_alive(c, 2.2, start=1.4)
+    assert not of(c.handle(Tick(), 2.28), g.Claim)
+    assert of(c.handle(Tick(), 1.3 + TTL), g.Claim) == [g.Claim(0x10)]
 
 
 def test_a_claim_that_loses_leaves_the_node_standby() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,8 @@ def group_driver(tmp_path: Path, store: GatedStore) -> GroupDriver:
         "state_dir": str(tmp_path), "api": {"listen": None}, "metrics": {"listen": None}})
     metrics = build_metrics()
     worker = VipWorker(config, FakeMover([ip_interface(VIP)]), metrics, lambda ev: None)
-    election = g.GroupElection(group_config(config))
+    # no start wait: these tests are about the driver (tests/unit/test_group.py has it)
+    election = g.GroupElection(replace(group_config(config), start_wait=0.0))
     return GroupDriver(config, election, store, worker,  # type: ignore[arg-type]
                        HookRunner(config, metrics, preexec=None), StateFile(tmp_path),
                        Notifier({}), metrics, on_finished=lambda: None)

@@ -31,6 +31,15 @@ def test_a_holder_counting_its_lease_longer_than_etcd_keeps_it_is_caught(
     assert caught, "the checker missed two open gates"
 
 
+def test_a_group_without_the_start_wait_is_caught_electing_whoever_read_etcd_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mutation: no start wait, so the first member to see the group claims."""
+    monkeypatch.setattr(group.GroupElection, "_start_wait", lambda self: 0.0)
+    outcomes = run(range(60))
+    caught = [o for o in outcomes if any("started together" in v for v in o.violations)]
+    assert caught, "the checker missed a group electing by arrival, not priority"
+
+
 def test_simulate_main_runs_a_group_on_etcd(capsys: pytest.CaptureFixture[str]) -> None:
     from simulations import simulate
     assert simulate.main(["--arbiter", "etcd", "--nodes", "3", "--scenarios", "45",

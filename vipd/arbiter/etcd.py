@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +130,12 @@ def encode_member(member: Member) -> bytes:
 
 
 def decode_member(data: bytes) -> Member:
+    """A member's record; keys this version does not know (a newer member's) are
+    ignored, so a group can be upgraded one node at a time."""
     record = json.loads(data)
     record["state"] = State[record["state"]]
-    return Member(**record)
+    known = {f.name for f in fields(Member)}
+    return Member(**{k: v for k, v in record.items() if k in known})
 
 
 class EtcdStore:

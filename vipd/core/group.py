@@ -75,6 +75,10 @@ class GroupConfig:
     version: str = ""
     vip_retry: float = 5.0  # how long a VIP (netlink) failure keeps the node in FAULT
     damping: DampingConfig = field(default_factory=DampingConfig)  # of preemption
+    # A started node waits this long after its first read of the group before it claims
+    # (None: one TTL), so members started together elect by priority, not by who reached
+    # etcd first (the pair's node waits a dead interval the same way).
+    start_wait: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,7 @@ class Member:
     preferred: bool = False  # the holder got the VIPs by switchover or promote: not preempted
     version: str = ""
     digest: str = ""
+    starting: bool = False  # in its start wait: the others wait for it to end, then a TTL
 
     @property
     def eligible(self) -> bool:
@@ -208,7 +213,10 @@ class _Timers:
     keepalive_sent: float | None = None  # the oldest unanswered keep-alive
     grant_sent: float | None = None
     preempt_since: float | None = None
-    free_since: float | None = None  # nobody holds (as we see it) since
+    free_since: float | None = None  # nobody holds (as we see it) since, or since the
+    # member we wait for became the best
+    awaited: str | None = None  # the member that should claim (the best eligible)
+    first_view: float | None = None  # this process's first read of the group
     successor_since: float | None = None
     promote_until: float | None = None
     vip_fault_until: float | None = None
@@ -310,6 +318,8 @@ class GroupElection:
             times.append(t.grant_sent + self._ttl())
         if t.free_since is not None:
             times.append(t.free_since + self._ttl())
+        if t.first_view is not None:
+            times.append(t.first_view + self._start_wait())
         if t.successor_since is not None:
             times.append(t.successor_since + self._ttl())
         if t.preempt_since is not None:
@@ -339,12 +349,20 @@ class GroupElection:
         return Member(self.cfg.node, self.cfg.priority, self.state, self.health is True,
                       self.maintenance, self._wants, self.timers.promote_until is not None,
                       self.preferred and self.state is State.ACTIVE, self.cfg.version,
-                      self.cfg.digest)
+                      self.cfg.digest, self._starting(self._now))
 
     # --- etcd's answers ------------------------------------------------------------------
 
     def _ttl(self) -> float:
         return self.ttl or self.cfg.ttl
+
+    def _start_wait(self) -> float:
+        wait = self.cfg.start_wait
+        return self._ttl() if wait is None else wait
+
+    def _starting(self, now: float) -> bool:
+        first = self.timers.first_view
+        return self._start_wait() > 0 and (first is None or now < first + self._start_wait())
 
     def _ask_lease(self, now: float) -> None:
         self.lease, self.timers.keepalive_due, self.timers.keepalive_sent = None, None, None
@@ -395,6 +413,8 @@ class GroupElection:
         if view.revision < self.view.revision:
             return  # older than what we know (our own claim's answer came first)
         self.view, self.watching = view, True
+        if self.timers.first_view is None:
+            self.timers.first_view = self._now
         if view.holder is not None and view.holder.node != self.cfg.node:
             self._last_holder = view.holder.node
 
@@ -576,22 +596,28 @@ class GroupElection:
         if not self.watching:
             return  # nothing is known of etcd's keys yet
         if view.holder is not None:
-            t.free_since = t.successor_since = None
+            t.free_since = t.successor_since = t.awaited = None
             return
-        t.free_since = now if t.free_since is None else t.free_since
         successor = view.successor if view.successor in view.members else None
         if successor is None:
             t.successor_since = None
+            best = self._best_eligible()
+            record = view.members.get(best) if best is not None else None
+            settling = record is not None and record.starting
+            if t.free_since is None or best != t.awaited or settling:
+                t.free_since, t.awaited = now, best  # a better member came: wait for it
         else:
             t.successor_since = now if t.successor_since is None else t.successor_since
         if not self.eligible(now) or self._claim_sent or self.lease is None:
             return
         if self.lease_until - now < MIN_CLAIM_LEASE * self._ttl():
             return  # our lease may be about to lapse: a claim now would hold for nothing
-        waits_for = successor if successor is not None else self._best_eligible()
+        waits_for = successor if successor is not None else t.awaited
         since = t.successor_since if successor is not None else t.free_since
         if waits_for != self.cfg.node and since is not None and now < since + self._ttl():
             return
+        if successor != self.cfg.node and t.promote_until is None and self._starting(now):
+            return  # just started: the others of a group started together show up first
         self._claim_sent = True
         self._pending.append(Claim(self.lease))
 

@@ -264,15 +264,19 @@ class PairLab:
                     sys.executable, "-m", "vipd.demo.pairlab", "responder", name, stderr=log)
 
     def start_settled(self, *, responder: bool = True, lead: float = 0.3) -> str | None:
-        """node1, then the others ``lead`` s later (node1 is up well within their
-        hold-down and wins), after the witness or etcd if there is one; returns the single
+        """node1, then the others ``lead`` s after node1's daemon logged its first state
+        (node1 is up well within their hold-down and wins however slowly Python starts on
+        a loaded machine), after the witness or etcd if there is one; returns the single
         VIP holder once there is one, None after 10 s."""
         if self.witness_config is not None:
             self.start_witness()
         if self.etcd_hosts:
             self.start_etcd()
         first, *others = self.nodes
+        before = len(self.log_lines(first)) if self.nodes[first].log.exists() else 0
         self.start(first, responder=responder)
+        self.wait_for(lambda: any("INIT -> " in line
+                                  for line in self.log_lines(first)[before:]), 10.0)
         time.sleep(lead)
         for name in others:
             self.start(name, responder=responder)
