@@ -81,7 +81,7 @@ def _forwarded(mode: str) -> Callable[[Run], None]:
         netfaults.clear(run.pair.lab)  # first: the heartbeats take the bridge again
         forwarder, run.forwarder = run.forwarder, None
         run.extra["forwarder"] = forwarder.stop()
-        run.extra["rejected"] = _rejections(run.pair)
+        run.extra["rejected"] = rejected_heartbeats(run.pair)
     return act
 
 
@@ -164,7 +164,8 @@ def _bad_reload(run: Run) -> None:
 
 def _key_rotation(run: Run) -> None:
     """docs/protocol.md's procedure on both nodes (and the witness): add a key, reload
-    all, remove the old one, reload all."""
+    all, wait until both nodes sign with it (their metrics say so), remove the old one,
+    reload all."""
     pair = run.pair
     files = key_files(pair)
     line = generate_key_line(ROTATED_KEY_ID)
@@ -173,12 +174,17 @@ def _key_rotation(run: Run) -> None:
         write_private(path, path.read_text() + line + "\n")
     for name in files:
         steps[name].append(reload(pair, name))
+    started = time.monotonic()
+    both = pair.wait_for(lambda: all(_signing_keys(pair, name) == (ROTATED_KEY_ID,) * 2
+                                     for name in pair.nodes), 5.0)
+    run.extra["both_signing_new_after_ms"] = (round(1000 * (time.monotonic() - started), 1)
+                                              if both else None)
     for path in files.values():
         write_private(path, line + "\n")
     for name in reversed(list(files)):
         steps[name].append(reload(pair, name))
     run.extra["reloads"] = steps
-    run.extra["rejected"] = _rejections(pair)
+    run.extra["rejected"] = rejected_heartbeats(pair)
 
 
 def _restart_both(run: Run) -> None:
@@ -320,7 +326,13 @@ def reload(pair: PairLab, name: str) -> str:
     return "no answer"
 
 
-def _rejections(pair: PairLab) -> dict[str, dict[str, float]]:
+def _signing_keys(pair: PairLab, name: str) -> tuple[float, float]:
+    """The key node ``name`` signs with and the one its peer's heartbeats carry."""
+    values = splitbrain.metric_values(pair.metrics(name))
+    return values[("vipd_heartbeat_signing_key", "")], values[("vipd_peer_signing_key", "")]
+
+
+def rejected_heartbeats(pair: PairLab) -> dict[str, dict[str, float]]:
     return {name: {labels.removeprefix("reason="): value for (metric, labels), value
                    in splitbrain.metric_values(pair.metrics(name)).items()
                    if metric == "vipd_heartbeats_rejected_total" and value}

@@ -53,7 +53,7 @@ from vipd.reload import ReloadError, read_reload
 from vipd.statefile import StateFile
 from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
-from vipd.view import Status, group_snapshot, snapshot
+from vipd.view import Status, group_snapshot, keys_view, snapshot
 from vipd.vipworker import VipWorker
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,10 @@ class Daemon:
                         clock_offset=self.session.clock_offset,
                         rejected=self.metrics.hot.rejected, socket_errors=errors,
                         fence=self.worker.gate(time.monotonic()),
-                        witness_replies=self.pair.witness_replies())
+                        witness_replies=self.pair.witness_replies(),
+                        keys=keys_view(self.session.keys, self.session.peer_newest_key,
+                                       None if self.election.peer is None
+                                       else self.election.peer.heartbeat))
 
     def handle(self, event: el.Event) -> list[Any]:
         """For the control API: an operator command is just another event."""

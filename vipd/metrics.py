@@ -254,6 +254,13 @@ class StatusCollector(Collector):
                 ("vipd_preemption_damped", s.damping is not None and s.damping.damped,
                  "1 while flap damping keeps this node from preempting")):
             yield GaugeMetricFamily(name, text, value=float(value))
+        if s.keys is not None:
+            yield GaugeMetricFamily("vipd_heartbeat_signing_key", "Id of the heartbeat key "
+                                    "this node signs with (its newest the peer also holds)",
+                                    value=float(s.keys.signing))
+            yield GaugeMetricFamily("vipd_peer_signing_key", "Id of the key the peer's last "
+                                    "accepted heartbeat was signed with (0: not heard)",
+                                    value=float(s.keys.peer_signing or 0))
         vip = GaugeMetricFamily("vipd_vip_held", "1 when the VIP is on the interface",
                                 labels=["vip"])
         for v in s.vips:

@@ -19,7 +19,7 @@ from vipd.config import Config
 from vipd.core.damping import Damper, DampingConfig
 from vipd.core.election import Election
 from vipd.core.group import GroupElection
-from vipd.core.protocol import Flag, Reject, State
+from vipd.core.protocol import Flag, Heartbeat, KeyRing, Reject, State
 from vipd.core.votes import PROBE_EVERY, REACHABLE_LEASES
 from vipd.health import CheckStatus
 from vipd.movers.remote import MoverStatus
@@ -55,6 +55,17 @@ class PeerView:
     @property
     def active(self) -> bool:
         return self.reachable and self.state == State.ACTIVE.name
+
+
+@dataclass(frozen=True, slots=True)
+class KeysView:
+    """The heartbeat keys (docs/protocol.md, key rotation): a rotation's old key may go
+    once both nodes sign with the new one."""
+
+    loaded: list[int]  # the key ids this node holds
+    signing: int  # the one it signs with now (its newest the peer also holds)
+    peer_signing: int | None  # the peer's last accepted heartbeat was signed with
+    peer_newest: int | None  # the newest key id the peer says it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +189,7 @@ class Status:
     damping: DampingView | None = None  # None: an older vipd
     # heartbeats the kernel dropped (fence: kernel, a pair's filter); None: no filter
     heartbeat_filtered: int | None = None
+    keys: KeysView | None = None  # a pair's heartbeat keys (None: a group, an older vipd)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,7 +202,7 @@ class Status:
         arbiter = NO_ARBITER if arb is None else ArbiterView(**{
             **arb, "votes": [VoteView(**v) for v in arb["votes"]],
             "witnesses": [WitnessView(**w) for w in arb["witnesses"]]})
-        damping = doc.get("damping")
+        damping, keys = doc.get("damping"), doc.get("keys")
         grp = doc.get("group")
         group = None if grp is None else GroupView(**{
             **grp, "members": [MemberView(**m) for m in grp["members"]]})
@@ -199,6 +211,7 @@ class Status:
                       "peer": None if peer is None else PeerView(**peer),
                       "arbiter": arbiter, "group": group,
                       "damping": None if damping is None else DampingView(**damping),
+                      "keys": None if keys is None else KeysView(**keys),
                       "movers": [MoverStatus(**m) for m in doc.get("movers", [])]})
 
 
@@ -207,7 +220,7 @@ def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
              last_rtt: float | None, clock_offset: float | None,
              rejected: dict[str, int], socket_errors: dict[str, int],
              fence: str = "none", witness_replies: dict[str, float | None] | None = None,
-             ) -> Status:
+             keys: KeysView | None = None) -> Status:
     """The node at loop time ``now`` (``mono``: time.monotonic(), for check ages)."""
     e = election
     peer = None
@@ -238,7 +251,13 @@ def snapshot(config: Config, election: Election, checks: list[CheckStatus], *,
         rejected_heartbeats={r.value: n for r in Reject if (n := rejected.get(r.value, 0))},
         socket_errors=socket_errors, fence=fence,
         arbiter=arbiter_view(e, now, witness_replies or {}),
-        damping=damping_view(e.damper, e.cfg.damping, now))
+        damping=damping_view(e.damper, e.cfg.damping, now), keys=keys)
+
+
+def keys_view(ring: KeyRing, peer_newest: int | None, peer: Heartbeat | None) -> KeysView:
+    return KeysView(loaded=ring.ids, signing=ring.signing_id(peer_newest),
+                    peer_signing=None if peer is None else peer.key_id,
+                    peer_newest=peer_newest)
 
 
 def damping_view(damper: Damper, cfg: DampingConfig, now: float) -> DampingView:

@@ -237,6 +237,7 @@ def render_status(doc: dict[str, Any]) -> str:
     lines += _arbiter_lines(s)
     lines += _mover_lines(s)
     lines += _damping_lines(s)
+    lines += _key_lines(s)
     for c in s.checks:
         lines.append(f"  check {c.name} ({c.kind}): {yes[c.up]} - {c.detail}")
     if p and not p.settings_match:
@@ -245,6 +246,26 @@ def render_status(doc: dict[str, Any]) -> str:
     if s.rejected_heartbeats:
         lines.append(f"  rejected heartbeats: {s.rejected_heartbeats}")
     return "\n".join(lines)
+
+
+def _key_lines(s: Status) -> list[str]:
+    """Which heartbeat key each node signs with: a rotation's old key may be removed once
+    both sign with the new one (docs/protocol.md, key rotation)."""
+    k = s.keys
+    if k is None:
+        return []
+    line = (f"  heartbeat keys: {', '.join(map(str, k.loaded))} loaded, signs with "
+            f"{k.signing}; ")
+    if k.peer_signing is None:
+        return [line + "peer not heard"]
+    line += f"peer signs with {k.peer_signing}, holds up to {k.peer_newest}"
+    newest, older = max(k.loaded), [i for i in k.loaded if i < max(k.loaded)]
+    if not older:
+        return [line]
+    if k.signing == k.peer_signing == newest:
+        return [line + f"; both sign with {newest}: key {', '.join(map(str, older))} "
+                f"may be removed"]
+    return [line + f"; rotation to key {newest} not done (both must sign with it)"]
 
 
 def _damping_lines(s: Status) -> list[str]:

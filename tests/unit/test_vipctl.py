@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from vipd.control import tls_context
 from vipd.core.election import CommandKind
 from vipd.errors import ConfigError
 from vipd.tokens import Role, authenticate, load_tokens, new_token
-from vipd.view import CheckView, PeerView, Status, VipView
+from vipd.view import CheckView, KeysView, PeerView, Status, VipView
 from vipd.vipctl import (
     EXIT_AUTH,
     EXIT_OK,
@@ -40,6 +41,7 @@ from vipd.vipctl import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     main,
+    render_status,
 )
 
 
@@ -62,6 +64,28 @@ def status_doc(*, state: str = "ACTIVE", handover: str | None = None,
         vips=[VipView("192.0.2.10/24", here_held), VipView("2001:db8::10/64", here_held)],
         vip_error=None, peer=peer, config_digest="9f" * 32, rejected_heartbeats={},
         socket_errors={"send": 0, "receive": 0}, fence="none").to_json()
+
+
+@pytest.mark.parametrize(("keys", "says"), [
+    (None, None),
+    (KeysView([1], 1, None, None), "heartbeat keys: 1 loaded, signs with 1; peer not heard"),
+    (KeysView([1], 1, 1, 1), "heartbeat keys: 1 loaded, signs with 1; peer signs with 1, "
+                             "holds up to 1"),
+    (KeysView([1, 2], 1, 1, 1), "heartbeat keys: 1, 2 loaded, signs with 1; peer signs "
+                                "with 1, holds up to 1; rotation to key 2 not done (both "
+                                "must sign with it)"),
+    (KeysView([1, 2], 2, 1, 2), "rotation to key 2 not done"),
+    (KeysView([1, 2, 3], 3, 3, 3), "both sign with 3: key 1, 2 may be removed"),
+])
+def test_status_says_which_heartbeat_key_each_node_signs_with(
+        keys: KeysView | None, says: str | None) -> None:
+    doc = {**status_doc(), "keys": None if keys is None else dataclasses.asdict(keys)}
+    assert Status.from_json(doc).keys == keys
+    lines = [ln for ln in render_status(doc).splitlines() if "heartbeat keys" in ln]
+    if says is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and says in lines[0], lines
 
 
 class FakeController:

@@ -298,7 +298,8 @@ def status_doc(arbiter: dict[str, Any] | None) -> dict[str, Any]:
         "damping": {"enabled": True, "damped": False, "remaining_seconds": None,
                     "failures": 0, "failures_to_damp": 1, "window_seconds": 600.0,
                     "hold_down_seconds": 30.0, "last_failure": None,
-                    "last_failure_seconds_ago": None}}
+                    "last_failure_seconds_ago": None},
+        "keys": {"loaded": [1, 2], "signing": 1, "peer_signing": None, "peer_newest": None}}
     if arbiter is not None:
         doc["arbiter"] = arbiter
     return doc
