@@ -55,6 +55,7 @@ from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
 from vipd.view import Status, group_snapshot, keys_view, snapshot
 from vipd.vipworker import VipWorker
+from vipd.webconfig import WebListener
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Daemon:
         self.worker.remotes = [self._remote(m) for m in config.remote_movers]
         self.checks = CheckRunner(config, self.metrics, self._report)
         self.api: Api | None = None
+        self._metrics_web: WebListener | None = None
         self._held: set[str] = set()  # the VIPs the kernel had at the last status
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -317,9 +319,10 @@ class Daemon:
             if started is not None:
                 runner, self.api = started
                 runners.append(runner)
-            served = await serve_metrics(cfg.metrics.listen, self.metrics, self.collector,
-                                         self.status, cfg.metrics.web_config_file)
-            runners += [served] if served is not None else []
+            self._metrics_web = await serve_metrics(
+                cfg.metrics.listen, self.metrics, self.collector, self.status,
+                cfg.metrics.web_config_file)
+            runners += [self._metrics_web.runner] if self._metrics_web is not None else []
         except VipdError:
             if transport is not None:
                 transport.close()
@@ -449,6 +452,13 @@ class Daemon:
             log.error("%s", exc)
             self.metrics.reloads.labels(exc.result).inc()
             return
+        if new.web is not None and self._metrics_web is not None:
+            try:  # first: if the new socket cannot listen, nothing of the reload applies
+                await self._metrics_web.apply(new.web)
+            except VipdError as exc:
+                log.error("reload failed, keeping the running config: %s", exc)
+                self.metrics.reloads.labels("error").inc()
+                return
         if self.api is not None:
             self.api.tokens = new.tokens
         self.config = new.config

@@ -45,7 +45,7 @@ from vipd.core.protocol import Reject, State
 from vipd.core.witness import Witness
 from vipd.movers.remote import MoverState
 from vipd.view import GroupView, Status
-from vipd.webconfig import start_http
+from vipd.webconfig import WebListener, start_http
 
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # readded: a VIP missing on the holder was added again; removed: a VIP found on a node
@@ -396,7 +396,7 @@ log = logging.getLogger(__name__)
 
 async def serve_metrics(listen: Endpoint | None, metrics: Metrics, collector: StatusCollector,
                         status: Callable[[], Awaitable[Status]],
-                        web_config_file: Path | None = None) -> web.AppRunner | None:
+                        web_config_file: Path | None = None) -> WebListener | None:
     """GET /metrics on metrics.listen, behind the web config's TLS and basic auth if one
     is given. The status (with its VIP check) is read on the loop (cheap); rendering the
     text runs in a thread so a scrape never delays a heartbeat."""

@@ -15,6 +15,7 @@ from vipd.core.protocol import KeyRing
 from vipd.errors import VipdError
 from vipd.keys import load_keys
 from vipd.tokens import Token, load_tokens
+from vipd.webconfig import WebSecurity, load_web_config
 
 # Settings that cannot change by reload (exec_user is resolved against vipd's own
 # privileges once, at start; the arbiter and the fence decide what the votes and the gate
@@ -29,6 +30,7 @@ class Reload:
     keys: KeyRing | None  # the heartbeat keys of a pair (a group has none)
     tokens: list[Token] | None
     health_changed: bool
+    web: WebSecurity | None = None  # metrics.web_config_file read again (None: there is none)
 
 
 class ReloadError(VipdError):
@@ -45,6 +47,8 @@ def read_reload(path: Path, running: Config) -> Reload:
         new = load_config(path)
         keys = KeyRing(load_keys(new.key_file)) if new.auth is not None else None
         tokens = load_tokens(new.api.tokens_file) if new.api.tokens_file is not None else None
+        web_file = new.metrics.web_config_file
+        web = load_web_config(web_file) if web_file is not None else None
     except (VipdError, ValueError) as exc:
         raise ReloadError("error", f"reload failed, keeping the running config: {exc}") \
             from exc
@@ -55,4 +59,5 @@ def read_reload(path: Path, running: Config) -> Reload:
         raise ReloadError("refused", f"reload refused: {', '.join(changed)} cannot change "
                                      f"while running; restart vipd")
     return Reload(new, keys, tokens, health_changed=(
-        (new.health, new.track_interface) != (running.health, running.track_interface)))
+        (new.health, new.track_interface) != (running.health, running.track_interface)),
+        web=web)

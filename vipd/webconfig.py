@@ -8,7 +8,8 @@ NoClientCert | VerifyClientCertIfGiven | RequireAndVerifyClientCert, client_ca_f
 min_version, max_version, prefer_server_cipher_suites), ``basic_auth_users`` (bcrypt
 hashes) and ``http_server_config: {http2: false}``. The rest of the format is refused with
 a reason, never ignored: an operator who wrote ``client_allowed_sans`` or ``rate_limit``
-relies on it. The file is read at start (and by check-config and install-check).
+relies on it. The file is read at start, again at every reload (SIGHUP: renewed
+certificates, changed users; `WebListener`), and by check-config and install-check.
 """
 
 from __future__ import annotations
@@ -325,36 +326,82 @@ def plain_warning(key: str, listen: Endpoint) -> str:
             "tls_server_config and basic_auth_users (docs/metrics.md)")
 
 
-def _auth_middleware(auth: BasicAuth) -> Callable[..., Awaitable[web.StreamResponse]]:
+class WebListener:
+    """One endpoint behind a web config, which a reload (SIGHUP) reads again, as the
+    exporter-toolkit re-reads its file: new users count from the next request; new TLS
+    settings (a renewed certificate, another client CA, TLS on or off) from a new listening
+    socket opened beside the old one (SO_REUSEPORT) before the old one closes, so no
+    scrape finds the port shut. Connections already open finish on the old settings."""
+
+    def __init__(self, runner: web.AppRunner, listen: Endpoint, key: str,
+                 security: WebSecurity | None) -> None:
+        self.runner, self.listen, self.key = runner, listen, key
+        self.security = security
+        self.site: web.TCPSite | None = None
+
+    @property
+    def scheme(self) -> str:
+        tls = self.security is not None and self.security.ssl_context is not None
+        return "https" if tls else "http"
+
+    async def apply(self, security: WebSecurity) -> None:
+        """Serve with ``security`` (a reload's new reading of the same file); raises
+        VipdError, the old settings still served, when the new socket cannot listen."""
+        assert self.security is not None, "a listener without a web config has none to reload"
+        site = await _listen(self.runner, self.listen, self.key, security.ssl_context)
+        old, self.site, self.security = self.site, site, security
+        if old is not None:
+            await old.stop()
+        log.info("%s on %s://%s: web config reloaded (%s)", self.key, self.scheme,
+                 self.listen, security.describe())
+        if plain_beyond_loopback(self.listen, security.ssl_context is not None):
+            log.warning("%s", plain_warning(self.key, self.listen))
+
+
+def _middleware(current: Callable[[], WebSecurity | None]
+                ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Basic auth by the users of the web config served now (``current()``)."""
     @web.middleware
     async def authenticate(request: web.Request, handler: Callable[
             [web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if await auth.allows(request.headers.get("Authorization")):
+        security = current()
+        auth = security.auth if security is not None else None
+        if auth is None or await auth.allows(request.headers.get("Authorization")):
             return await handler(request)
         return web.Response(status=401, text="401 Unauthorized\n",
                             headers={"WWW-Authenticate": 'Basic realm="vipd"'})
     return authenticate
 
 
+async def _listen(runner: web.AppRunner, listen: Endpoint, key: str,
+                  ssl_context: ssl.SSLContext | None) -> web.TCPSite:
+    site = web.TCPSite(runner, str(listen.host), listen.port, ssl_context=ssl_context,
+                       reuse_address=True, reuse_port=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise VipdError(f"cannot listen on {key} {listen}: {exc.strerror or exc}") from exc
+    return site
+
+
 async def start_http(app: web.Application, listen: Endpoint, web_config_file: Path | None,
-                     key: str, shutdown_timeout: float) -> web.AppRunner:
+                     key: str, shutdown_timeout: float) -> WebListener:
     """Serve ``app`` on ``listen`` behind the web config (if any); ``key`` is the config
     key of the listener, for messages (``metrics.listen``)."""
     security = load_web_config(web_config_file) if web_config_file is not None else None
-    if security is not None and security.auth is not None:
-        app.middlewares.append(_auth_middleware(security.auth))
-    ssl_context = security.ssl_context if security is not None else None
+    if security is not None:  # always, so that a reload may add users
+        app.middlewares.append(_middleware(lambda: served.security))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    served = WebListener(runner, listen, key, security)
+    ssl_context = security.ssl_context if security is not None else None
     await runner.setup()
     try:
-        await web.TCPSite(runner, str(listen.host), listen.port, ssl_context=ssl_context,
-                          reuse_address=True).start()
-    except OSError as exc:
+        served.site = await _listen(runner, listen, key, ssl_context)
+    except VipdError:
         await runner.cleanup()
-        raise VipdError(f"cannot listen on {key} {listen}: {exc.strerror or exc}") from exc
+        raise
     if plain_beyond_loopback(listen, ssl_context is not None):
         log.warning("%s", plain_warning(key, listen))
-    log.info("%s on %s://%s (%s)", key, "https" if ssl_context else "http", listen,
+    log.info("%s on %s://%s (%s)", key, served.scheme, listen,
              security.describe() if security is not None else "no web_config_file")
-    return runner
-
+    return served

@@ -38,10 +38,10 @@ from vipd.core.witness import (
     VoteReleased,
     Witness,
 )
-from vipd.errors import ConfigError, VipdError
+from vipd.errors import VipdError
 from vipd.metrics import build_witness_metrics
 from vipd.systemd import Notifier, watchdog
-from vipd.webconfig import start_http
+from vipd.webconfig import WebListener, load_web_config, start_http
 from vipd.witnessconfig import WitnessConfig, cluster_specs, load_witness_config
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class WitnessServer:
         self.notifier = Notifier()
         self.socket_errors = 0
         self._transport: asyncio.DatagramTransport | None = None
+        self._web: WebListener | None = None  # /metrics and /healthz
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -104,7 +105,7 @@ class WitnessServer:
                 "holders": self.core.holders(time.monotonic())}
 
     async def _serve_http(self, listen: Endpoint | None,
-                          web_config_file: Path | None) -> web.AppRunner | None:
+                          web_config_file: Path | None) -> WebListener | None:
         """/metrics and /healthz, both behind the web config's TLS and basic auth."""
         if listen is None:
             return None
@@ -129,7 +130,7 @@ class WitnessServer:
                             f"{exc.strerror or exc}") from exc
         self._transport = transport
         try:
-            runner = await self._serve_http(cfg.metrics.listen, cfg.metrics.web_config_file)
+            self._web = await self._serve_http(cfg.metrics.listen, cfg.metrics.web_config_file)
         except VipdError:
             transport.close()
             raise
@@ -148,8 +149,8 @@ class WitnessServer:
                 loop.remove_signal_handler(sig)
             self._transport = None
             transport.close()
-            if runner is not None:
-                await runner.cleanup()
+            if self._web is not None:
+                await self._web.runner.cleanup()
             self.notifier.close()
             log.info("stopped")
         if self._fatal is not None:
@@ -168,15 +169,16 @@ class WitnessServer:
                 await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
-                    self.reload()
+                    await self.reload()
                 reload.cancel()
         finally:
             stop.cancel()
             if pings is not None:
                 pings.cancel()
 
-    def reload(self) -> None:
-        """Re-read the config and key files; on any error keep serving the old ones."""
+    async def reload(self) -> None:
+        """Re-read the config, key and web config files; on any error keep serving the
+        old ones."""
         if self.config_path is None:
             return
         self.notifier.notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(
@@ -184,7 +186,10 @@ class WitnessServer:
         try:
             new = load_witness_config(self.config_path)
             specs = cluster_specs(new)
-        except ConfigError as exc:
+            web_file = self.config.metrics.web_config_file
+            if self._web is not None and web_file is not None:
+                await self._web.apply(load_web_config(web_file))
+        except VipdError as exc:  # ConfigError too
             log.error("reload refused, keeping the running config: %s", exc)
             self.collector.reloads["error"] += 1
             self.notifier.notify(READY=1, STATUS=self._status())

@@ -35,7 +35,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from support.daemons import Pair
+from support.daemons import Pair, free_tcp_port
 from support.pki import Pki, make_pki
 from vipd.core.protocol import State
 
@@ -47,13 +47,6 @@ SEEN = 30.0  # s for Prometheus to scrape every job (1 s interval) and report it
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None or
                                 shutil.which("promtool") is None,
                                 reason="needs Debian's prometheus (scripts/test-deps)")
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float, what: str,
@@ -348,9 +341,9 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
 async def main() -> None:
     web_file = Path(sys.argv[1]) if sys.argv[1] else None
-    runner = await start_http(web.Application(), Endpoint.parse("0.0.0.0:9441"), web_file,
+    served = await start_http(web.Application(), Endpoint.parse("0.0.0.0:9441"), web_file,
                               "metrics.listen", 0.1)
-    await runner.cleanup()
+    await served.runner.cleanup()
 
 asyncio.run(main())
 """

@@ -34,6 +34,14 @@ LEASE = 1.0
 WAIT = 5.0  # generous: a failover here takes ~100 ms
 
 
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def free_udp_ports(count: int) -> list[int]:
     """Distinct free UDP ports on 127.0.0.1 (all bound at once, so never the same)."""
     socks: list[socket.socket] = []
