@@ -8,7 +8,8 @@ Needs root (network namespaces, `vipd.demo.pairlab.PairLab`; deleted on exit, er
 Ctrl-C). The pair starts settled (node1 active), then `simulations.netfaults.set_loss`
 drops that fraction of the heartbeats to and from node1 at the switch, each on its own
 draw, for the whole run; the ARP oracle (`simulations.arpwatch`) watches throughout.
-Every --every s each daemon's VmRSS and open file descriptors are read from /proc. At
+Every --every s each daemon's VmRSS (and its anonymous and file-backed parts) and open
+file descriptors are read from /proc. At
 the end:
 
 * moves of the VIP (netlink, `disturb.moves`) and ms of ARP rounds answered by two MACs;
@@ -58,23 +59,28 @@ def slope(points: list[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
-def proc_sample(pid: int) -> tuple[int, int]:
-    """(VmRSS in KB, open file descriptors) of a live process."""
-    rss = None
+def proc_sample(pid: int) -> tuple[int, int, int, int]:
+    """(VmRSS in KB, open file descriptors, RssAnon KB, RssFile KB) of a live process:
+    anonymous memory is the heap (a leak grows it); file-backed is the mapped code and
+    libraries, paged in as code paths run for the first time (no leak)."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    if rss is None:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0])
+    if "VmRSS" not in fields:
         raise RuntimeError(f"pid {pid}: no VmRSS in /proc/{pid}/status")
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return (fields["VmRSS"], len(os.listdir(f"/proc/{pid}/fd")), fields.get("RssAnon", 0),
+            fields.get("RssFile", 0))
 
 
-def trend(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
-    """Slopes per minute of (seconds, rss KB, fds) samples, whole run and second half."""
+def trend(samples: list[tuple[float, ...]]) -> dict[str, Any]:
+    """Slopes per minute of (seconds, rss KB, fds[, anon KB, file KB]) samples, whole run
+    and second half."""
     half = [s for s in samples if s[0] >= samples[-1][0] / 2] if samples else []
 
-    def per_min(rows: list[tuple[float, int, int]], k: int) -> float | None:
-        value = slope([(row[0] / 60, row[k]) for row in rows])
+    def per_min(rows: list[tuple[float, ...]], k: int) -> float | None:
+        value = slope([(row[0] / 60, row[k]) for row in rows if len(row) > k])
         return None if value is None else round(value, 2)
 
     return {
@@ -87,6 +93,10 @@ def trend(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
         "rss_kb_per_min_second_half": per_min(half, 1),
         "fds_per_min": per_min(samples, 2),
         "fds_per_min_second_half": per_min(half, 2),
+        "anon_kb_per_min": per_min(samples, 3),
+        "anon_kb_per_min_second_half": per_min(half, 3),
+        "file_kb_per_min": per_min(samples, 4),
+        "file_kb_per_min_second_half": per_min(half, 4),
     }
 
 
@@ -108,7 +118,7 @@ def run(pair: PairLab, minutes: float, loss: float, every: float) -> dict[str, A
     try:
         start = time.time()
         netfaults.set_loss(pair.lab, "node1", loss)
-        samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in pids}
+        samples: dict[str, list[tuple[float, ...]]] = {name: [] for name in pids}
         t0 = time.monotonic()
         end = t0 + minutes * 60
         next_at = t0
@@ -163,14 +173,17 @@ def table(r: dict[str, Any]) -> str:
              f"{', '.join(r['holders_at_end']) or 'none'}, tracebacks {len(r['tracebacks'])}",
              "",
              "| daemon | RSS KB first / last / max | RSS KB/min (second half) "
+             "| of it anonymous, KB/min (second half) | file-backed, KB/min (second half) "
              "| fds first / last / max | fds/min (second half) | rejected heartbeats "
-             "by reason | unexpected |", "|---|---|---|---|---|---|---|"]
+             "by reason | unexpected |", "|---|---|---|---|---|---|---|---|---|"]
     for name, d in r["daemons"].items():
         rss, fds = d["rss_kb"], d["fds"]
         rejected = ", ".join(f"{k} {v:g}" for k, v in r["rejections"][name].items()) or "none"
         unexpected = ", ".join(r["unexpected_rejections"][name]) or "none"
         lines.append(f"| {name} | {rss['first']} / {rss['last']} / {rss['max']} "
                      f"| {d['rss_kb_per_min']} ({d['rss_kb_per_min_second_half']}) "
+                     f"| {d['anon_kb_per_min']} ({d['anon_kb_per_min_second_half']}) "
+                     f"| {d['file_kb_per_min']} ({d['file_kb_per_min_second_half']}) "
                      f"| {fds['first']} / {fds['last']} / {fds['max']} "
                      f"| {d['fds_per_min']} ({d['fds_per_min_second_half']}) "
                      f"| {rejected} | {unexpected} |")
@@ -187,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds between /proc samples (default 10)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="trace each daemon's heap (simulations/tracehook): what grew, by "
+                         "line, in WORKDIR/tracemalloc/PID.txt (implies --keep)")
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.every <= 0 or not 0 <= args.loss <= 1:
         ap.error("--minutes and --every must be positive, --loss a fraction in 0..1")
@@ -201,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pair = PairLab.create(workdir / "pair")
         prefix = pair.lab.prefix
+        if args.tracemalloc:
+            args.keep = True
+            traces = workdir / "tracemalloc"
+            traces.mkdir()
+            hook = str(Path(__file__).resolve().parent / "tracehook")
+            pair.env = {"PYTHONPATH": os.pathsep.join(filter(None, [
+                            hook, os.environ.get("PYTHONPATH")])),
+                        "VIPD_TRACEMALLOC_DIR": str(traces),
+                        "VIPD_TRACEMALLOC_EVERY": str(max(args.every, 30.0))}
+            log(f"soak: tracing the daemons' heaps into {traces}")
         try:
             report = run(pair, args.minutes, args.loss, args.every)
         finally:

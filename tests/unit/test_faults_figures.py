@@ -5,6 +5,7 @@ the forwarder takes and how it re-sends them, the slopes of the soak."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -115,6 +116,18 @@ def test_soak_slopes_are_least_squares_per_minute() -> None:
     assert got["rss_kb_per_min_second_half"] == pytest.approx(60.0)
     assert got["fds_per_min"] == 0.0
     assert got["rss_kb"] == {"first": 50_000, "last": 50_120, "max": 50_120}
+    assert got["anon_kb_per_min"] is None  # samples without the split
+    # the split: the heap flat, the file-backed pages growing 60 KB a minute
+    split = [(t * 10.0, 50_000 + t * 10, 9, 30_000, 20_000 + t * 10) for t in range(13)]
+    got = soak.trend(split)
+    assert got["anon_kb_per_min"] == 0.0
+    assert got["file_kb_per_min"] == pytest.approx(60.0)
+
+
+def test_soak_reads_the_anonymous_and_file_backed_parts_of_a_live_process() -> None:
+    rss, fds, anon, file = soak.proc_sample(os.getpid())
+    assert fds > 0 and anon > 0 and file > 0
+    assert abs(rss - (anon + file)) < 0.2 * rss  # plus shared memory, if any
 
 
 def test_soak_rejections_keep_the_nonzero_reasons() -> None:
