@@ -17,7 +17,7 @@ from vipd.errors import VipdError
 from vipd.metrics import Metrics
 from vipd.tokens import load_tokens
 from vipd.view import Status
-from vipd.webconfig import server_tls_context
+from vipd.webconfig import Listener, server_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ def tls_context(api: ApiConfig) -> ssl.SSLContext | None:
 
 
 async def start_api(cfg: Config, node: Node, metrics: Metrics
-                    ) -> tuple[web.AppRunner, Api] | None:
+                    ) -> tuple[Listener, Api] | None:
+    """The control API on api.listen; the listener takes a renewed certificate on reload
+    (`Listener.serve`)."""
     if cfg.api.listen is None:
         return None
     tokens = load_tokens(cfg.api.tokens_file) if cfg.api.tokens_file is not None else None
@@ -83,15 +85,12 @@ async def start_api(cfg: Config, node: Node, metrics: Metrics
     ssl_context = tls_context(cfg.api)  # before setup: a bad certificate leaves nothing open
     runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, str(cfg.api.listen.host), cfg.api.listen.port,
-                       ssl_context=ssl_context, reuse_address=True)
+    listener = Listener(runner, cfg.api.listen, "api.listen")
     try:
-        await site.start()
-    except OSError as exc:
+        await listener.serve(ssl_context)
+    except VipdError as exc:
         await runner.cleanup()
-        raise ApiError(f"cannot listen on api.listen {cfg.api.listen}: "
-                       f"{exc.strerror or exc}") from exc
-    scheme = "https" if cfg.api.tls else "http"
-    log.info("control API on %s://%s%s", scheme, cfg.api.listen,
+        raise ApiError(str(exc)) from exc
+    log.info("control API on %s://%s%s", listener.scheme, cfg.api.listen,
              "" if tokens is not None else " (no tokens file: only /healthz and /readyz)")
-    return runner, api
+    return listener, api

@@ -55,7 +55,7 @@ from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
 from vipd.view import Status, group_snapshot, keys_view, snapshot
 from vipd.vipworker import VipWorker
-from vipd.webconfig import WebListener
+from vipd.webconfig import Listener, WebListener
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class Daemon:
         self.checks = CheckRunner(config, self.metrics, self._report)
         self.api: Api | None = None
         self._metrics_web: WebListener | None = None
+        self._api_listener: Listener | None = None
         self._held: set[str] = set()  # the VIPs the kernel had at the last status
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -317,8 +318,8 @@ class Daemon:
         try:
             started = await start_api(cfg, self, self.metrics)
             if started is not None:
-                runner, self.api = started
-                runners.append(runner)
+                self._api_listener, self.api = started
+                runners.append(self._api_listener.runner)
             self._metrics_web = await serve_metrics(
                 cfg.metrics.listen, self.metrics, self.collector, self.status,
                 cfg.metrics.web_config_file)
@@ -452,13 +453,16 @@ class Daemon:
             log.error("%s", exc)
             self.metrics.reloads.labels(exc.result).inc()
             return
-        if new.web is not None and self._metrics_web is not None:
-            try:  # first: if the new socket cannot listen, nothing of the reload applies
+        try:  # first: if a new socket cannot listen, the rest of the reload waits
+            if new.api_tls is not None and self._api_listener is not None:
+                await self._api_listener.serve(new.api_tls)  # a renewed certificate
+                log.info("api.listen: TLS certificate, key and client CA read again")
+            if new.web is not None and self._metrics_web is not None:
                 await self._metrics_web.apply(new.web)
-            except VipdError as exc:
-                log.error("reload failed, keeping the running config: %s", exc)
-                self.metrics.reloads.labels("error").inc()
-                return
+        except VipdError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            self.metrics.reloads.labels("error").inc()
+            return
         if self.api is not None:
             self.api.tokens = new.tokens
         self.config = new.config

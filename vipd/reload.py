@@ -7,10 +7,12 @@ the latter to the election as a Reconfigure event).
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from vipd.config import Config, load_config
+from vipd.control import tls_context
 from vipd.core.protocol import KeyRing
 from vipd.errors import VipdError
 from vipd.keys import load_keys
@@ -31,6 +33,7 @@ class Reload:
     tokens: list[Token] | None
     health_changed: bool
     web: WebSecurity | None = None  # metrics.web_config_file read again (None: there is none)
+    api_tls: ssl.SSLContext | None = None  # api.tls's files read again (None: no TLS)
 
 
 class ReloadError(VipdError):
@@ -49,6 +52,7 @@ def read_reload(path: Path, running: Config) -> Reload:
         tokens = load_tokens(new.api.tokens_file) if new.api.tokens_file is not None else None
         web_file = new.metrics.web_config_file
         web = load_web_config(web_file) if web_file is not None else None
+        api_tls = tls_context(new.api)  # the same paths; a renewed certificate
     except (VipdError, ValueError) as exc:
         raise ReloadError("error", f"reload failed, keeping the running config: {exc}") \
             from exc
@@ -60,4 +64,4 @@ def read_reload(path: Path, running: Config) -> Reload:
                                      f"while running; restart vipd")
     return Reload(new, keys, tokens, health_changed=(
         (new.health, new.track_interface) != (running.health, running.track_interface)),
-        web=web)
+        web=web, api_tls=api_tls)

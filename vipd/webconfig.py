@@ -326,35 +326,54 @@ def plain_warning(key: str, listen: Endpoint) -> str:
             "tls_server_config and basic_auth_users (docs/metrics.md)")
 
 
-class WebListener:
-    """One endpoint behind a web config, which a reload (SIGHUP) reads again, as the
-    exporter-toolkit re-reads its file: new users count from the next request; new TLS
-    settings (a renewed certificate, another client CA, TLS on or off) from a new listening
-    socket opened beside the old one (SO_REUSEPORT) before the old one closes, so no
-    scrape finds the port shut. Connections already open finish on the old settings."""
+class Listener:
+    """A TCP listener whose TLS settings a reload may replace: the new settings get a new
+    listening socket beside the old one (SO_REUSEPORT) before the old one closes, so no
+    client finds the port shut; connections already open finish on the old settings."""
 
-    def __init__(self, runner: web.AppRunner, listen: Endpoint, key: str,
-                 security: WebSecurity | None) -> None:
+    def __init__(self, runner: web.AppRunner, listen: Endpoint, key: str) -> None:
         self.runner, self.listen, self.key = runner, listen, key
-        self.security = security
         self.site: web.TCPSite | None = None
+        self.tls = False
 
     @property
     def scheme(self) -> str:
-        tls = self.security is not None and self.security.ssl_context is not None
-        return "https" if tls else "http"
+        return "https" if self.tls else "http"
+
+    async def serve(self, ssl_context: ssl.SSLContext | None) -> None:
+        """Listen with ``ssl_context`` (None: plain HTTP); raises VipdError naming the
+        key and address, the old socket (if any) still serving, when it cannot."""
+        site = web.TCPSite(self.runner, str(self.listen.host), self.listen.port,
+                           ssl_context=ssl_context, reuse_address=True, reuse_port=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise VipdError(f"cannot listen on {self.key} {self.listen}: "
+                            f"{exc.strerror or exc}") from exc
+        old, self.site, self.tls = self.site, site, ssl_context is not None
+        if old is not None:
+            await old.stop()
+
+
+class WebListener(Listener):
+    """An endpoint behind a web config, which a reload (SIGHUP) reads again, as the
+    exporter-toolkit re-reads its file: new users count from the next request, new TLS
+    settings (a renewed certificate, another client CA, TLS on or off) from a new socket."""
+
+    def __init__(self, runner: web.AppRunner, listen: Endpoint, key: str,
+                 security: WebSecurity | None) -> None:
+        super().__init__(runner, listen, key)
+        self.security = security
 
     async def apply(self, security: WebSecurity) -> None:
         """Serve with ``security`` (a reload's new reading of the same file); raises
         VipdError, the old settings still served, when the new socket cannot listen."""
         assert self.security is not None, "a listener without a web config has none to reload"
-        site = await _listen(self.runner, self.listen, self.key, security.ssl_context)
-        old, self.site, self.security = self.site, site, security
-        if old is not None:
-            await old.stop()
+        await self.serve(security.ssl_context)
+        self.security = security
         log.info("%s on %s://%s: web config reloaded (%s)", self.key, self.scheme,
                  self.listen, security.describe())
-        if plain_beyond_loopback(self.listen, security.ssl_context is not None):
+        if plain_beyond_loopback(self.listen, self.tls):
             log.warning("%s", plain_warning(self.key, self.listen))
 
 
@@ -373,17 +392,6 @@ def _middleware(current: Callable[[], WebSecurity | None]
     return authenticate
 
 
-async def _listen(runner: web.AppRunner, listen: Endpoint, key: str,
-                  ssl_context: ssl.SSLContext | None) -> web.TCPSite:
-    site = web.TCPSite(runner, str(listen.host), listen.port, ssl_context=ssl_context,
-                       reuse_address=True, reuse_port=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        raise VipdError(f"cannot listen on {key} {listen}: {exc.strerror or exc}") from exc
-    return site
-
-
 async def start_http(app: web.Application, listen: Endpoint, web_config_file: Path | None,
                      key: str, shutdown_timeout: float) -> WebListener:
     """Serve ``app`` on ``listen`` behind the web config (if any); ``key`` is the config
@@ -396,7 +404,7 @@ async def start_http(app: web.Application, listen: Endpoint, web_config_file: Pa
     ssl_context = security.ssl_context if security is not None else None
     await runner.setup()
     try:
-        served.site = await _listen(runner, listen, key, ssl_context)
+        await served.serve(ssl_context)
     except VipdError:
         await runner.cleanup()
         raise

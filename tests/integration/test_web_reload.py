@@ -206,3 +206,49 @@ async def test_the_witness_reads_its_web_config_again_on_sighup(tmp_path: Path) 
         proc.terminate()
         proc.wait(10)
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.asyncio
+async def test_a_renewed_api_certificate_is_served_after_a_reload(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """api.tls's files replaced in place (as certbot or a Vault agent does), then SIGHUP:
+    the API serves the new certificate and trusts the new client CA."""
+    caplog.set_level(logging.INFO)
+    old, new = pki_in(tmp_path / "old"), pki_in(tmp_path / "new")
+    files = {"cert": tmp_path / "api.crt", "key": tmp_path / "api.key",
+             "client_ca": tmp_path / "clients.pem"}
+
+    def install(pki: Pki) -> None:
+        for name, source in (("cert", pki.server_cert), ("key", pki.server_key),
+                             ("client_ca", pki.ca)):
+            files[name].write_bytes(source.read_bytes())
+            files[name].chmod(0o600)
+
+    async def healthz(pki: Pki) -> int | str:
+        ctx = ssl.create_default_context(cafile=pki.ca)
+        ctx.load_cert_chain(pki.client_cert, pki.client_key)
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"https://127.0.0.1:{port}/healthz", ssl=ctx,
+                    timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                return resp.status
+        except aiohttp.ClientError as exc:
+            return type(exc).__name__
+
+    install(old)
+    port = free_tcp_port()
+    pair = Pair(tmp_path)
+    pair.a.settings["api"] = {"listen": f"127.0.0.1:{port}",
+                              "tls": {name: str(path) for name, path in files.items()}}
+    try:
+        pair.start()
+        await pair.settled()
+        assert await healthz(old) == 200
+        assert await healthz(new) == "ClientConnectorCertificateError"
+        install(new)
+        pair.a.daemon._on_reload_signal()
+        await eventually(lambda: "config reloaded" in caplog.text)
+        assert await healthz(new) == 200
+        assert await healthz(old) == "ClientConnectorCertificateError"
+    finally:
+        await pair.close()
