@@ -120,6 +120,7 @@ class MemberView:
     holder: bool
     version: str
     settings_match: bool
+    starting: bool = False  # in its start wait: nobody claims before it is over
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +321,8 @@ def group_snapshot(config: Config, e: GroupElection, checks: list[CheckStatus], 
     members = [MemberView(
         m.node, m.state.name, m.priority, m.healthy, m.maintenance, m.eligible, m.wants,
         holder is not None and holder.node == m.node, m.version,
-        m.digest == e.cfg.digest) for m in sorted(view.members.values(), key=lambda m: m.node)]
+        m.digest == e.cfg.digest, m.starting)
+        for m in sorted(view.members.values(), key=lambda m: m.node)]
     left = e.lease_until - now if e.lease is not None else None
     group = GroupView(
         endpoints=[str(x) for x in etcd.endpoints], prefix=etcd.prefix, etcd=e.store.value,

@@ -301,6 +301,7 @@ def _render_group(s: Status, g: GroupView) -> str:
     for m in g.members:
         notes = [n for n, on in (("holder", m.holder), ("maintenance", m.maintenance),
                                  ("asks for the VIPs", m.wants),
+                                 ("starting: waits one TTL for the group", m.starting),
                                  ("SETTINGS DIFFER", not m.settings_match)) if on]
         rows.append((m.node + (" (this node)" if m.node == s.node else ""), m.state,
                      str(m.priority), yes[m.healthy], yes[m.eligible], ", ".join(notes)))

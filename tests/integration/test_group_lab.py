@@ -57,6 +57,8 @@ def test_three_nodes_agree_on_one_holder_and_report_the_group(pair: PairLab) -> 
             for m in g["members"]} == {"node1": ("ACTIVE", 150, True),
                                        "node2": ("STANDBY", 120, True),
                                        "node3": ("STANDBY", 100, True)}
+    expect(pair, lambda: not any(m["starting"] for m in group(pair, "node1")["members"]),
+           3 * TTL, "every member's start wait (one TTL) to be over")
     for node in ("node2", "node3"):
         other = pair.status(node)
         assert other["state"] == "STANDBY" and other["fence"] == "shut"

@@ -551,6 +551,16 @@ def group_doc(holder: str, states: dict[str, str]) -> dict[str, Any]:
     return doc
 
 
+def test_a_starting_member_is_marked_in_the_group_status() -> None:
+    doc = group_doc("vm-a", {"vm-a": "ACTIVE", "vm-b": "STANDBY"})
+    doc["group"]["members"][1]["starting"] = True
+    assert Status.from_json(doc).group.members[1].starting  # type: ignore[union-attr]
+    lines = render_status(doc).splitlines()
+    vm_b = [ln for ln in lines if ln.strip().startswith("vm-b")]
+    assert len(vm_b) == 1 and "starting: waits one TTL for the group" in vm_b[0], lines
+    assert not any("starting" in ln for ln in lines if ln.strip().startswith("vm-a"))
+
+
 @pytest.mark.asyncio
 async def test_switchover_to_a_member_waits_until_it_holds(
         env: Env, capsys: pytest.CaptureFixture[str]) -> None:
