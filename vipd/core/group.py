@@ -216,6 +216,7 @@ class _Timers:
     free_since: float | None = None  # nobody holds (as we see it) since, or since the
     # member we wait for became the best
     awaited: str | None = None  # the member that should claim (the best eligible)
+    settling_since: float | None = None  # we saw the awaited member starting since
     first_view: float | None = None  # this process's first read of the group
     successor_since: float | None = None
     promote_until: float | None = None
@@ -602,10 +603,16 @@ class GroupElection:
         if successor is None:
             t.successor_since = None
             best = self._best_eligible()
+            if t.free_since is None or best != t.awaited:
+                # a better member came: wait for it
+                t.free_since, t.awaited, t.settling_since = now, best, None
             record = view.members.get(best) if best is not None else None
-            settling = record is not None and record.starting
-            if t.free_since is None or best != t.awaited or settling:
-                t.free_since, t.awaited = now, best  # a better member came: wait for it
+            if record is not None and record.starting:
+                # ... while it is starting, and one TTL after; never longer than one
+                # start wait (a TTL) for a record that stays "starting" (a stuck watch)
+                t.settling_since = now if t.settling_since is None else t.settling_since
+                if now < t.settling_since + self._ttl():
+                    t.free_since = now
         else:
             t.successor_since = now if t.successor_since is None else t.successor_since
         if not self.eligible(now) or self._claim_sent or self.lease is None:
