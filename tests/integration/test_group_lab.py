@@ -16,7 +16,7 @@ import pytest
 from simulations.bench_group import etcd_leader
 from simulations.splitbrain import metric_values
 from support.etcd import require_etcd
-from support.pairlab_checks import expect, logs, oracle, stays, two_mac_rounds
+from support.pairlab_checks import expect, logs, oracle, status_section, stays, two_mac_rounds
 from vipd.demo.pairlab import PairLab
 from vipd.vipctl import render_status
 
@@ -31,8 +31,7 @@ def _etcd_installed() -> None:
 
 
 def group(pair: PairLab, node: str) -> dict[str, Any]:
-    section: dict[str, Any] = pair.status(node)["group"]
-    return section
+    return status_section(pair, node, "group")
 
 
 def start_group(pair: PairLab) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from simulations.faultinject import key_files, rejected_heartbeats, reload, write_private
 from simulations.splitbrain import metric_values
-from support.pairlab_checks import expect, logs, start_pair, stays
+from support.pairlab_checks import expect, logs, start_pair, status_section, stays
 from vipd.demo.pairlab import PairLab
 from vipd.keys import generate_key_line
 from vipd.vipctl import render_status
@@ -22,8 +22,7 @@ NEW = 2  # the lab's key has id 1
 
 
 def keys(pair: PairLab, node: str) -> dict[str, Any]:
-    section: dict[str, Any] = pair.status(node)["keys"]
-    return section
+    return status_section(pair, node, "keys")
 
 
 def test_rotation_by_the_book_with_status_saying_when_the_old_key_may_go(

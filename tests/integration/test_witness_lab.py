@@ -14,7 +14,15 @@ import pytest
 
 from simulations.arpwatch import Observations
 from simulations.splitbrain import metric_values
-from support.pairlab_checks import expect, logs, oracle, start_pair, stays, two_mac_rounds
+from support.pairlab_checks import (
+    expect,
+    logs,
+    oracle,
+    start_pair,
+    status_section,
+    stays,
+    two_mac_rounds,
+)
 from vipd.config import load_config
 from vipd.demo.pairlab import PairLab, outage
 
@@ -34,8 +42,7 @@ def replies_from(pair: PairLab, obs: Observations, node: str, since: float) -> l
 
 
 def arbiter(pair: PairLab, node: str) -> dict[str, Any]:
-    section: dict[str, Any] = pair.status(node)["arbiter"]
-    return section
+    return status_section(pair, node, "arbiter")
 
 
 def test_a_killed_active_is_replaced_within_the_dead_interval_without_overlap(

@@ -23,6 +23,12 @@ def logs(pair: PairLab) -> str:
                      for name in pair.nodes)
 
 
+def status_section(pair: PairLab, node: str, key: str) -> dict[str, Any]:
+    """One section of a node's status document (``arbiter``, ``group``, ``keys``)."""
+    section: dict[str, Any] = pair.status(node)[key]
+    return section
+
+
 def expect(pair: PairLab, predicate: Callable[[], Any], timeout: float, what: str) -> None:
     if not pair.wait_for(predicate, timeout):
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; holders "
