@@ -24,6 +24,7 @@ the end:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -131,7 +132,7 @@ def run(pair: PairLab, minutes: float, loss: float, every: float) -> dict[str, A
             next_at = min(next_at + every, end)
             time.sleep(max(next_at - time.monotonic(), 0))
         netfaults.clear(pair.lab)
-        metrics = {name: pair.metrics(name) for name in pair.nodes}
+        metrics = {name: scrape(pair, name) for name in pair.nodes}
         time.sleep(0.5)
         obs = watch.stop()
     finally:
@@ -154,6 +155,15 @@ def run(pair: PairLab, minutes: float, loss: float, every: float) -> dict[str, A
         "tracebacks": [f"{name}: {line}" for name in pair.nodes
                        for line in disturb.tracebacks(pair.log_lines(name))],
     }
+
+
+def scrape(pair: PairLab, name: str, tries: int = 3) -> str:
+    """/metrics of node ``name``, tried again after a timeout (a daemon taking a
+    tracemalloc snapshot does not answer for a second or more)."""
+    for _ in range(tries - 1):
+        with contextlib.suppress(TimeoutError):  # asked again below
+            return pair.metrics(name)
+    return pair.metrics(name)
 
 
 def disturb_pid(pair: PairLab, name: str) -> int:
@@ -202,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="trace each daemon's heap (simulations/tracehook): what grew, by "
-                         "line, in WORKDIR/tracemalloc/PID.txt (implies --keep)")
+                         "line, in WORKDIR/tracemalloc/PID.txt (implies --keep). For the heap "
+                         "figures only: tracing doubles the daemons' memory and each "
+                         "snapshot stalls a daemon for a second or more, so the peer takes "
+                         "over now and then")
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.every <= 0 or not 0 <= args.loss <= 1:
         ap.error("--minutes and --every must be positive, --loss a fraction in 0..1")
