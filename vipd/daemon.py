@@ -54,7 +54,7 @@ from vipd.statefile import StateFile
 from vipd.systemd import Notifier, watchdog
 from vipd.transport import HeartbeatTransport
 from vipd.view import Status, group_snapshot, keys_view, snapshot
-from vipd.vipworker import VipWorker
+from vipd.vipworker import RECONCILE_WATCHED, VipWorker
 from vipd.webconfig import Listener, WebListener
 
 log = logging.getLogger(__name__)
@@ -347,8 +347,9 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._start(tg, self.worker.run(), "vip worker")
-                if isinstance(self.mover, NetlinkMover):  # a VIP deleted: put back at once
-                    self._start(tg, self.mover.watch_removals(self.worker.recheck),
+                if isinstance(self.mover, NetlinkMover):  # VIPs added or deleted: at once
+                    self.worker.reconcile_every = RECONCILE_WATCHED
+                    self._start(tg, self.mover.watch_addresses(self.worker.address_changed),
                                 "address watch")
                 self._start(tg, self.checks.run(), "health checks")
                 if self.notifier.watchdog:

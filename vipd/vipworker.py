@@ -29,7 +29,11 @@ from vipd.movers.remote import RemoteMoverRunner
 
 log = logging.getLogger(__name__)
 
-RECONCILE_EVERY = 2.0  # a standby checks this often that none of its VIPs is on the interface
+# How often a standby checks that none of its VIPs is on the interface: without address
+# events (a mover that gives none), and with them, as a safety net only (each check opens
+# a netlink socket: through pyroute2 it costs memory, simulations/README.md "Soak").
+RECONCILE_EVERY = 2.0
+RECONCILE_WATCHED = 60.0
 # The kernel removes an address up to about 0.4 s before its lifetime runs out (measured:
 # 2.6-2.9 s for 3 s), so a renewal this close to the lifetime may come too late.
 LAPSE_MARGIN = 0.5
@@ -52,6 +56,7 @@ class VipWorker:
         self._queue: asyncio.Queue[tuple[el.AcquireVips | el.ReleaseVips | None, float]] = (
             asyncio.Queue())
         self._recheck = False  # a VIP left the interface: renew (re-add) at the next upkeep
+        self.reconcile_every = RECONCILE_EVERY  # RECONCILE_WATCHED with address events
         self._holding = False  # what was last applied: acquired, or released
         now = time.monotonic()
         self._last_renew = self._last_announce = self._last_reconcile = now
@@ -70,11 +75,16 @@ class VipWorker:
         """Queue an acquire or release (``decided_at``: the loop time of the decision)."""
         self._queue.put_nowait((op, decided_at))
 
-    def recheck(self, vip: str) -> None:
-        """The kernel says ``vip`` left the interface (a netlink event): a holder puts it
-        back now instead of at its next renewal; anyone else has nothing to do."""
-        if self._holding and not self._recheck:
-            self._recheck = True
+    def address_changed(self, vip: str, present: bool) -> None:
+        """The kernel says ``vip`` was added to the interface or left it (a netlink
+        event): a holder puts a removed one back now instead of at its next renewal; a
+        standby removes one that appeared now instead of at its next check."""
+        if self._holding:
+            if not present and not self._recheck:
+                self._recheck = True
+                self._queue.put_nowait((None, 0.0))
+        elif present:
+            self._last_reconcile = float("-inf")
             self._queue.put_nowait((None, 0.0))
 
     def announce(self, reason: str) -> None:
@@ -218,8 +228,8 @@ class VipWorker:
 
     def _upkeep_delay(self, now: float) -> float | None:
         """Seconds until `_upkeep` is due (None: nothing to keep up). A holder renews and
-        re-announces; a standby looks for stray VIPs every RECONCILE_EVERY, so it does
-        not wake every heartbeat."""
+        re-announces; a standby looks for stray VIPs every `reconcile_every` (at once on
+        an address event), so it does not wake every heartbeat."""
         if self._holding:
             due = []
             if self.config.vip_lease:
@@ -231,7 +241,7 @@ class VipWorker:
             if not due:
                 return None
         else:
-            due = [self._last_reconcile + RECONCILE_EVERY]
+            due = [self._last_reconcile + self.reconcile_every]
         return max(max(min(due), self._quiet_until) - now, 0.0)
 
     async def _upkeep(self, now: float, late: float) -> None:
@@ -241,7 +251,7 @@ class VipWorker:
         stalled = late > el.STALL_INTERVALS * self.config.interval
         if not self._holding:
             self._recheck = False
-            if now >= self._last_reconcile + RECONCILE_EVERY:
+            if now >= self._last_reconcile + self.reconcile_every:
                 self._last_reconcile = now
                 if await self.mover.held():
                     log.warning("found VIPs on %s while not active: removing them",

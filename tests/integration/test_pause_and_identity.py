@@ -463,6 +463,29 @@ def test_a_deleted_permanent_vip_is_readded_on_the_netlink_event(pair: PairLab) 
     expect_only(pair, "node1", timeout=3.0)
 
 
+def test_a_vip_added_by_hand_on_the_standby_is_removed_on_the_netlink_event(
+        pair: PairLab) -> None:
+    """``ip addr add VIP4`` on node2 (standby): with address events its periodic check
+    runs only every minute (RECONCILE_WATCHED), so only the kernel's RTM_NEWADDR event can
+    remove the stray VIP this soon; node2 says so and stays STANDBY."""
+    start_pair(pair, SETTLE)
+    mark = len(pair.log_lines("node2"))
+    for attempt in range(3):
+        pair.host("node2").ip("addr", "add", f"{VIP4}/32", "dev", "eth0")
+        added = time.monotonic()
+        gone = pair.wait_for(lambda: pair.host("node2").address(VIP4) is None, READDED,
+                             0.005)
+        took = time.monotonic() - added
+        assert gone, f"addition {attempt + 1}: VIP4 still on node2 after {READDED} s\n" \
+                     f"{logs(pair)}"
+        assert took < REACTS, f"addition {attempt + 1}: VIP4 removed after {took:.3f} s"
+    warned = [line for line in pair.log_lines("node2")[mark:]
+              if "while not active: removing them" in line]
+    assert len(warned) == 3, logs(pair)
+    assert not [line for line in pair.log_lines("node2")[mark:] if "-> ACTIVE" in line]
+    expect_only(pair, "node1", timeout=3.0)
+
+
 # --- 4: two nodes with the same name -------------------------------------------------------
 
 def test_duplicate_node_name_faults_both_and_releases(pair: PairLab) -> None:

@@ -21,6 +21,7 @@ from vipd.core.protocol import Advert, Flag, KeyRing, Session, State
 from vipd.health import ProbeResult
 from vipd.keys import load_keys
 from vipd.movers.base import VipInterface
+from vipd.vipworker import RECONCILE_EVERY
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -478,9 +479,34 @@ def test_state_file_is_written_only_when_its_values_change(
 
 
 @pytest.mark.asyncio
+async def test_a_vip_the_kernel_reports_added_on_the_standby_is_removed_at_once(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """`VipWorker.address_changed(vip, present=True)` (the netlink watch of RTM_NEWADDR):
+    a standby with address events checks for stray VIPs only every RECONCILE_WATCHED,
+    but an event makes it check now; the holder ignores its own additions."""
+    for node in pair.nodes:
+        node.settings["vip_lease"] = 0
+    pair.start()
+    await pair.settled()
+    pair.b.daemon.worker.reconcile_every = 3600.0  # as with the watch: no poll soon
+    await asyncio.sleep(2 * RECONCILE_EVERY)  # the last short poll is over
+    pair.b.mover.addresses |= VIP_SET
+    await asyncio.sleep(0.3)
+    assert pair.b.mover.addresses == VIP_SET  # nothing polls
+    releases = pair.a.mover.call_names().count("release")
+    pair.a.daemon.worker.address_changed(str(next(iter(VIP_SET))), True)
+    pair.b.daemon.worker.address_changed(str(next(iter(VIP_SET))), True)
+    await eventually(lambda: not pair.b.mover.addresses, timeout=1.0,
+                     what="b removed the VIPs on the event")
+    assert any("while not active" in m for m in messages(caplog, level=logging.WARNING))
+    assert pair.a.mover.addresses == VIP_SET
+    assert pair.a.mover.call_names().count("release") == releases
+
+
+@pytest.mark.asyncio
 async def test_a_vip_the_kernel_reports_deleted_is_put_back_by_the_holder_only(
         pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
-    """`VipWorker.recheck` (fed by the netlink watch of RTM_DELADDR): with permanent
+    """`VipWorker.address_changed` (fed by the netlink watch of RTM_DELADDR): with permanent
     addresses nothing else would ever put the VIP back; a standby does nothing."""
     for node in pair.nodes:
         node.settings["vip_lease"] = 0
@@ -489,8 +515,8 @@ async def test_a_vip_the_kernel_reports_deleted_is_put_back_by_the_holder_only(
     gone = next(iter(VIP_SET))
     pair.a.mover.addresses.discard(gone)
     acquires = pair.b.mover.call_names().count("acquire")
-    pair.a.daemon.worker.recheck(str(gone))
-    pair.b.daemon.worker.recheck(str(gone))
+    pair.a.daemon.worker.address_changed(str(gone), False)
+    pair.b.daemon.worker.address_changed(str(gone), False)
     await eventually(lambda: pair.a.mover.addresses == VIP_SET, timeout=1.0,
                      what="a put the deleted VIP back")
     assert any("was missing from" in m and str(gone) in m for m in messages(caplog))

@@ -244,22 +244,25 @@ class NetlinkMover:
         # Packet sockets block for microseconds; a worker thread keeps even that off the loop.
         await asyncio.to_thread(self._announce)
 
-    async def watch_removals(self, removed: Callable[[str], None]) -> None:
-        """Call ``removed`` with each of our VIPs the kernel reports deleted (RTM_DELADDR:
-        by hand, by its lifetime running out, or by our own release), so that a holder
-        reconciles at once, not at its next renewal (STYLE: reconcile on netlink events).
-        Matched by address and prefix only: the check that follows is idempotent."""
+    async def watch_addresses(self, changed: Callable[[str, bool], None]) -> None:
+        """Call ``changed(vip, present)`` for each of our VIPs the kernel reports added
+        (RTM_NEWADDR: by hand, or our own add or renewal) or deleted (RTM_DELADDR: by
+        hand, its lifetime running out, our own release), so that a holder puts a deleted
+        VIP back and a standby removes one that appeared, at once and without polling
+        (STYLE: reconcile on netlink events). Matched by address and prefix only: the
+        check that follows is idempotent."""
         mine = {(str(v.ip), v.network.prefixlen): str(v) for v in self.vips}
         async with self._netlink("watch address changes") as ipr:
             await ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
             while True:  # get() yields what one read brought
                 async for msg in ipr.get():
-                    if msg.get("event") != "RTM_DELADDR":
+                    event = msg.get("event")
+                    if event not in ("RTM_NEWADDR", "RTM_DELADDR"):
                         continue
                     address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
                     vip = mine.get((address, msg.get("prefixlen")))
                     if vip is not None:
-                        removed(vip)
+                        changed(vip, event == "RTM_NEWADDR")
 
     @asynccontextmanager
     async def _netlink(self, what: str) -> AsyncIterator[AsyncIPRoute]:
